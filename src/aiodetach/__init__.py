@@ -1,0 +1,31 @@
+"""aiodetach: detach devices from libvirt/QEMU guests correctly, on asyncio.
+
+The public surface is what ``__all__`` lists; modules whose names start with
+``_`` are internal.  Errors live in :mod:`aiodetach.errors`, the fake
+hypervisor for tests in :mod:`aiodetach.testing`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._eventloop import install_event_loop
+from ._result import DetachResult
+from ._service import DetachService, DeviceEvent
+from ._settings import DetachSettings
+from .errors import DetachError
+
+try:
+    __version__ = version("aiodetach")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DetachError",
+    "DetachResult",
+    "DetachService",
+    "DetachSettings",
+    "DeviceEvent",
+    "__version__",
+    "install_event_loop",
+]

@@ -1,0 +1,121 @@
+"""The narrow interface between the detach protocol and a hypervisor.
+
+The service only ever needs six blocking calls and four kinds of
+notification.  Keeping them behind this interface is what lets the same
+protocol code run against a real libvirtd (:mod:`aiodetach._libvirt`) and
+against :class:`aiodetach.testing.FakeHypervisor`, which produces the
+interleavings a real QEMU cannot be made to produce on demand.
+
+Blocking calls are made from worker threads; notifications may be delivered
+from any thread.  The service does the hopping onto its event loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "DomainInfo",
+    "DomainState",
+    "ErrorCode",
+    "EventSink",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """The libvirt error codes (``VIR_ERR_*``) the protocol reacts to."""
+
+    INTERNAL_ERROR = 1
+    NO_SUPPORT = 3
+    OPERATION_DENIED = 6
+    OPERATION_FAILED = 9
+    XML_ERROR = 27
+    XML_DETAIL = 35
+    SYSTEM_ERROR = 38
+    NO_DOMAIN = 42
+    OPERATION_INVALID = 55
+    CONFIG_UNSUPPORTED = 67
+    NO_CONNECT = 2
+    DEVICE_MISSING = 99
+    AUTH_FAILED = 45
+
+
+class ErrorDomain(enum.IntEnum):
+    """The libvirt error domains (``VIR_FROM_*``) the protocol reacts to."""
+
+    RPC = 7
+    QEMU = 10
+
+
+class BackendError(Exception):
+    """A hypervisor call failed; libvirt's code, error domain and message."""
+
+    def __init__(self, code: int, message: str, *, origin: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.origin = origin
+        self.message = message
+
+
+class DomainState(enum.Enum):
+    """The part of libvirt's domain state that decides live vs persistent."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    OTHER = "other"
+
+    @property
+    def is_active(self) -> bool:
+        """A live definition exists (libvirt's ``isActive``)."""
+        return self in (DomainState.RUNNING, DomainState.PAUSED, DomainState.OTHER)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    uuid: str
+    name: str
+    state: DomainState
+    persistent: bool
+
+
+class EventSink(Protocol):
+    """What a backend tells the service.  May be called from any thread."""
+
+    def device_removed(self, uuid: str, name: str, alias: str) -> None: ...
+
+    def device_removal_failed(self, uuid: str, name: str, alias: str) -> None: ...
+
+    def domain_stopped(self, uuid: str, name: str, reason: str) -> None: ...
+
+    def connection_closed(self, reason: str) -> None: ...
+
+
+class Backend(Protocol):
+    """Blocking hypervisor calls; each may raise :class:`BackendError`."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def open(self, sink: EventSink, *, read_only: bool) -> None:
+        """Connect and subscribe to device-removed, removal-failed, lifecycle
+        and close notifications for every domain."""
+
+    def close(self) -> None:
+        """Unsubscribe and disconnect; never raises."""
+
+    def lookup(self, ref: str) -> DomainInfo:
+        """Find a domain by UUID string or name."""
+
+    def domain_xml(self, uuid: str, *, inactive: bool) -> str:
+        """The live (``inactive=False``) or persistent definition."""
+
+    def detach_live(self, uuid: str, alias: str) -> None:
+        """Ask for the live unplug of ``alias``; returns once it was *sent*."""
+
+    def detach_config(self, uuid: str, device_xml: str) -> None:
+        """Remove a device from the persistent definition (synchronous)."""

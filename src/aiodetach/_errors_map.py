@@ -1,0 +1,83 @@
+"""The one boundary where libvirt's error codes become aiodetach exceptions."""
+
+from __future__ import annotations
+
+from ._backend import BackendError, ErrorCode, ErrorDomain
+from .errors import (
+    ConnectionLost,
+    DetachError,
+    DetachRefused,
+    DeviceNotFound,
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorError,
+    InvalidRequest,
+    ReadOnlyConnection,
+)
+
+__all__ = ["is_alias_missing", "is_connection_error", "is_in_progress", "map_error"]
+
+# What QEMU/libvirt say when an unplug of the device is already under way
+# (measured on QEMU 7.2 with native PCIe hotplug; see docs/libvirt-behaviour.md).
+_IN_PROGRESS = (
+    "already in the process of unplug",
+    "guest is busy",
+    "power indicator blinking",
+)
+
+
+def is_in_progress(err: BackendError) -> bool:
+    """The request was refused because an earlier unplug is still pending."""
+    text = err.message.lower()
+    return err.code in (ErrorCode.INTERNAL_ERROR, ErrorCode.OPERATION_FAILED) and any(
+        marker in text for marker in _IN_PROGRESS
+    )
+
+
+def is_alias_missing(err: BackendError) -> bool:
+    """libvirt no longer knows the device (it was removed meanwhile)."""
+    return err.code == ErrorCode.DEVICE_MISSING or (
+        err.code == ErrorCode.INTERNAL_ERROR and "no device found with alias" in err.message
+    )
+
+
+def is_connection_error(err: BackendError) -> bool:
+    """The connection to libvirtd is gone (the call may or may not have run)."""
+    if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT):
+        return True
+    if err.origin == ErrorDomain.RPC and err.code == ErrorCode.INTERNAL_ERROR:
+        return True
+    text = err.message.lower()
+    return "client socket is closed" in text or "not connected to libvirt" in text
+
+
+def map_error(
+    err: BackendError, *, domain: str | None, alias: str | None, action: str
+) -> DetachError:
+    """Turn a libvirt failure of ``action`` into the matching typed error."""
+    cls = _classify(err)
+    return cls(f"{action} failed: {err.message}", domain=domain, alias=alias, libvirt_code=err.code)
+
+
+def _classify(err: BackendError) -> type[DetachError]:
+    code = err.code
+    if is_connection_error(err):
+        return ConnectionLost
+    if code == ErrorCode.NO_DOMAIN:
+        return DomainNotFound
+    if is_alias_missing(err):
+        return DeviceNotFound
+    if code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+        return DomainNotRunning
+    if code in (ErrorCode.XML_ERROR, ErrorCode.XML_DETAIL):
+        return InvalidRequest
+    if code in (ErrorCode.OPERATION_DENIED, ErrorCode.AUTH_FAILED):
+        return ReadOnlyConnection
+    if code in (
+        ErrorCode.OPERATION_FAILED,
+        ErrorCode.OPERATION_INVALID,
+        ErrorCode.NO_SUPPORT,
+        ErrorCode.CONFIG_UNSUPPORTED,
+    ):
+        return DetachRefused
+    return HypervisorError

@@ -1,0 +1,246 @@
+"""libvirt's event loop on asyncio, safe to use from worker threads and from
+several event loops one after another.
+
+libvirt needs an event-loop implementation for events, keepalive and close
+notifications; :mod:`libvirtaio` (shipped with libvirt-python) provides one
+on asyncio.  Used as is it has two properties that break a service like ours:
+
+* **It is not thread-safe.**  libvirt invokes the add/update/remove hooks from
+  whatever thread is calling into libvirt.  Blocking calls must run in worker
+  threads (``detachDeviceFlags`` can block for 5 s), so the hooks get called
+  off the loop thread, where ``loop.add_reader``/``create_task`` are unsafe:
+  asyncio's debug mode raises, and in normal mode a handle change made off
+  thread may not wake the selector (an event was seen to lag 3 s).
+* **It binds to one loop per process, once.**  ``virEventRegisterImpl`` may
+  only be called once, so after that loop closes (``asyncio.run`` returning,
+  pytest-asyncio's per-test loops) no event is ever delivered again.
+
+:class:`_ThreadSafeImpl` is a small subclass that fixes both without touching
+how libvirtaio dispatches: every hook call made off the loop thread is queued,
+in order, and applied on the loop thread (woken with ``call_soon_threadsafe``);
+handle/timer ids are our own, so a hook can return its id at once.  When a
+new loop wants the implementation and the previous loop is no longer running,
+the watches and timers still alive are moved onto the new loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+import libvirtaio
+
+from .errors import EventLoopConflict
+
+__all__ = ["install_event_loop"]
+
+_registry_lock = threading.Lock()
+_impl: _ThreadSafeImpl | None = None
+
+
+class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._thread_id = threading.get_ident()
+        self._ids = itertools.count(1)
+        self._to_libvirtaio: dict[int, int] = {}
+        self._alive: set[int] = set()
+        self._ops: deque[Callable[[], None]] = deque()
+        self._ops_lock = threading.Lock()
+        self._ff_inflight = 0
+
+    # -- ordering machinery ------------------------------------------------
+    def _direct_ok(self) -> bool:
+        return threading.get_ident() == self._thread_id and not self.loop.is_closed()
+
+    def _submit(self, op: Callable[[], None]) -> None:
+        if self._direct_ok():
+            self.flush()
+            op()
+            return
+        with self._ops_lock:
+            self._ops.append(op)
+            first = len(self._ops) == 1
+        if first:
+            # Loop closed: the op waits in the queue for the next bind().
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        """Apply queued hook calls, in order (loop thread only)."""
+        while True:
+            with self._ops_lock:
+                if not self._ops:
+                    return
+                op = self._ops.popleft()
+            op()
+
+    # -- libvirt hooks -----------------------------------------------------
+    def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
+        hid = next(self._ids)
+        self._alive.add(hid)
+        base = super()._add_handle
+
+        def op() -> None:
+            self._to_libvirtaio[hid] = base(fd, event, cb, opaque)
+
+        self._submit(op)
+        return hid
+
+    def _update_handle(self, watch: int, event: int) -> None:
+        base = super()._update_handle
+
+        def op() -> None:
+            if watch in self._to_libvirtaio:
+                base(self._to_libvirtaio[watch], event)
+
+        self._submit(op)
+
+    def _remove_handle(self, watch: int) -> int:
+        if watch not in self._alive:
+            return -1
+        self._alive.discard(watch)
+        base = super()._remove_handle
+
+        def op() -> None:
+            inner = self._to_libvirtaio.pop(watch, None)
+            if inner is not None:
+                base(inner)
+
+        self._submit(op)
+        return 0
+
+    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
+        tid = next(self._ids)
+        self._alive.add(tid)
+        base = super()._add_timeout
+
+        def op() -> None:
+            self._to_libvirtaio[tid] = base(timeout, cb, opaque)
+
+        self._submit(op)
+        return tid
+
+    def _update_timeout(self, timer: int, timeout: int) -> None:
+        base = super()._update_timeout
+
+        def op() -> None:
+            if timer in self._to_libvirtaio:
+                base(self._to_libvirtaio[timer], timeout)
+
+        self._submit(op)
+
+    def _remove_timeout(self, timer: int) -> int:
+        if timer not in self._alive:
+            return -1
+        self._alive.discard(timer)
+        base = super()._remove_timeout
+
+        def op() -> None:
+            inner = self._to_libvirtaio.pop(timer, None)
+            if inner is not None:
+                base(inner)
+
+        self._submit(op)
+        return 0
+
+    def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
+        self._ff_inflight += 1
+        super().schedule_ff_callback(iden, opaque)
+
+    async def _ff_callback(self, iden: int, opaque: Any) -> None:
+        try:
+            await super()._ff_callback(iden, opaque)
+        finally:
+            self._ff_inflight -= 1
+
+    # -- loop management ---------------------------------------------------
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` (running in this thread) the one libvirt's events run on."""
+        if loop is self.loop:
+            self._thread_id = threading.get_ident()
+            self.flush()
+            return
+        old = self.loop
+        if not old.is_closed() and old.is_running():
+            raise EventLoopConflict(
+                "libvirt events are bound to an event loop that is still running in another "
+                "thread; aiodetach supports one loop at a time (one after another is fine)"
+            )
+        self.loop = loop
+        self._thread_id = threading.get_ident()
+        # Move what the previous loop was watching.  Its timer tasks die with it.
+        for descriptor in list(self.descriptors.values()):
+            if not old.is_closed():
+                for remove in (old.remove_reader, old.remove_writer):
+                    with contextlib.suppress(RuntimeError, ValueError, OSError):
+                        remove(descriptor.fd)
+            descriptor.update()
+        for callback in list(self.callbacks.values()):
+            if isinstance(callback, libvirtaio.TimeoutCallback):
+                task = callback._task
+                callback._task = None
+                if task is not None and not old.is_closed():
+                    with contextlib.suppress(RuntimeError):
+                        task.cancel()
+                if callback.timeout >= 0:
+                    callback.update(callback.timeout)
+        # ff callbacks scheduled on a dead loop never ran: forget them.
+        self._pending = len(self.callbacks)
+        self._ff_inflight = 0
+        self._finished = None
+        self.flush()
+
+    async def settle(self, max_iterations: int = 100) -> None:
+        """Let queued hook calls and free-callbacks run (after a connection closed)."""
+        for _ in range(max_iterations):
+            self.flush()
+            if self._ff_inflight == 0 and not self._ops:
+                return
+            await asyncio.sleep(0)
+
+
+def install_event_loop() -> _ThreadSafeImpl:
+    """Run libvirt's events on the running asyncio loop (idempotent).
+
+    Call it from inside the loop before opening *your own* libvirt connections
+    if your process uses libvirt next to aiodetach; :class:`DetachService` calls
+    it for you.  It replaces ``libvirtaio.virEventRegisterAsyncIOImpl()`` (which
+    must not be called as well: libvirt accepts one implementation per
+    process).  Safe to call from each new loop of a process that runs several
+    loops one after another.
+    """
+    global _impl
+    loop = asyncio.get_running_loop()
+    with _registry_lock:
+        if _impl is None:
+            current = libvirtaio.getCurrentImpl()
+            if current is not None:
+                raise EventLoopConflict(
+                    "libvirtaio.virEventRegisterAsyncIOImpl() was called before aiodetach; "
+                    "call aiodetach.install_event_loop() instead (it is thread-safe)"
+                )
+            impl = _ThreadSafeImpl(loop)
+            try:
+                impl.register()
+            except RuntimeError as exc:
+                raise EventLoopConflict(
+                    f"another libvirt event implementation is already registered: {exc}"
+                ) from None
+            libvirtaio._current_impl = impl
+            _impl = impl
+            _quiet_libvirt()
+        else:
+            _impl.bind(loop)
+        return _impl
+
+
+def _quiet_libvirt() -> None:
+    """Stop libvirt from printing every error to stderr: we raise them instead."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)

@@ -1,0 +1,200 @@
+"""The real hypervisor: libvirt-python behind the :class:`Backend` interface.
+
+This is the one place where libvirt exceptions exist; everything leaving this
+module is a :class:`BackendError` carrying libvirt's code, error domain and
+message, which the service maps to typed errors in one function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid as _uuid
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import libvirt
+
+from ._backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
+
+__all__ = ["LibvirtBackend"]
+
+_T = TypeVar("_T")
+
+_STOP_REASONS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "from-snapshot",
+}
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
+}
+
+
+def _wrap(fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except libvirt.libvirtError as exc:
+        raise BackendError(
+            exc.get_error_code() or ErrorCode.INTERNAL_ERROR,
+            exc.get_error_message() or str(exc),
+            origin=exc.get_error_domain() or 0,
+        ) from None
+
+
+class LibvirtBackend:
+    """One libvirt connection with the device and lifecycle callbacks on it."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._lock = threading.Lock()
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._domains: dict[str, libvirt.virDomain] = {}
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    # -- connection ----------------------------------------------------------
+    def open(self, sink: EventSink, *, read_only: bool) -> None:
+        opener = libvirt.openReadOnly if read_only else libvirt.open
+        conn = _wrap(lambda: opener(self._uri))
+
+        def removed(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
+            sink.device_removed(dom.UUIDString(), dom.name(), alias)
+
+        def removal_failed(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
+            sink.device_removal_failed(dom.UUIDString(), dom.name(), alias)
+
+        def lifecycle(_c: Any, dom: libvirt.virDomain, event: int, detail: int, _o: Any) -> None:
+            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+                sink.domain_stopped(
+                    dom.UUIDString(), dom.name(), _STOP_REASONS.get(detail, "stopped")
+                )
+            elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+                # A running domain that is undefined becomes transient and keeps
+                # running: only an inactive one is really gone.
+                pass
+
+        def closed(_c: Any, reason: int, _o: Any) -> None:
+            sink.connection_closed(_CLOSE_REASONS.get(reason, str(reason)))
+
+        try:
+            ids = [
+                _wrap(
+                    lambda: conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None
+                    )
+                ),
+                _wrap(
+                    lambda: conn.domainEventRegisterAny(
+                        None,
+                        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                        removal_failed,
+                        None,
+                    )
+                ),
+                _wrap(
+                    lambda: conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+                    )
+                ),
+            ]
+            _wrap(lambda: conn.registerCloseCallback(closed, None))
+            # Notice a hung (not only a dead) daemon: 3 missed 5 s keepalives.
+            _wrap(lambda: conn.setKeepAlive(5, 3))
+        except BackendError:
+            self._close_conn(conn, [])
+            raise
+        with self._lock:
+            self._conn, self._callback_ids, self._domains = conn, ids, {}
+
+    def close(self) -> None:
+        with self._lock:
+            conn, ids = self._conn, self._callback_ids
+            self._conn, self._callback_ids, self._domains = None, [], {}
+        if conn is not None:
+            self._close_conn(conn, ids)
+
+    @staticmethod
+    def _close_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
+        for cid in ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(cid)
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    def _connection(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None:
+            raise BackendError(
+                ErrorCode.INTERNAL_ERROR, "not connected to libvirt", origin=ErrorDomain.RPC
+            )
+        return conn
+
+    # -- domains -------------------------------------------------------------
+    def _domain(self, uuid: str) -> libvirt.virDomain:
+        dom = self._domains.get(uuid)
+        if dom is None:
+            conn = self._connection()
+            dom = _wrap(lambda: conn.lookupByUUIDString(uuid))
+            self._domains[uuid] = dom
+        return dom
+
+    def lookup(self, ref: str) -> DomainInfo:
+        conn = self._connection()
+        try:
+            is_uuid = str(_uuid.UUID(ref)) == ref.lower()
+        except ValueError:
+            is_uuid = False
+        dom = _wrap(lambda: conn.lookupByUUIDString(ref) if is_uuid else conn.lookupByName(ref))
+        # libvirt-python annotates state() as str; it returns [state, reason].
+        state = cast(list[int], _wrap(dom.state))[0]
+        persistent = bool(_wrap(dom.isPersistent))
+        uuid = dom.UUIDString()
+        self._domains[uuid] = dom
+        return DomainInfo(uuid=uuid, name=dom.name(), state=_state(state), persistent=persistent)
+
+    def domain_xml(self, uuid: str, *, inactive: bool) -> str:
+        dom = self._domain(uuid)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        try:
+            return _wrap(lambda: dom.XMLDesc(flags))
+        except BackendError as exc:
+            if exc.code == ErrorCode.NO_DOMAIN:
+                self._domains.pop(uuid, None)
+            raise
+
+    def detach_live(self, uuid: str, alias: str) -> None:
+        dom = self._domain(uuid)
+        # detachDeviceAlias never waits for the guest (detachDeviceFlags blocks
+        # up to 5 s holding the domain's job); completion is the event's business.
+        _wrap(lambda: dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+
+    def detach_config(self, uuid: str, device_xml: str) -> None:
+        dom = self._domain(uuid)
+        _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+
+def _state(state: int) -> DomainState:
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return DomainState.RUNNING
+    if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
+        return DomainState.PAUSED
+    if state in (
+        libvirt.VIR_DOMAIN_SHUTOFF,
+        libvirt.VIR_DOMAIN_CRASHED,
+        libvirt.VIR_DOMAIN_NOSTATE,
+    ):
+        return DomainState.SHUTOFF
+    return DomainState.OTHER

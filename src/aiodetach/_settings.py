@@ -1,0 +1,58 @@
+"""Tunables of the detach protocol, from code or from ``AIODETACH_*`` variables."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DetachSettings"]
+
+
+class DetachSettings(BaseSettings):
+    """How long to wait for a guest, and how often to ask it.
+
+    The defaults (8 attempts of 20 s) give a slow or still-booting guest close
+    to three minutes, and each attempt is *waited out* before the next request
+    is sent: re-sending while an unplug is in progress is what makes slow
+    guests never finish.
+
+    Every field can also be set from the environment, e.g.
+    ``AIODETACH_ATTEMPTS=3 AIODETACH_TIMEOUT=5``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIODETACH_", frozen=True, extra="forbid", validate_default=True
+    )
+
+    attempts: int = Field(
+        default=8, ge=1, le=1000, description="Live detach requests sent at most, in total."
+    )
+    timeout: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds to wait for DEVICE_REMOVED after each request.",
+    )
+    reconnect_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long pending detaches wait for a lost libvirtd to come back "
+        "before failing with ConnectionLost.",
+    )
+    reconnect_backoff_max: float = Field(
+        default=5.0, gt=0, description="Upper bound of the reconnect backoff, in seconds."
+    )
+    max_threads: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Worker threads for blocking libvirt calls (per service).",
+    )
+
+    @field_validator("timeout", "reconnect_timeout", "reconnect_backoff_max")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value

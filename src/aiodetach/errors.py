@@ -1,0 +1,182 @@
+"""The exception hierarchy of aiodetach.
+
+Every error a caller can cause, or that the hypervisor can report, is a
+:class:`DetachError`.  Each carries the domain and device alias it is about (when
+known at the point of failure), so a host agent detaching hundreds of devices at
+once can tell from the exception alone which detach went wrong.  Errors that
+come from libvirt keep libvirt's numeric error code (``libvirt_code``) and the
+original message, because operators search for those in libvirt's logs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionLost",
+    "DetachError",
+    "DetachFailed",
+    "DetachRefused",
+    "DetachTimeout",
+    "DeviceNotFound",
+    "DomainNotFound",
+    "DomainNotPersistent",
+    "DomainNotRunning",
+    "DomainStopped",
+    "EventLoopConflict",
+    "HypervisorError",
+    "InvalidRequest",
+    "ReadOnlyConnection",
+    "ServiceClosed",
+]
+
+
+class DetachError(Exception):
+    """Root of every error raised by aiodetach.
+
+    Attributes:
+        domain: name or UUID of the domain concerned, when known.
+        alias: the device alias concerned, when known (a persistent-only
+            detach of a device without a user alias has none).
+        libvirt_code: libvirt's ``VIR_ERR_*`` code when the error came from
+            libvirt, else ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: str | None = None,
+        alias: str | None = None,
+        libvirt_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.domain = domain
+        self.alias = alias
+        self.libvirt_code = libvirt_code
+
+    def __str__(self) -> str:
+        where = []
+        if self.domain is not None:
+            where.append(f"domain={self.domain!r}")
+        if self.alias is not None:
+            where.append(f"alias={self.alias!r}")
+        if self.libvirt_code is not None:
+            where.append(f"libvirt_code={self.libvirt_code}")
+        suffix = f" [{', '.join(where)}]" if where else ""
+        return f"{self.message}{suffix}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep keyword-only attributes across pickling (multiprocessing, logging handlers).
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[DetachError], message: str, state: dict[str, object]) -> DetachError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
+    return exc
+
+
+class InvalidRequest(DetachError, ValueError):
+    """The request itself is wrong: no or several device selectors, an empty
+    identifier, malformed device XML, ``live=False, persistent=False``…"""
+
+
+class DomainNotFound(DetachError, LookupError):
+    """No domain with that name or UUID exists on this connection."""
+
+
+class DeviceNotFound(DetachError, LookupError):
+    """The device is in none of the definitions (live/persistent) it was asked
+    to be detached from."""
+
+
+class DomainNotRunning(DetachError):
+    """A live detach was asked of a domain that is shut off."""
+
+
+class DomainStopped(DomainNotRunning):
+    """The domain stopped (shut down, destroyed, crashed, migrated away) while a
+    live detach was waiting for the guest.
+
+    The device is no longer attached to a *running* guest, but the guest never
+    confirmed the unplug, so this is reported as an error rather than as a
+    success: callers that only need the device released may treat it as one.
+    ``reason`` is libvirt's lifecycle detail (``"destroyed"``, ``"shutdown"``,
+    ``"migrated"``, ``"crashed"``, ``"failed"``, ``"saved"``, …).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: str | None = None,
+        alias: str | None = None,
+        libvirt_code: int | None = None,
+        reason: str = "stopped",
+    ) -> None:
+        super().__init__(message, domain=domain, alias=alias, libvirt_code=libvirt_code)
+        self.reason = reason
+
+
+class DomainNotPersistent(DetachError):
+    """``persistent=True`` was asked of a transient domain (it has no
+    persistent definition to detach from)."""
+
+
+class ReadOnlyConnection(DetachError, PermissionError):
+    """The service was opened read-only (or libvirt denied the operation):
+    detaching needs a read-write connection."""
+
+
+class DetachFailed(DetachError):
+    """The guest rejected the unplug (libvirt's ``DEVICE_REMOVAL_FAILED``).
+
+    Never retried: re-sending a request the guest has explicitly refused only
+    repeats the refusal.
+    """
+
+
+class DetachRefused(DetachError):
+    """libvirt refused the detach request outright (device busy, a device type
+    that cannot be hot-unplugged, unsupported operation…).  Nothing was sent
+    to the guest."""
+
+
+class DetachTimeout(DetachError, TimeoutError):
+    """The guest did not release the device after ``attempts`` requests of
+    ``timeout`` seconds each; the device is still in the live definition."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        domain: str | None = None,
+        alias: str | None = None,
+        libvirt_code: int | None = None,
+        attempts: int = 0,
+        timeout: float = 0.0,
+    ) -> None:
+        super().__init__(message, domain=domain, alias=alias, libvirt_code=libvirt_code)
+        self.attempts = attempts
+        self.timeout = timeout
+
+
+class ConnectionLost(DetachError, ConnectionError):
+    """The libvirt daemon could not be reached (at open, or it went away and
+    did not come back within ``reconnect_timeout``)."""
+
+
+class ServiceClosed(DetachError):
+    """The service was closed (``aclose()``) while this detach was in flight.
+    The unplug may still complete in the guest; nobody is waiting for it."""
+
+
+class HypervisorError(DetachError):
+    """Any other libvirt error, kept whole (``libvirt_code`` and message)."""
+
+
+class EventLoopConflict(DetachError, RuntimeError):
+    """libvirt's event implementation is bound to an event loop that is still
+    running in another thread, or someone else registered a different
+    implementation first (see :mod:`aiodetach` docs: *Event loops*)."""

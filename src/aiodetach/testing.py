@@ -1,0 +1,494 @@
+"""A **fake** hypervisor for testing code that uses aiodetach.
+
+:class:`FakeHypervisor` is not libvirt and not QEMU.  It implements the small
+interface :class:`~aiodetach.DetachService` talks to, with libvirt's error
+codes and messages, and lets a test decide what the "guest" does with each
+unplug: release the device at once (before the request returns, as a booted
+Linux guest often does), later, never (a guest with no OS), reject it
+(``DEVICE_REMOVAL_FAILED``, which real guests rarely produce), lose the first
+requests (a guest still in firmware), or wait for the test to say.  It can
+also drop events, crash and restart "libvirtd", and stop domains.
+
+Use it where a real hypervisor cannot produce the case on demand; test the
+happy paths against a real libvirtd too.  Everything it does is recorded in
+:attr:`FakeHypervisor.requests` so tests can assert how many requests were
+sent, and :attr:`FakeHypervisor.max_in_flight` tells whether an unplug was
+ever re-sent while one was pending.
+
+Example::
+
+    fake = FakeHypervisor()
+    vm = fake.add_domain("vm-1")
+    vm.add_disk("vdb", alias="ua-disk1", unplug=Unplug.later(0.05))
+    async with DetachService(backend=fake) as svc:
+        result = await svc.detach("vm-1", alias="ua-disk1")
+    assert len(fake.requests) == 1
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid as _uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ._backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
+
+__all__ = ["FakeDevice", "FakeDomain", "FakeHypervisor", "Request", "Unplug"]
+
+Behaviour = Literal["remove", "later", "ignore", "fail", "manual"]
+
+
+@dataclass(frozen=True)
+class Unplug:
+    """What the fake guest does when asked to release a device."""
+
+    behaviour: Behaviour = "remove"
+    delay: float = 0.0
+    lose_first: int = 0
+    """Requests lost before the guest listens (a guest still in firmware)."""
+    refuse_while_pending: bool = False
+    """Re-sends during a pending unplug fail like QEMU's native PCIe hotplug
+    ("already in the process of unplug")."""
+    emit_event: bool = True
+    """False: the device is removed but DEVICE_REMOVED is lost."""
+
+    @classmethod
+    def now(cls) -> Unplug:
+        """Released before the request returns (event during the call)."""
+        return cls("remove")
+
+    @classmethod
+    def later(cls, delay: float, **kw: object) -> Unplug:
+        """Released ``delay`` seconds after the request, from another thread."""
+        return cls("later", delay, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def never(cls) -> Unplug:
+        """A guest that ignores unplug requests (no OS, or a stuck driver)."""
+        return cls("ignore")
+
+    @classmethod
+    def reject(cls, delay: float = 0.0) -> Unplug:
+        """The guest refuses: DEVICE_REMOVAL_FAILED after ``delay``."""
+        return cls("fail", delay)
+
+    @classmethod
+    def manual(cls) -> Unplug:
+        """Nothing happens until the test calls :meth:`FakeHypervisor.complete`."""
+        return cls("manual")
+
+
+@dataclass
+class FakeDevice:
+    tag: str
+    alias: str
+    attrs: dict[str, str]
+    unplug: Unplug
+    live: bool = True
+    config: bool = True
+    pending_since: float | None = None
+    requests: int = 0
+
+    def element(self, *, live: bool) -> ET.Element:
+        elem = ET.Element(self.tag)
+        if self.tag == "disk":
+            elem.set("type", "file")
+            elem.set("device", "disk")
+            ET.SubElement(
+                elem, "target", dev=self.attrs["target"], bus=self.attrs.get("bus", "virtio")
+            )
+        elif self.tag == "interface":
+            elem.set("type", "network")
+            ET.SubElement(elem, "mac", address=self.attrs["mac"])
+            ET.SubElement(elem, "source", network="default")
+        elif self.tag == "hostdev":
+            elem.set("mode", "subsystem")
+            elem.set("type", "pci")
+            source = ET.SubElement(elem, "source")
+            ET.SubElement(
+                source,
+                "address",
+                domain="0x0000",
+                bus=self.attrs["bus"],
+                slot="0x00",
+                function="0x0",
+            )
+        if live or self.alias.startswith("ua-"):
+            ET.SubElement(elem, "alias", name=self.alias)
+        return elem
+
+    def matches(self, elem: ET.Element) -> bool:
+        if elem.tag != self.tag:
+            return False
+        if self.tag == "disk":
+            target = elem.find("target")
+            return target is not None and target.get("dev") == self.attrs["target"]
+        if self.tag == "interface":
+            mac = elem.find("mac")
+            return mac is not None and (mac.get("address") or "").lower() == self.attrs["mac"]
+        if self.tag == "hostdev":
+            address = elem.find("source/address")
+            return address is not None and address.get("bus") == self.attrs["bus"]
+        alias = elem.find("alias")
+        return alias is not None and alias.get("name") == self.alias
+
+
+@dataclass
+class FakeDomain:
+    name: str
+    uuid: str
+    state: DomainState = DomainState.RUNNING
+    persistent: bool = True
+    devices: list[FakeDevice] = field(default_factory=list)
+    _counter: int = 0
+
+    def _add(
+        self,
+        tag: str,
+        alias: str | None,
+        attrs: dict[str, str],
+        unplug: Unplug | None,
+        live: bool,
+        config: bool,
+    ) -> FakeDevice:
+        self._counter += 1
+        dev = FakeDevice(
+            tag,
+            alias or f"{tag}{self._counter}",
+            attrs,
+            unplug or Unplug.now(),
+            live=live and self.state.is_active,
+            config=config and self.persistent,
+        )
+        self.devices.append(dev)
+        return dev
+
+    def add_disk(
+        self,
+        target: str,
+        *,
+        alias: str | None = None,
+        unplug: Unplug | None = None,
+        live: bool = True,
+        config: bool = True,
+    ) -> FakeDevice:
+        return self._add("disk", alias, {"target": target}, unplug, live, config)
+
+    def add_interface(
+        self,
+        mac: str,
+        *,
+        alias: str | None = None,
+        unplug: Unplug | None = None,
+        live: bool = True,
+        config: bool = True,
+    ) -> FakeDevice:
+        return self._add("interface", alias, {"mac": mac.lower()}, unplug, live, config)
+
+    def add_hostdev(
+        self,
+        bus: str,
+        *,
+        alias: str | None = None,
+        unplug: Unplug | None = None,
+        live: bool = True,
+        config: bool = True,
+    ) -> FakeDevice:
+        return self._add("hostdev", alias, {"bus": bus}, unplug, live, config)
+
+    def live_device(self, alias: str) -> FakeDevice | None:
+        return next((d for d in self.devices if d.live and d.alias == alias), None)
+
+    def xml(self, *, inactive: bool) -> str:
+        root = ET.Element("domain", type="qemu")
+        ET.SubElement(root, "name").text = self.name
+        ET.SubElement(root, "uuid").text = self.uuid
+        devices = ET.SubElement(root, "devices")
+        live = self.state.is_active and not inactive
+        for dev in self.devices:
+            if (live and dev.live) or (not live and dev.config):
+                devices.append(dev.element(live=live))
+        return ET.tostring(root, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One live detach request that reached the fake."""
+
+    domain: str
+    alias: str
+    at: float
+    while_pending: bool
+
+
+def _err(code: int, message: str, origin: int = ErrorDomain.QEMU) -> BackendError:
+    return BackendError(code, message, origin=origin)
+
+
+class FakeHypervisor:
+    """An in-memory, thread-safe stand-in for libvirtd + QEMU (a **fake**)."""
+
+    def __init__(self, uri: str = "fake:///system") -> None:
+        self._uri = uri
+        self._lock = threading.RLock()
+        self._sink: EventSink | None = None
+        self._read_only = False
+        self._timers: set[threading.Timer] = set()
+        self.domains: dict[str, FakeDomain] = {}
+        self.requests: list[Request] = []
+        self.config_requests: list[tuple[str, str]] = []
+        self.calls: list[str] = []
+        self.daemon_up = True
+        self.connected = False
+        self.opens = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.call_latency = 0.0
+        """Seconds each detach request blocks in its thread (libvirt may block 5 s)."""
+        self.before_call: Callable[[str], None] | None = None
+        """Called in the worker thread at the start of every call (for interleaving tests)."""
+        self.fail_next: dict[str, BackendError] = {}
+        """Method name → error raised once by the next call of it."""
+
+    # -- test controls -----------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def add_domain(
+        self, name: str, *, running: bool = True, persistent: bool = True, uuid: str | None = None
+    ) -> FakeDomain:
+        with self._lock:
+            dom = FakeDomain(
+                name,
+                uuid or str(_uuid.uuid4()),
+                DomainState.RUNNING if running else DomainState.SHUTOFF,
+                persistent,
+            )
+            self.domains[dom.uuid] = dom
+            return dom
+
+    def domain(self, ref: str) -> FakeDomain:
+        with self._lock:
+            dom = self.domains.get(ref) or next(
+                (d for d in self.domains.values() if d.name == ref), None
+            )
+            if dom is None:
+                raise KeyError(ref)
+            return dom
+
+    def complete(self, domain: str, alias: str, *, emit: bool = True) -> None:
+        """The guest released the device: remove it and emit DEVICE_REMOVED."""
+        with self._lock:
+            dom = self.domain(domain)
+            dev = dom.live_device(alias)
+            if dev is None:
+                return
+            dev.live = False
+            dev.pending_since = None
+            sink = self._sink if self.connected else None
+        if sink is not None and emit:
+            sink.device_removed(dom.uuid, dom.name, alias)
+
+    def reject(self, domain: str, alias: str) -> None:
+        """The guest refused the unplug: emit DEVICE_REMOVAL_FAILED."""
+        with self._lock:
+            dom = self.domain(domain)
+            dev = dom.live_device(alias)
+            if dev is not None:
+                dev.pending_since = None
+            sink = self._sink if self.connected else None
+        if sink is not None:
+            sink.device_removal_failed(dom.uuid, dom.name, alias)
+
+    def emit_removed(self, domain: str, alias: str) -> None:
+        """Deliver a DEVICE_REMOVED without changing anything (late/duplicate events)."""
+        dom = self.domain(domain)
+        if self._sink is not None and self.connected:
+            self._sink.device_removed(dom.uuid, dom.name, alias)
+
+    def stop_domain(self, domain: str, reason: str = "destroyed") -> None:
+        """Destroy/shut down: live devices vanish, lifecycle STOPPED is emitted."""
+        with self._lock:
+            dom = self.domain(domain)
+            dom.state = DomainState.SHUTOFF
+            for dev in dom.devices:
+                dev.live = False
+                dev.pending_since = None
+            if not dom.persistent:
+                del self.domains[dom.uuid]
+            sink = self._sink if self.connected else None
+        if sink is not None:
+            sink.domain_stopped(dom.uuid, dom.name, reason)
+
+    def crash(self) -> None:
+        """libvirtd dies: the connection closes, calls fail until :meth:`restart`."""
+        with self._lock:
+            self.daemon_up = False
+            was = self.connected
+            self.connected = False
+            sink = self._sink
+        if was and sink is not None:
+            sink.connection_closed("eof")
+
+    def restart(self) -> None:
+        with self._lock:
+            self.daemon_up = True
+
+    def cancel_timers(self) -> None:
+        with self._lock:
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
+
+    # -- Backend -------------------------------------------------------------------------
+    def _enter(self, name: str) -> None:
+        hook = self.before_call
+        if hook is not None:
+            hook(name)
+        with self._lock:
+            self.calls.append(name)
+            injected = self.fail_next.pop(name, None)
+            if injected is not None:
+                raise injected
+            if name != "open" and not self.connected:
+                raise _err(
+                    ErrorCode.INTERNAL_ERROR,
+                    "internal error: client socket is closed",
+                    ErrorDomain.RPC,
+                )
+
+    def open(self, sink: EventSink, *, read_only: bool) -> None:
+        self._enter("open")
+        with self._lock:
+            if not self.daemon_up:
+                raise _err(
+                    ErrorCode.SYSTEM_ERROR,
+                    "Failed to connect socket to '/run/libvirt/libvirt-sock': Connection refused",
+                    0,
+                )
+            self._sink, self._read_only, self.connected = sink, read_only, True
+            self.opens += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self.connected = False
+            self._sink = None
+        self.cancel_timers()
+
+    def _find(self, ref: str) -> FakeDomain:
+        try:
+            return self.domain(ref)
+        except KeyError:
+            raise _err(
+                ErrorCode.NO_DOMAIN,
+                f"Domain not found: no domain with matching name or uuid '{ref}'",
+            ) from None
+
+    def lookup(self, ref: str) -> DomainInfo:
+        self._enter("lookup")
+        with self._lock:
+            dom = self._find(ref)
+            return DomainInfo(dom.uuid, dom.name, dom.state, dom.persistent)
+
+    def domain_xml(self, uuid: str, *, inactive: bool) -> str:
+        self._enter("domain_xml")
+        with self._lock:
+            return self._find(uuid).xml(inactive=inactive)
+
+    def detach_config(self, uuid: str, device_xml: str) -> None:
+        self._enter("detach_config")
+        with self._lock:
+            if self._read_only:
+                raise _err(
+                    ErrorCode.OPERATION_DENIED,
+                    "operation forbidden: read only access prevents virDomainDetachDeviceFlags",
+                )
+            dom = self._find(uuid)
+            if not dom.persistent:
+                raise _err(
+                    ErrorCode.OPERATION_INVALID,
+                    "Requested operation is not valid: cannot change persistent config of "
+                    "a transient domain",
+                )
+            try:
+                elem = ET.fromstring(device_xml)  # noqa: S314 - the service's own output
+            except ET.ParseError as exc:
+                raise _err(ErrorCode.XML_DETAIL, f"XML error: {exc}") from None
+            self.config_requests.append((uuid, device_xml))
+            for dev in dom.devices:
+                if dev.config and dev.matches(elem):
+                    dev.config = False
+                    return
+            raise _err(ErrorCode.DEVICE_MISSING, "device not found: no matching device")
+
+    def detach_live(self, uuid: str, alias: str) -> None:
+        self._enter("detach_live")
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.call_latency:
+                time.sleep(self.call_latency)
+            self._detach_live(uuid, alias)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _detach_live(self, uuid: str, alias: str) -> None:
+        with self._lock:
+            if self._read_only:
+                raise _err(
+                    ErrorCode.OPERATION_DENIED,
+                    "operation forbidden: read only access prevents virDomainDetachDeviceAlias",
+                )
+            dom = self._find(uuid)
+            if not dom.state.is_active:
+                raise _err(
+                    ErrorCode.OPERATION_INVALID,
+                    "Requested operation is not valid: domain is not running",
+                )
+            dev = dom.live_device(alias)
+            if dev is None:
+                raise _err(
+                    ErrorCode.INTERNAL_ERROR, f"internal error: no device found with alias {alias}"
+                )
+            pending = dev.pending_since is not None
+            self.requests.append(Request(dom.uuid, alias, time.monotonic(), pending))
+            dev.requests += 1
+            plan = dev.unplug
+            if pending and plan.refuse_while_pending:
+                raise _err(
+                    ErrorCode.INTERNAL_ERROR,
+                    "internal error: unable to execute QEMU command 'device_del': "
+                    f"Device {alias} is already in the process of unplug",
+                )
+            if dev.requests <= plan.lose_first:
+                return
+            dev.pending_since = time.monotonic()
+            name = dom.name
+        if plan.behaviour == "remove":
+            self.complete(name, alias, emit=plan.emit_event)
+        elif plan.behaviour in ("later", "fail"):
+            action = (
+                self.reject
+                if plan.behaviour == "fail"
+                else lambda d, a: self.complete(d, a, emit=plan.emit_event)
+            )
+            self._later(plan.delay, action, name, alias)
+
+    def _later(self, delay: float, fn: Callable[[str, str], None], name: str, alias: str) -> None:
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+            fn(name, alias)
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
