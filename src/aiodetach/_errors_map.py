@@ -73,6 +73,8 @@ def _classify(err: BackendError) -> type[DetachError]:
         return InvalidRequest
     if code in (ErrorCode.OPERATION_DENIED, ErrorCode.AUTH_FAILED):
         return ReadOnlyConnection
+    if "does not support hotplugging" in err.message or "cannot be hot" in err.message:
+        return DetachRefused
     if code in (
         ErrorCode.OPERATION_FAILED,
         ErrorCode.OPERATION_INVALID,

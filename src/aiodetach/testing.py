@@ -375,7 +375,11 @@ class FakeHypervisor:
             self.opens += 1
 
     def close(self) -> None:
+        hook = self.before_call
+        if hook is not None:
+            hook("close")
         with self._lock:
+            self.calls.append("close")
             self.connected = False
             self._sink = None
         self.cancel_timers()

@@ -1,0 +1,224 @@
+"""A private libvirtd for tests that kill and restart the daemon.
+
+Killing the system libvirtd would disturb everyone else using it, so the
+restart tests run their own daemon: ``libvirtd --timeout 0`` in *session*
+mode, as an unprivileged user (uid ``nobody`` by default; as root libvirtd is
+always "privileged" and would share ``/run/libvirt`` and the system's
+domains).  Its HOME/XDG directories live under one scratch directory, so its
+socket, domain state, QEMU monitors and logs are its own.  Connect with
+:attr:`PrivateLibvirtd.uri` (``qemu:///session?socket=…``).
+
+QEMU guests run as the same user under TCG (``type='qemu'``), so disk images
+must be readable and writable by it: :meth:`PrivateLibvirtd.define` writes
+them into a world-writable work directory.
+
+Subprocesses get argument lists, never a shell, and no user input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import libvirt
+
+from aiodetach import _lab
+
+__all__ = ["PrivateLibvirtd"]
+
+LIBVIRTD = "/usr/sbin/libvirtd"
+
+
+def _quiet() -> None:
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+
+
+class PrivateLibvirtd:
+    """One session-mode libvirtd under ``root`` that a test may SIGKILL and restart."""
+
+    def __init__(self, root: Path, *, uid: int = 65534, gid: int = 65534) -> None:
+        self.root = root
+        self.uid = uid
+        self.gid = gid
+        self.home = root / "home"
+        self.runtime = root / "run"
+        self.config = root / "config"
+        self.cache = root / "cache"
+        self.workdir = root / "images"
+        self.log = root / "libvirtd.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- paths -----------------------------------------------------------------
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime / "libvirt" / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu:///session?socket={self.socket_path}"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the daemon this object started, if it still runs."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    def monitor_socket(self, name: str) -> Path:
+        """The QMP monitor socket of the running domain ``name``."""
+        lib = self.config / "libvirt" / "qemu" / "lib"
+        found = sorted(lib.glob(f"domain-*-{name[:20]}/monitor.sock"))
+        if not found:
+            raise FileNotFoundError(f"no monitor socket for {name} under {lib}")
+        return found[-1]
+
+    # -- life ------------------------------------------------------------------
+    def _prepare(self) -> None:
+        for path in (self.home, self.runtime, self.config, self.cache, self.workdir):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, self.uid, self.gid)
+        os.chmod(self.runtime, 0o700)
+        os.chmod(self.workdir, 0o777)  # noqa: S103 - QEMU runs as self.uid
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start the daemon; return the seconds until it answered a capabilities call."""
+        if self.pid is not None:
+            raise RuntimeError("the private libvirtd is already running")
+        self._prepare()
+        started = time.monotonic()
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.home),
+            "XDG_RUNTIME_DIR": str(self.runtime),
+            "XDG_CONFIG_HOME": str(self.config),
+            "XDG_CACHE_HOME": str(self.cache),
+        }
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [
+                    "setpriv",
+                    f"--reuid={self.uid}",
+                    f"--regid={self.gid}",
+                    "--clear-groups",
+                    LIBVIRTD,
+                    "--timeout",
+                    "0",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = started + timeout
+        _quiet()
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"private libvirtd exited with {self._proc.returncode}")
+            if self.socket_path.exists() and self._answers():
+                return time.monotonic() - started
+            time.sleep(0.05)
+        raise RuntimeError(f"private libvirtd did not answer within {timeout:g} s")
+
+    def _answers(self) -> bool:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError:
+            return False
+        try:
+            conn.getCapabilities()
+            return True
+        except libvirt.libvirtError:
+            return False
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the daemon (by its PID) and reap it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Destroy every domain, stop the daemon and anything it spawned."""
+        if self.pid is not None:
+            _quiet()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn = libvirt.open(self.uri)
+                try:
+                    for dom in conn.listAllDomains():
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.destroy()
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.undefine()
+                finally:
+                    conn.close()
+            self.kill(signal.SIGTERM)
+        self.kill(signal.SIGKILL)
+        # QEMU processes of a daemon that died, and the virtlogd it spawned.
+        piddirs = [self.runtime / "libvirt" / "qemu" / "run", self.runtime / "libvirt"]
+        for piddir in piddirs:
+            for pidfile in piddir.glob("*.pid"):
+                if piddir.name == "libvirt" and pidfile.name != "virtlogd.pid":
+                    continue
+                with contextlib.suppress(ValueError, OSError):
+                    os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+    # -- domains ---------------------------------------------------------------
+    def define(
+        self,
+        name: str,
+        disks: Sequence[_lab.DiskSpec],
+        *,
+        start: bool = True,
+        paused: bool = False,
+    ) -> str:
+        """Define (and start) an OS-less domain on this daemon; return its UUID."""
+        _quiet()
+        xml = _lab.osless_domain_xml(name, self.workdir, disks)
+        for image in self.workdir.glob(f"{name}-*.img"):
+            os.chmod(image, 0o666)  # noqa: S103 - QEMU runs as self.uid
+        conn = libvirt.open(self.uri)
+        try:
+            dom = conn.defineXML(xml)
+            if start:
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+            return str(dom.UUIDString())
+        finally:
+            conn.close()
+
+
+def qmp(
+    path: Path, *commands: str | tuple[str, dict[str, object]], timeout: float = 5.0
+) -> list[dict[str, object]]:
+    """Run QMP commands (name, or (name, arguments)) on a monitor socket nobody holds.
+
+    Only possible while libvirtd is down: QEMU's monitor accepts one client.
+    """
+    replies: list[dict[str, object]] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        reader = sock.makefile("rb")
+        json.loads(reader.readline())  # greeting
+        for command in ("qmp_capabilities", *commands):
+            name, arguments = (command, {}) if isinstance(command, str) else command
+            message = {"execute": name, "arguments": arguments}
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if "return" in reply or "error" in reply:
+                    replies.append(reply)
+                    break
+    return replies
