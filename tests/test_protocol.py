@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -34,7 +35,8 @@ from aiodetach.testing import FakeHypervisor, Unplug
 async def test_event_during_the_call_is_not_lost(fake: FakeHypervisor, svc: DetachService) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-disk1", unplug=Unplug.now())
     result = await svc.detach("vm", alias="ua-disk1")
-    assert result.live and result.persistent
+    assert result.live
+    assert result.persistent
     assert result.confirmed_by == "event"
     assert result.attempts == 1
     assert len(fake.requests) == 1
@@ -82,9 +84,7 @@ async def test_guest_that_never_answers_times_out_after_exactly_attempts(
 async def test_lost_event_is_covered_by_the_xml_recheck(
     fake: FakeHypervisor, svc: DetachService
 ) -> None:
-    fake.add_domain("vm").add_disk(
-        "vdb", alias="ua-d", unplug=Unplug.later(0.01, emit_event=False)
-    )
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.01, emit_event=False))
     result = await svc.detach("vm", alias="ua-d")
     assert result.confirmed_by == "xml"
     assert result.attempts == 1, "no second request once the XML shows it gone"
@@ -93,12 +93,8 @@ async def test_lost_event_is_covered_by_the_xml_recheck(
 async def test_lost_event_on_the_last_attempt_is_still_success(
     fake: FakeHypervisor, make_svc: object
 ) -> None:
-    fake.add_domain("vm").add_disk(
-        "vdb", alias="ua-d", unplug=Unplug.later(0.01, emit_event=False)
-    )
-    async with DetachService(
-        backend=fake, settings=DetachSettings(attempts=1, timeout=0.1)
-    ) as svc:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.01, emit_event=False))
+    async with DetachService(backend=fake, settings=DetachSettings(attempts=1, timeout=0.1)) as svc:
         result = await svc.detach("vm", alias="ua-d")
     assert result.confirmed_by == "xml"
 
@@ -181,9 +177,7 @@ async def test_joined_callers_share_the_error(fake: FakeHypervisor, svc: DetachS
     assert len(fake.requests) == 3  # attempts, not attempts x callers
 
 
-async def test_different_devices_are_independent(
-    fake: FakeHypervisor, svc: DetachService
-) -> None:
+async def test_different_devices_are_independent(fake: FakeHypervisor, svc: DetachService) -> None:
     vm = fake.add_domain("vm")
     vm.add_disk("vdb", alias="ua-1", unplug=Unplug.later(0.05))
     vm.add_disk("vdc", alias="ua-2", unplug=Unplug.reject(0.05))
@@ -212,7 +206,8 @@ async def test_cancelling_one_caller_leaves_the_other(
     assert svc.pending() != []
     fake.complete("vm", "ua-d")
     result = await second
-    assert result.live and result.joined
+    assert result.live
+    assert result.joined
     assert svc.pending() == []
 
 
@@ -239,7 +234,9 @@ async def test_aclose_with_detaches_in_flight(fake: FakeHypervisor, fast: Detach
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     svc = DetachService(backend=fake, settings=fast)
     await svc.open()
-    tasks = [asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False)) for _ in range(3)]
+    tasks = [
+        asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False)) for _ in range(3)
+    ]
     while not fake.requests:
         await asyncio.sleep(0.001)
     await svc.aclose()
@@ -374,13 +371,14 @@ async def test_unknown_domain(svc: DetachService) -> None:
     "selector", [{"alias": "ua-nope"}, {"target": "vdz"}, {"mac": "52:54:00:00:00:99"}]
 )
 async def test_unknown_device(
-    fake: FakeHypervisor, svc: DetachService, selector: dict[str, str]
+    fake: FakeHypervisor, svc: DetachService, selector: dict[str, Any]
 ) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-d")
     with pytest.raises(DeviceNotFound) as info:
         await svc.detach("vm", **selector)
     assert info.value.domain == "vm"
-    assert fake.requests == [] and fake.config_requests == []
+    assert fake.requests == []
+    assert fake.config_requests == []
 
 
 async def test_live_on_shut_off_domain(fake: FakeHypervisor, svc: DetachService) -> None:
@@ -427,7 +425,8 @@ async def test_invalid_requests(
     fake.add_domain("vm").add_disk("vdb", alias="ua-d")
     with pytest.raises(InvalidRequest, match=message):
         await svc.detach("vm", **kwargs)  # type: ignore[arg-type]
-    assert fake.requests == [] and fake.config_requests == []
+    assert fake.requests == []
+    assert fake.config_requests == []
 
 
 @pytest.mark.parametrize("domain", ["", "   ", None, 42, "a\x00b"])
@@ -472,9 +471,7 @@ async def test_unreachable_daemon_at_open(fake: FakeHypervisor, fast: DetachSett
 
 
 @pytest.mark.parametrize("reason", ["destroyed", "shutdown", "migrated", "crashed"])
-async def test_domain_stopping_wakes_waiters_at_once(
-    fake: FakeHypervisor, reason: str
-) -> None:
+async def test_domain_stopping_wakes_waiters_at_once(fake: FakeHypervisor, reason: str) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
     settings = DetachSettings(attempts=8, timeout=30)
     async with DetachService(backend=fake, settings=settings) as svc:
@@ -492,7 +489,9 @@ async def test_domain_stopping_wakes_waiters_at_once(
             assert (r.domain, r.alias) == ("vm", "ua-d")
 
 
-async def test_transient_domain_vanishing_mid_wait(fake: FakeHypervisor, fast: DetachSettings) -> None:
+async def test_transient_domain_vanishing_mid_wait(
+    fake: FakeHypervisor, fast: DetachSettings
+) -> None:
     fake.add_domain("vm", persistent=False).add_disk("vdb", alias="ua-d", unplug=Unplug.never())
     async with DetachService(backend=fake, settings=fast) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))

@@ -77,7 +77,8 @@ def test_target_only_matches_disks() -> None:
 def test_device_xml_round_trips() -> None:
     dev = find_device(LIVE, selector_from(alias=None, target="sda", mac=None, xml=None))
     assert dev is not None
-    assert dev.xml.startswith("<disk") and "ua-scsi1" in dev.xml
+    assert dev.xml.startswith("<disk")
+    assert "ua-scsi1" in dev.xml
     assert dev.description == "disk target='sda' alias='ua-scsi1'"
 
 
@@ -128,16 +129,23 @@ def test_settings_env_validation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_result_is_frozen() -> None:
     r = DetachResult(
-        domain_uuid="u", domain_name="n", alias="a", device="disk", live=True,
-        persistent=False, attempts=1, elapsed=0.1,
+        domain_uuid="u",
+        domain_name="n",
+        alias="a",
+        device="disk",
+        live=True,
+        persistent=False,
+        attempts=1,
+        elapsed=0.1,
     )
     with pytest.raises(ValidationError):
-        r.attempts = 2  # type: ignore[misc]
+        r.attempts = 2
 
 
 def test_errors_carry_context_and_pickle() -> None:
     err = DetachTimeout("gave up", domain="vm", alias="ua-d", attempts=8, timeout=20.0)
-    assert "domain='vm'" in str(err) and "alias='ua-d'" in str(err)
+    assert "domain='vm'" in str(err)
+    assert "alias='ua-d'" in str(err)
     again = pickle.loads(pickle.dumps(err))
     assert isinstance(again, DetachTimeout)
     assert (again.domain, again.alias, again.attempts) == ("vm", "ua-d", 8)
@@ -149,24 +157,34 @@ def test_errors_carry_context_and_pickle() -> None:
     [
         (ErrorCode.NO_DOMAIN, 0, "Domain not found", DomainNotFound),
         (ErrorCode.DEVICE_MISSING, 0, "device not found: disk vdz not found", DeviceNotFound),
-        (ErrorCode.INTERNAL_ERROR, 10, "internal error: no device found with alias x",
-         DeviceNotFound),
-        (ErrorCode.OPERATION_INVALID, 10,
-         "Requested operation is not valid: domain is not running", DomainNotRunning),
+        (
+            ErrorCode.INTERNAL_ERROR,
+            10,
+            "internal error: no device found with alias x",
+            DeviceNotFound,
+        ),
+        (
+            ErrorCode.OPERATION_INVALID,
+            10,
+            "Requested operation is not valid: domain is not running",
+            DomainNotRunning,
+        ),
         (ErrorCode.XML_DETAIL, 0, "XML error", InvalidRequest),
         (ErrorCode.OPERATION_DENIED, 0, "read only access prevents", ReadOnlyConnection),
-        (ErrorCode.OPERATION_FAILED, 10, "device cannot be detached: device is busy",
-         DetachRefused),
-        (ErrorCode.INTERNAL_ERROR, 10, "Bus 'pci.0' does not support hotplugging",
-         DetachRefused),
+        (
+            ErrorCode.OPERATION_FAILED,
+            10,
+            "device cannot be detached: device is busy",
+            DetachRefused,
+        ),
+        (ErrorCode.INTERNAL_ERROR, 10, "Bus 'pci.0' does not support hotplugging", DetachRefused),
         (ErrorCode.INTERNAL_ERROR, ErrorDomain.RPC, "client socket is closed", ConnectionLost),
         (ErrorCode.SYSTEM_ERROR, 0, "Failed to connect socket", ConnectionLost),
         (ErrorCode.INTERNAL_ERROR, 10, "something else", HypervisorError),
     ],
 )
 def test_error_mapping(code: int, origin: int, message: str, expected: type) -> None:
-    err = map_error(BackendError(code, message, origin=origin), domain="vm", alias="a",
-                    action="x")
+    err = map_error(BackendError(code, message, origin=origin), domain="vm", alias="a", action="x")
     assert type(err) is expected
     assert err.libvirt_code == code
     assert message in str(err)
@@ -179,8 +197,10 @@ def test_in_progress_and_connection_predicates() -> None:
         "process of unplug",
         origin=ErrorDomain.QEMU,
     )
-    busy = BackendError(ErrorCode.INTERNAL_ERROR,
-                        "Hot-unplug failed: guest is busy (power indicator blinking)")
-    assert is_in_progress(in_progress) and is_in_progress(busy)
+    busy = BackendError(
+        ErrorCode.INTERNAL_ERROR, "Hot-unplug failed: guest is busy (power indicator blinking)"
+    )
+    assert is_in_progress(in_progress)
+    assert is_in_progress(busy)
     assert not is_connection_error(in_progress)
     assert not is_in_progress(BackendError(ErrorCode.INTERNAL_ERROR, "no device found"))

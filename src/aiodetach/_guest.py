@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "MEMORY_PINNED_LINE",
     "READY_LINE",
     "GuestBuildError",
     "GuestImage",

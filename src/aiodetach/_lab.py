@@ -16,11 +16,13 @@ import tempfile
 import time
 import uuid as _uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
+
+from ._guest import GuestImage
 
 __all__ = [
     "APT_PACKAGES",
@@ -144,6 +146,27 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return elem
 
 
+def stage_guest_image(image: GuestImage, workdir: Path) -> GuestImage:
+    """Copy a guest kernel/initrd where QEMU (user libvirt-qemu) can read them:
+    the build cache usually lives under root's home, which it cannot."""
+    kernel = workdir / "vmlinuz"
+    initrd = workdir / "initrd.gz"
+    shutil.copyfile(image.kernel, kernel)
+    shutil.copyfile(image.initrd, initrd)
+    for path in (kernel, initrd):
+        path.chmod(0o644)
+    return GuestImage(kernel=kernel, initrd=initrd)
+
+
+def disk_image(spec: DiskSpec, workdir: Path, name: str) -> Path:
+    """A sparse raw image for ``spec`` in ``workdir`` (created once)."""
+    path = workdir / f"{name}-{spec.target}.img"
+    if not path.exists():
+        with path.open("wb") as fh:
+            fh.truncate(spec.size_mib << 20)
+    return path
+
+
 def disk_xml(spec: DiskSpec, path: Path) -> ET.Element:
     disk = ET.Element("disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="raw")
@@ -191,11 +214,7 @@ def osless_domain_xml(
     if any(d.bus == "scsi" for d in disks):
         _sub(devices, "controller", type="scsi", model="virtio-scsi", index="0")
     for spec in disks:
-        path = workdir / f"{name}-{spec.target}.img"
-        if not path.exists():
-            with path.open("wb") as fh:
-                fh.truncate(spec.size_mib << 20)
-        devices.append(disk_xml(spec, path))
+        devices.append(disk_xml(spec, disk_image(spec, workdir, name)))
     for nic in nics:
         devices.append(nic_xml(nic))
     return ET.tostring(root, encoding="unicode")
@@ -211,15 +230,21 @@ def throwaway_domain(
     start: bool = True,
     persistent: bool = True,
     name: str | None = None,
-    xml: str | None = None,
+    build_xml: Callable[[str, Path], str] | None = None,
 ) -> Iterator[LabDomain]:
-    """Define (and start) a short-lived domain; destroy and undefine it after."""
+    """Define (and start) a short-lived domain; destroy and undefine it after.
+
+    ``build_xml(name, workdir)`` replaces the OS-less default definition.
+    """
     _quiet()
-    name = name or f"{LAB_PREFIX}{_uuid.uuid4().hex[:8]}"
+    name = name or f"{LAB_PREFIX}{os.getpid()}-{_uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="aiodetach-lab-"))
     os.chmod(workdir, 0o755)  # noqa: S103 - qemu may run as another user
     conn = libvirt.open(uri)
-    dom_xml = xml or osless_domain_xml(name, workdir, disks, nics, machine=machine)
+    if build_xml is not None:
+        dom_xml = build_xml(name, workdir)
+    else:
+        dom_xml = osless_domain_xml(name, workdir, disks, nics, machine=machine)
     try:
         if persistent:
             dom = conn.defineXML(dom_xml)
@@ -239,14 +264,28 @@ def throwaway_domain(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _owner_alive(name: str) -> bool:
+    """Lab domain names carry the creating PID: is that process still there?"""
+    rest = name[len(LAB_PREFIX) :]
+    pid_text = rest.split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    return Path(f"/proc/{pid_text}").exists()
+
+
 def cleanup_leftovers(uri: str = "qemu:///system") -> int:
-    """Remove lab domains left by a crashed run.  Returns how many."""
+    """Remove lab domains whose creating process is gone (a crashed run).
+
+    Domains of live processes (a concurrent test run, a demo) are left alone.
+    Returns how many were removed.
+    """
     _quiet()
     conn = libvirt.open(uri)
     removed = 0
     try:
         for dom in conn.listAllDomains():
-            if dom.name().startswith(LAB_PREFIX):
+            name = dom.name()
+            if name.startswith(LAB_PREFIX) and not _owner_alive(name):
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
                 with contextlib.suppress(libvirt.libvirtError):

@@ -387,8 +387,12 @@ class DetachService:
         domain and alias on every failure.
         """
         started = time.monotonic()
-        selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
         ref = _domain_ref(domain)
+        try:
+            selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
+        except InvalidRequest as exc:
+            exc.domain = ref
+            raise
         for name, value in (("live", live), ("persistent", persistent)):
             if value is not None and not isinstance(value, bool):
                 raise InvalidRequest(f"{name} must be True, False or None", domain=ref)

@@ -249,7 +249,7 @@ class FakeHypervisor:
         self.max_in_flight = 0
         self.call_latency = 0.0
         """Seconds each detach request blocks in its thread (libvirt may block 5 s)."""
-        self.before_call: Callable[[str], None] | None = None
+        self.before_call: Callable[[str], object] | None = None
         """Called in the worker thread at the start of every call (for interleaving tests)."""
         self.fail_next: dict[str, BackendError] = {}
         """Method name → error raised once by the next call of it."""

@@ -139,7 +139,8 @@ async def test_persistent_only_detach_of_a_shut_off_domain(libvirtd: str) -> Non
                 await svc.detach(dom.name, target="vdc", live=True)
         assert (result.live, result.persistent, result.attempts) == (False, True, 0)
         inactive = _xml(libvirtd, dom.name, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        assert "dev='vdb'" not in inactive and "dev='vdc'" in inactive
+        assert "dev='vdb'" not in inactive
+        assert "dev='vdc'" in inactive
 
 
 async def test_live_only_device_on_persistent_domain(libvirtd: str, domain: _lab.LabDomain) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from aiodetach._cli import main
+
+sys.exit(main())

@@ -1,0 +1,288 @@
+"""The ``aiodetach`` command.
+
+The only place in the package that configures structlog: the library logs
+namespaced events; here they become progress lines ("attempt 2 of 8…") on
+stderr, or JSON lines with ``--json``.  Results go to stdout.  Each error
+class has its own exit status so scripts can branch on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from . import __version__
+from ._result import DetachResult
+from ._service import DetachService
+from ._settings import DetachSettings
+from .errors import (
+    ConnectionLost,
+    DetachError,
+    DetachFailed,
+    DetachRefused,
+    DetachTimeout,
+    DeviceNotFound,
+    DomainNotFound,
+    DomainNotPersistent,
+    DomainNotRunning,
+    InvalidRequest,
+    ReadOnlyConnection,
+)
+
+__all__ = ["EXIT_CODES", "main"]
+
+EXIT_CODES: list[tuple[type[DetachError], int]] = [
+    (InvalidRequest, 2),
+    (DomainNotFound, 3),
+    (DeviceNotFound, 4),
+    (DomainNotRunning, 5),  # includes DomainStopped
+    (DomainNotPersistent, 5),
+    (DetachFailed, 6),
+    (DetachTimeout, 7),
+    (DetachRefused, 8),
+    (ConnectionLost, 9),
+    (ReadOnlyConnection, 10),
+    (DetachError, 11),
+]
+"""Exit status per error class, most specific first (0: success, 130: interrupted)."""
+
+
+def exit_code_for(exc: DetachError) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 11
+
+
+# -- logging -------------------------------------------------------------------------
+
+_PROGRESS: dict[str, Callable[[MutableMapping[str, Any]], str]] = {
+    "aiodetach.persistent_detached": lambda e: "removed from the persistent definition",
+    "aiodetach.persistent_missing_ignored": lambda e: (
+        "not in the persistent definition (live only): ignored"
+    ),
+    "aiodetach.detach_sent": lambda e: (
+        f"attempt {e['attempt']} of {e['attempts']}: live detach request sent"
+    ),
+    "aiodetach.detach_joined": lambda e: "joined a detach of this device already in flight",
+    "aiodetach.unplug_in_progress": lambda e: "an unplug is already in progress: waiting for it",
+    "aiodetach.attempt_timed_out": lambda e: (
+        f"attempt {e['attempt']} of {e['attempts']}: no DEVICE_REMOVED within "
+        f"{e['timeout']:g} s; re-reading the live XML"
+    ),
+    "aiodetach.removed_without_event": lambda e: (
+        "the live XML shows the device gone (its event was lost)"
+    ),
+    "aiodetach.detach_timeout": lambda e: (
+        f"gave up: the device is still attached after {e['attempts']} attempt(s)"
+    ),
+    "aiodetach.removal_failed": lambda e: "DEVICE_REMOVAL_FAILED: the guest rejected the unplug",
+    "aiodetach.domain_stopped": lambda e: f"the domain stopped ({e.get('reason')})",
+    "aiodetach.connection_lost": lambda e: f"lost the connection to libvirtd ({e.get('reason')})",
+    "aiodetach.reconnected": lambda e: "reconnected to libvirtd",
+    "aiodetach.detached": lambda e: (
+        f"detached in {e['elapsed']:.3f} s after {e['attempts']} request(s)"
+    ),
+}
+
+
+def _progress_renderer(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+    name = str(event.get("event"))
+    fmt = _PROGRESS.get(name)
+    where = f"{event.get('domain', '')}/{event.get('alias') or event.get('device', '')}"
+    text = fmt(event) if fmt else name
+    return f"[{where}] {text}"
+
+
+def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> None:
+    """Progress lines (or JSON lines) on stderr; debug events only with -v."""
+    level = 10 if verbose else 20
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else _progress_renderer
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> DetachSettings:
+    overrides: dict[str, Any] = {}
+    if args.attempts is not None:
+        overrides["attempts"] = args.attempts
+    if args.timeout is not None:
+        overrides["timeout"] = args.timeout
+    return DetachSettings(**overrides)
+
+
+def _print_result(result: DetachResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": True, **result.model_dump()}))
+        return
+    parts = []
+    if result.live:
+        parts.append(f"live (confirmed by {result.confirmed_by})")
+    if result.persistent:
+        parts.append("persistent")
+    print(
+        f"{result.domain_name}: {result.device} detached: {' + '.join(parts) or 'nothing'}; "
+        f"{result.attempts} request(s), {result.elapsed:.3f} s"
+    )
+
+
+def _print_error(exc: DetachError, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ok": False,
+                    "error": type(exc).__name__,
+                    "message": exc.message,
+                    "domain": exc.domain,
+                    "alias": exc.alias,
+                    "libvirt_code": exc.libvirt_code,
+                }
+            )
+        )
+    else:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+async def _detach(args: argparse.Namespace, xml: str | None) -> int:
+    async with DetachService(args.uri, settings=_settings(args)) as svc:
+        result = await svc.detach(
+            args.domain,
+            alias=args.alias,
+            target=args.target,
+            mac=args.mac,
+            xml=xml,
+            live=args.live,
+            persistent=args.persistent,
+        )
+    _print_result(result, args.json)
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    async with DetachService(args.uri, read_only=True) as svc:
+        if not args.json:
+            print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
+        async for event in svc.events(args.domain):
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "kind": event.kind,
+                            "domain_uuid": event.domain_uuid,
+                            "domain": event.domain_name,
+                            "alias": event.alias,
+                            "detail": event.detail,
+                            "timestamp": event.timestamp,
+                        }
+                    ),
+                    flush=True,
+                )
+            else:
+                detail = f" ({event.detail})" if event.detail else ""
+                print(
+                    f"{event.kind:<22} {event.domain_name:<24} {event.alias or '-'}{detail}",
+                    flush=True,
+                )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiodetach",
+        description="Detach devices from libvirt/QEMU guests, waiting for the guest.",
+    )
+    parser.add_argument("--version", action="version", version=f"aiodetach {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug events too")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    detach = sub.add_parser("detach", help="detach one device and wait until it is gone")
+    detach.add_argument("domain", help="domain name or UUID")
+    which = detach.add_mutually_exclusive_group(required=True)
+    which.add_argument("--alias", help="device alias, e.g. ua-disk1 or virtio-disk1")
+    which.add_argument("--target", help="disk target dev, e.g. vdb")
+    which.add_argument("--mac", help="interface MAC address")
+    which.add_argument("--xml-file", help="file with the device XML")
+    detach.add_argument("--uri", default="qemu:///system")
+    detach.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="detach from the running guest (default: if it runs)",
+    )
+    detach.add_argument(
+        "--persistent",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="detach from the persistent definition (default: if it has one)",
+    )
+    detach.add_argument("--attempts", type=int, help="live requests at most (default 8)")
+    detach.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
+    detach.add_argument("--json", action="store_true", help="JSON result on stdout")
+
+    watch = sub.add_parser("watch", help="stream device-removed / removal-failed events")
+    watch.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
+    watch.add_argument("--uri", default="qemu:///system")
+    watch.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser(
+        "demo", help="a real detach demo on a throwaway QEMU guest (sets up libvirtd)"
+    )
+    demo.add_argument("--uri", default="qemu:///system")
+    demo.add_argument(
+        "--no-booted",
+        action="store_true",
+        help="skip the booted Linux guest part (OS-less guest only)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
+    stream = sys.stdout if args.command == "demo" else None
+    configure_logging(as_json=as_json, verbose=args.verbose, stream=stream)
+    try:
+        if args.command == "detach":
+            xml = Path(args.xml_file).read_text() if args.xml_file else None
+            return asyncio.run(_detach(args, xml))
+        if args.command == "watch":
+            return asyncio.run(_watch(args))
+        from ._demo import run_demo
+
+        return asyncio.run(run_demo(args.uri, booted=not args.no_booted))
+    except DetachError as exc:
+        _print_error(exc, as_json)
+        return exit_code_for(exc)
+    except ValidationError as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
