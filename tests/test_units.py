@@ -204,3 +204,32 @@ def test_in_progress_and_connection_predicates() -> None:
     assert is_in_progress(busy)
     assert not is_connection_error(in_progress)
     assert not is_in_progress(BackendError(ErrorCode.INTERNAL_ERROR, "no device found"))
+
+
+def test_parse_batch_lines() -> None:
+    from aiodetach._cli import parse_batch
+
+    text = """
+    # a comment
+    vm-1 alias=ua-disk1
+    vm-2 target=vdb persistent=false
+    {"domain": "vm-3", "mac": "52:54:00:12:34:56", "live": true}
+    """
+    assert parse_batch(text) == [
+        {"domain": "vm-1", "alias": "ua-disk1"},
+        {"domain": "vm-2", "target": "vdb", "persistent": False},
+        {"domain": "vm-3", "mac": "52:54:00:12:34:56", "live": True},
+    ]
+    for bad in ("vm-1 alias", "vm-1 live=maybe", "{not json", "[1, 2]"):
+        with pytest.raises(InvalidRequest):
+            parse_batch(bad)
+
+
+def test_exit_codes_are_distinct_per_class() -> None:
+    from aiodetach._cli import EXIT_CODES, exit_code_for
+    from aiodetach.errors import DetachFailed, DomainStopped
+
+    codes = [code for _cls, code in EXIT_CODES]
+    assert len(set(codes)) >= 10
+    assert exit_code_for(DetachFailed("x")) == 6
+    assert exit_code_for(DomainStopped("x")) == 5

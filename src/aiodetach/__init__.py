@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from ._eventloop import install_event_loop
+from ._fleet import DetachFleet
+from ._many import DetachOutcome, DetachRequest
 from ._result import DetachResult
 from ._service import DetachService, DeviceEvent
 from ._settings import DetachSettings
@@ -22,6 +24,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "DetachError",
+    "DetachFleet",
+    "DetachOutcome",
+    "DetachRequest",
     "DetachResult",
     "DetachService",
     "DetachSettings",

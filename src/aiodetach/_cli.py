@@ -20,6 +20,7 @@ import structlog
 from pydantic import ValidationError
 
 from . import __version__
+from ._many import DetachOutcome
 from ._result import DetachResult
 from ._service import DetachService
 from ._settings import DetachSettings
@@ -52,7 +53,8 @@ EXIT_CODES: list[tuple[type[DetachError], int]] = [
     (ReadOnlyConnection, 10),
     (DetachError, 11),
 ]
-"""Exit status per error class, most specific first (0: success, 130: interrupted)."""
+"""Exit status per error class, most specific first (0: success, 130: interrupted;
+``detach-many``: 12 when some devices failed)."""
 
 
 def exit_code_for(exc: DetachError) -> int:
@@ -178,6 +180,104 @@ async def _detach(args: argparse.Namespace, xml: str | None) -> int:
     return 0
 
 
+def parse_batch(text: str) -> list[dict[str, Any]]:
+    """Batch lines: a JSON object, or ``DOMAIN key=value …`` (``#`` comments).
+
+    Keys are those of :class:`aiodetach.DetachRequest`; ``live``/``persistent``
+    take true/false.
+    """
+    requests: list[dict[str, Any]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("{", "[")):
+            try:
+                loaded = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"line {number}: invalid JSON: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise InvalidRequest(f"line {number}: expected a JSON object")
+            requests.append(loaded)
+            continue
+        domain, *pairs = line.split()
+        item: dict[str, Any] = {"domain": domain}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise InvalidRequest(f"line {number}: expected key=value, got {pair!r}")
+            if key in ("live", "persistent"):
+                if value.lower() not in ("true", "false"):
+                    raise InvalidRequest(f"line {number}: {key} must be true or false")
+                item[key] = value.lower() == "true"
+            else:
+                item[key] = value
+        requests.append(item)
+    return requests
+
+
+class _ProgressBar:
+    """One redrawn stderr line: [#####-----] 37/100 ok=35 failed=2."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.ok = self.failed = 0
+
+    def update(self, outcome: DetachOutcome, done: int, total: int) -> None:
+        if outcome.ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        if self.enabled:
+            width = 30
+            filled = width * done // max(total, 1)
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(f"\r[{bar}] {done}/{total} ok={self.ok} failed={self.failed}")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def _detach_many(args: argparse.Namespace, text: str) -> int:
+    requests = parse_batch(text)
+    bar = _ProgressBar(
+        len(requests), enabled=(not args.json and sys.stderr.isatty()) or args.progress
+    )
+    async with DetachService(args.uri, settings=_settings(args)) as svc:
+        outcomes = await svc.detach_many(
+            requests,
+            concurrency=args.concurrency,
+            per_domain=args.per_domain,
+            on_progress=bar.update,
+        )
+    for outcome in outcomes:
+        if args.json:
+            payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
+            if outcome.result is not None:
+                payload |= {"ok": True, **outcome.result.model_dump()}
+            elif outcome.error is not None:
+                payload |= {
+                    "ok": False,
+                    "error": type(outcome.error).__name__,
+                    "message": outcome.error.message,
+                    "libvirt_code": outcome.error.libvirt_code,
+                }
+            print(json.dumps(payload))
+        elif outcome.result is not None:
+            r = outcome.result
+            print(
+                f"ok     {outcome.request.describe()}: {r.attempts} request(s), {r.elapsed:.3f} s"
+            )
+        else:
+            print(
+                f"FAILED {outcome.request.describe()}: {type(outcome.error).__name__}: "
+                f"{outcome.error}"
+            )
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{len(outcomes) - failed} detached, {failed} failed", file=sys.stderr)
+    return 0 if failed == 0 else 12
+
+
 async def _watch(args: argparse.Namespace) -> int:
     async with DetachService(args.uri, read_only=True) as svc:
         if not args.json:
@@ -239,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
     detach.add_argument("--json", action="store_true", help="JSON result on stdout")
 
+    many = sub.add_parser(
+        "detach-many", help="detach a list of devices (file or stdin) with bounded concurrency"
+    )
+    many.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        help="one request per line: JSON, or 'DOMAIN alias=… [live=false]'; - = stdin",
+    )
+    many.add_argument("--uri", default="qemu:///system")
+    many.add_argument("--concurrency", type=int, default=16)
+    many.add_argument("--per-domain", type=int, default=4)
+    many.add_argument("--attempts", type=int, help="live requests at most (default 8)")
+    many.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
+    many.add_argument("--json", action="store_true", help="one JSON line per device")
+    many.add_argument("--progress", action="store_true", help="progress bar even if not a tty")
+
     watch = sub.add_parser("watch", help="stream device-removed / removal-failed events")
     watch.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     watch.add_argument("--uri", default="qemu:///system")
@@ -266,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "detach":
             xml = Path(args.xml_file).read_text() if args.xml_file else None
             return asyncio.run(_detach(args, xml))
+        if args.command == "detach-many":
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            return asyncio.run(_detach_many(args, text))
         if args.command == "watch":
             return asyncio.run(_watch(args))
         from ._demo import run_demo

@@ -31,7 +31,7 @@ import enum
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -40,6 +40,7 @@ import structlog
 
 from ._backend import Backend, BackendError, DomainInfo, ErrorCode
 from ._errors_map import is_alias_missing, is_connection_error, is_in_progress, map_error
+from ._many import DetachOutcome, DetachRequest, as_request, iter_outcomes
 from ._result import DetachResult
 from ._settings import DetachSettings
 from ._xml import DeviceRef, Selector, find_device, has_alias, selector_from
@@ -482,6 +483,53 @@ class DetachService:
                     yield event
         finally:
             self._watchers.discard(queue)
+
+    async def detach_iter(
+        self,
+        requests: Iterable[DetachRequest | Mapping[str, Any]],
+        *,
+        concurrency: int = 16,
+        per_domain: int | None = 4,
+    ) -> AsyncIterator[DetachOutcome]:
+        """Detach many devices; yield each :class:`DetachOutcome` as it completes.
+
+        At most ``concurrency`` detaches run at once, and at most
+        ``per_domain`` on one domain (libvirt serialises a domain's detaches
+        in its job, so more only queues inside libvirtd).  A failure is an
+        outcome, never an exception: the rest go on.  Requests are validated
+        up front (:class:`InvalidRequest` before anything is sent).
+        """
+        self._check_usable()
+
+        async def run(request: DetachRequest) -> DetachResult:
+            return await self.detach(request.domain, **request.detach_kwargs())
+
+        async for outcome in iter_outcomes(
+            requests, run, concurrency=concurrency, per_domain=per_domain
+        ):
+            yield outcome
+
+    async def detach_many(
+        self,
+        requests: Iterable[DetachRequest | Mapping[str, Any]],
+        *,
+        concurrency: int = 16,
+        per_domain: int | None = 4,
+        on_progress: Callable[[DetachOutcome, int, int], None] | None = None,
+    ) -> list[DetachOutcome]:
+        """Like :meth:`detach_iter`, collected in request order.
+
+        ``on_progress(outcome, done, total)`` is called as each one completes.
+        """
+        batch = [as_request(item) for item in requests]
+        outcomes: list[DetachOutcome] = []
+        async for outcome in self.detach_iter(
+            batch, concurrency=concurrency, per_domain=per_domain
+        ):
+            outcomes.append(outcome)
+            if on_progress is not None:
+                on_progress(outcome, len(outcomes), len(batch))
+        return sorted(outcomes, key=lambda o: o.index)
 
     def pending(self) -> list[tuple[str, str]]:
         """(domain UUID, alias) of every live unplug in flight."""

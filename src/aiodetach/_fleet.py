@@ -1,0 +1,147 @@
+"""Many hypervisors from one process: one :class:`DetachService` per URI.
+
+Each libvirt URI (``qemu:///system``, ``qemu+ssh://host/system``,
+``qemu+tcp://…``) gets its own service, hence its own connection, event
+subscriptions, reconnect logic and worker threads; they share the one
+libvirt event loop integration of the process.  A host that cannot be
+reached fails only the requests routed to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+from ._backend import Backend
+from ._many import DetachOutcome, DetachRequest, as_request, iter_outcomes
+from ._result import DetachResult
+from ._service import DetachService, DomainRef
+from ._settings import DetachSettings
+from .errors import InvalidRequest, ServiceClosed
+
+__all__ = ["DetachFleet"]
+
+
+class DetachFleet:
+    """Route detaches to per-URI services, opened on first use.
+
+    ::
+
+        async with DetachFleet() as fleet:
+            await fleet.detach("qemu+ssh://host-a/system", "vm-1", alias="ua-disk1")
+            outcomes = await fleet.detach_many([
+                {"uri": "qemu+ssh://host-a/system", "domain": "vm-1", "target": "vdb"},
+                {"uri": "qemu+ssh://host-b/system", "domain": "vm-7", "mac": "52:54:…"},
+            ])
+
+    ``backend_factory(uri)`` replaces libvirt (tests use fake hypervisors).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: DetachSettings | None = None,
+        backend_factory: Callable[[str], Backend] | None = None,
+        default_uri: str = "qemu:///system",
+    ) -> None:
+        self._settings = settings
+        self._factory = backend_factory
+        self._default_uri = default_uri
+        self._services: dict[str, DetachService] = {}
+        self._opening: dict[str, asyncio.Task[DetachService]] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> DetachFleet:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def uris(self) -> list[str]:
+        """URIs with an open service."""
+        return list(self._services)
+
+    async def service(self, uri: str) -> DetachService:
+        """The open service for ``uri`` (connecting on first use; concurrent
+        first uses share one connection attempt)."""
+        if self._closed:
+            raise ServiceClosed("the fleet is closed")
+        if not isinstance(uri, str) or not uri.strip():
+            raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
+        svc = self._services.get(uri)
+        if svc is not None:
+            return svc
+        task = self._opening.get(uri)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open(uri))
+            self._opening[uri] = task
+            task.add_done_callback(lambda _t: self._opening.pop(uri, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, uri: str) -> DetachService:
+        backend = self._factory(uri) if self._factory is not None else None
+        svc = DetachService(uri, settings=self._settings, backend=backend)
+        await svc.open()
+        if self._closed:
+            await svc.aclose()
+            raise ServiceClosed("the fleet was closed while connecting")
+        self._services[uri] = svc
+        return svc
+
+    async def detach(self, uri: str, domain: DomainRef, **kwargs: Any) -> DetachResult:
+        """:meth:`DetachService.detach` on the host at ``uri``."""
+        svc = await self.service(uri)
+        return await svc.detach(domain, **kwargs)
+
+    async def detach_iter(
+        self,
+        requests: Iterable[DetachRequest | Mapping[str, Any]],
+        *,
+        concurrency: int = 32,
+        per_domain: int | None = 4,
+    ) -> AsyncIterator[DetachOutcome]:
+        """Detach across hosts (``request.uri``, else the default URI); yield
+        outcomes as they complete.  An unreachable host yields
+        :class:`~aiodetach.errors.ConnectionLost` outcomes for its requests."""
+
+        async def run(request: DetachRequest) -> DetachResult:
+            svc = await self.service(request.uri or self._default_uri)
+            return await svc.detach(request.domain, **request.detach_kwargs())
+
+        async for outcome in iter_outcomes(
+            requests, run, concurrency=concurrency, per_domain=per_domain
+        ):
+            yield outcome
+
+    async def detach_many(
+        self,
+        requests: Iterable[DetachRequest | Mapping[str, Any]],
+        *,
+        concurrency: int = 32,
+        per_domain: int | None = 4,
+        on_progress: Callable[[DetachOutcome, int, int], None] | None = None,
+    ) -> list[DetachOutcome]:
+        """:meth:`detach_iter`, collected in request order."""
+        batch = [as_request(item) for item in requests]
+        outcomes: list[DetachOutcome] = []
+        async for outcome in self.detach_iter(
+            batch, concurrency=concurrency, per_domain=per_domain
+        ):
+            outcomes.append(outcome)
+            if on_progress is not None:
+                on_progress(outcome, len(outcomes), len(batch))
+        return sorted(outcomes, key=lambda o: o.index)
+
+    async def aclose(self) -> None:
+        """Close every service (idempotent; each close is itself shielded)."""
+        self._closed = True
+        for task in list(self._opening.values()):
+            task.cancel()
+        services = list(self._services.values())
+        self._services.clear()
+        results = await asyncio.gather(*(s.aclose() for s in services), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
