@@ -14,6 +14,7 @@ from aiodetach._errors_map import is_connection_error, is_in_progress, map_error
 from aiodetach._xml import find_device, has_alias, selector_from
 from aiodetach.errors import (
     ConnectionLost,
+    DetachFailed,
     DetachRefused,
     DetachTimeout,
     DeviceNotFound,
@@ -181,6 +182,12 @@ def test_errors_carry_context_and_pickle() -> None:
         (ErrorCode.INTERNAL_ERROR, ErrorDomain.RPC, "client socket is closed", ConnectionLost),
         (ErrorCode.SYSTEM_ERROR, 0, "Failed to connect socket", ConnectionLost),
         (ErrorCode.INTERNAL_ERROR, 10, "something else", HypervisorError),
+        (
+            ErrorCode.OPERATION_FAILED,
+            10,
+            "operation failed: unplug of device was rejected by the guest",
+            DetachFailed,
+        ),
     ],
 )
 def test_error_mapping(code: int, origin: int, message: str, expected: type) -> None:

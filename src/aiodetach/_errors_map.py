@@ -6,6 +6,7 @@ from ._backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
     ConnectionLost,
     DetachError,
+    DetachFailed,
     DetachRefused,
     DeviceNotFound,
     DomainNotFound,
@@ -73,6 +74,8 @@ def _classify(err: BackendError) -> type[DetachError]:
         return InvalidRequest
     if code in (ErrorCode.OPERATION_DENIED, ErrorCode.AUTH_FAILED):
         return ReadOnlyConnection
+    if "rejected by the guest" in err.message:
+        return DetachFailed
     if "does not support hotplugging" in err.message or "cannot be hot" in err.message:
         return DetachRefused
     if code in (
