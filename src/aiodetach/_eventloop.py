@@ -87,8 +87,11 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         self._alive.add(hid)
         base = super()._add_handle
 
+        def relay(_inner: int, fd_: int, events: int, opaque_: Any) -> None:
+            cb(hid, fd_, events, opaque_)  # libvirt knows our id, not libvirtaio's
+
         def op() -> None:
-            self._to_libvirtaio[hid] = base(fd, event, cb, opaque)
+            self._to_libvirtaio[hid] = base(fd, event, relay, opaque)
 
         self._submit(op)
         return hid
@@ -121,8 +124,11 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         self._alive.add(tid)
         base = super()._add_timeout
 
+        def relay(_inner: int, opaque_: Any) -> None:
+            cb(tid, opaque_)
+
         def op() -> None:
-            self._to_libvirtaio[tid] = base(timeout, cb, opaque)
+            self._to_libvirtaio[tid] = base(timeout, relay, opaque)
 
         self._submit(op)
         return tid
