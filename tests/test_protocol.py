@@ -615,3 +615,36 @@ async def test_events_stream(fake: FakeHypervisor, svc: DetachService) -> None:
     await asyncio.wait_for(watcher, 2)
     assert seen[0].kind == "device-removed"
     assert seen[0].alias == "ua-d"
+
+
+async def test_service_revives_when_the_daemon_comes_back_later(fake: FakeHypervisor) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.now())
+    settings = DetachSettings(attempts=2, timeout=5, reconnect_timeout=0.2)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        fake.crash()
+        await asyncio.sleep(0.4)  # the reconnect gives up
+        with pytest.raises(ConnectionLost):
+            await svc.detach("vm", alias="ua-d")
+        fake.restart()
+        result = await svc.detach("vm", alias="ua-d")
+        assert result.live
+        assert svc.reconnects == 1
+
+
+async def test_close_wakes_callers_waiting_for_a_reconnect(fake: FakeHypervisor) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    settings = DetachSettings(attempts=2, timeout=5, reconnect_timeout=30)
+    svc = DetachService(backend=fake, settings=settings)
+    await svc.open()
+    task = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+    while not fake.requests:
+        await asyncio.sleep(0.001)
+    fake.crash()
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(svc.aclose(), 5)
+    for t in (task, late):
+        with pytest.raises(ServiceClosed):
+            await asyncio.wait_for(t, 5)
+    assert svc.pending() == []

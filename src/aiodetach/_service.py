@@ -218,6 +218,7 @@ class DetachService:
             raise asyncio.CancelledError
 
     async def _do_close(self) -> None:
+        self._up.set()  # whoever waits for a reconnect wakes up and finds us closing
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
         drivers = [u.task for u in self._unplugs.values() if u.task is not None]
@@ -240,7 +241,6 @@ class DetachService:
             from ._eventloop import install_event_loop
 
             await install_event_loop().settle()
-        self._up.clear()
         self._state = "closed"
         _log.debug("aiodetach.closed", uri=self.uri)
 
@@ -255,7 +255,8 @@ class DetachService:
     # ---------------------------------------------------------------- calls
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run one blocking hypervisor call in a worker thread."""
-        assert self._executor is not None
+        if self._state == "closed" or self._executor is None:
+            raise ServiceClosed("service is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
@@ -357,6 +358,17 @@ class DetachService:
         self._up.set()
         _log.info("aiodetach.reconnected", uri=self.uri, reconnects=self.reconnects)
 
+    def _revive(self) -> None:
+        """A new request after the daemon was given up on: try connecting again."""
+        if self._dead is None or self._state != "open":
+            return
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            return
+        self._dead = None
+        self._up.clear()
+        _log.info("aiodetach.reconnecting", uri=self.uri)
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
     async def _wait_connected(self) -> None:
         await self._up.wait()
         if self._dead is not None:
@@ -406,6 +418,7 @@ class DetachService:
                 domain=ref,
                 alias=selector.value if selector.kind == "alias" else None,
             )
+        self._revive()
         await self._wait_connected()
         log = _log.bind(domain=ref, device=selector.describe())
 
@@ -558,7 +571,7 @@ class DetachService:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._config_detach(info, dev))
             self._config_ops[key] = task
-            task.add_done_callback(lambda t: self._config_ops.pop(key, None))
+            task.add_done_callback(functools.partial(self._config_done, key))
         try:
             await asyncio.shield(task)
         except DeviceNotFound:
@@ -568,6 +581,11 @@ class DetachService:
             raise
         log.info("aiodetach.persistent_detached")
         return True
+
+    def _config_done(self, key: tuple[str, str], task: asyncio.Task[bool]) -> None:
+        self._config_ops.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers (if any are left) got it
 
     async def _config_detach(self, info: DomainInfo, dev: DeviceRef) -> bool:
         try:
@@ -594,6 +612,8 @@ class DetachService:
 
     # ------------------------------------------------------------- live
     async def _detach_live(self, info: DomainInfo, alias: str) -> tuple[_LiveDone, bool]:
+        if self._state != "open":
+            raise ServiceClosed(f"service is {self._state}", domain=info.name, alias=alias)
         key = (info.uuid, alias)
         unplug = self._unplugs.get(key)
         joined = unplug is not None
