@@ -298,16 +298,18 @@ class DetachService:
         self._to_loop(self._on_connection_closed, reason)
 
     def _on_device_event(self, outcome: _Outcome, uuid: str, name: str, alias: str) -> None:
+        # O(1): one dict lookup, one set_result; everything else comes after.
         unplug = self._unplugs.get((uuid, alias))
+        if unplug is not None and not unplug.outcome.done():
+            unplug.outcome.set_result(outcome)
         kind: Literal["device-removed", "device-removal-failed"] = (
             "device-removed" if outcome is _Outcome.REMOVED else "device-removal-failed"
         )
         _log.debug(
             "aiodetach.event", kind=kind, domain=name, alias=alias, waited=unplug is not None
         )
-        if unplug is not None and not unplug.outcome.done():
-            unplug.outcome.set_result(outcome)
-        self._publish(DeviceEvent(kind, uuid, name, alias))
+        if self._watchers:
+            self._publish(DeviceEvent(kind, uuid, name, alias))
 
     def _on_domain_stopped(self, uuid: str, name: str, reason: str) -> None:
         for key in self._by_domain.get(uuid, ()):
