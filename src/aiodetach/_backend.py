@@ -30,8 +30,9 @@ class ErrorCode(enum.IntEnum):
     """The libvirt error codes (``VIR_ERR_*``) the protocol reacts to."""
 
     INTERNAL_ERROR = 1
+    INVALID_CONN = 6
     NO_SUPPORT = 3
-    OPERATION_DENIED = 6
+    OPERATION_DENIED = 29
     OPERATION_FAILED = 9
     XML_ERROR = 27
     XML_DETAIL = 35
@@ -39,7 +40,7 @@ class ErrorCode(enum.IntEnum):
     NO_DOMAIN = 42
     OPERATION_INVALID = 55
     CONFIG_UNSUPPORTED = 67
-    NO_CONNECT = 2
+    NO_CONNECT = 5
     DEVICE_MISSING = 99
     AUTH_FAILED = 45
 

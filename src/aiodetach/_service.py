@@ -143,6 +143,10 @@ class DetachService:
         self._unplugs: dict[Key, _Unplug] = {}
         self._by_domain: dict[str, set[Key]] = {}
         self._config_ops: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        # The live request of a device still inside its worker thread.  It
+        # outlives a cancelled unplug, and the next unplug of that device waits
+        # for it instead of sending a second request on top of it.
+        self._sending: dict[Key, asyncio.Future[None]] = {}
         self._watchers: set[asyncio.Queue[DeviceEvent]] = set()
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._close_task: asyncio.Task[None] | None = None
@@ -266,7 +270,9 @@ class DetachService:
             try:
                 return await self._call(fn, *args, **kwargs)
             except BackendError as err:
-                if not is_connection_error(err) or self._state != "open":
+                if self._state != "open":
+                    raise ServiceClosed(f"service is {self._state}") from None
+                if not is_connection_error(err):
                     raise
                 self._on_connection_closed("call failed: " + err.message)
                 await self._wait_connected()
@@ -676,11 +682,17 @@ class DetachService:
             if attempt > 1 and not await self._still_there(unplug, info):
                 log.info("aiodetach.removed_without_event", attempt=attempt - 1)
                 return _LiveDone(unplug.sent, "xml")
+            prior = self._sending.get(unplug.key)
+            if prior is not None:
+                # A cancelled unplug's request is still in libvirt: let it land.
+                await asyncio.wait((prior,))
+                if not await self._still_there(unplug, info):
+                    return _LiveDone(unplug.sent, "xml")
             sent_at = loop.time()
             unplug.sent += 1
             log.info("aiodetach.detach_sent", attempt=attempt, attempts=settings.attempts)
             try:
-                await self._call(self._backend.detach_live, uuid, alias)
+                await self._send(unplug.key)
             except BackendError as err:
                 gone = await self._judge_send_error(err, unplug, info, log)
                 if gone:
@@ -706,6 +718,26 @@ class DetachService:
             attempts=unplug.sent,
             timeout=settings.timeout,
         )
+
+    async def _send(self, key: Key) -> None:
+        """One live request, tracked until its thread returns (even if we are
+        cancelled meanwhile)."""
+        if self._state == "closed" or self._executor is None:
+            raise ServiceClosed("service is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._executor, functools.partial(self._backend.detach_live, *key)
+        )
+        self._sending[key] = future
+
+        def done(f: asyncio.Future[None]) -> None:
+            if self._sending.get(key) is f:
+                del self._sending[key]
+            if not f.cancelled():
+                f.exception()  # retrieved here if its awaiter was cancelled
+
+        future.add_done_callback(done)
+        await asyncio.shield(future)
 
     def _finish(
         self, outcome: _Outcome | tuple[str, str], unplug: _Unplug, info: DomainInfo
@@ -785,6 +817,8 @@ class DetachService:
     ) -> bool:
         """Decide what a failed request means.  True: the device is already gone."""
         alias = unplug.key[1]
+        if unplug.outcome.done():
+            return False  # an event already decided it; _wait() reports that outcome
         if is_in_progress(err):
             log.info("aiodetach.unplug_in_progress", message=err.message)
             return False
@@ -794,8 +828,6 @@ class DetachService:
             self._on_connection_closed("call failed: " + err.message)
             return False
         if is_alias_missing(err):
-            if unplug.outcome.done():
-                return False
             if not await self._still_there(unplug, info):
                 return True
         if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
@@ -828,7 +860,7 @@ def _domain_ref(domain: DomainRef) -> str:
             f"not {type(domain).__name__}"
         )
     ref = domain.strip()
-    if not ref or any(ord(c) < 32 for c in ref):
+    if not ref or any(ord(c) < 32 or ord(c) == 127 for c in domain):
         raise InvalidRequest(f"domain {domain!r} is not a valid domain name or UUID")
     return ref
 

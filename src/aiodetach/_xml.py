@@ -61,6 +61,8 @@ def selector_from(
     kind, value = given[0]
     if not isinstance(value, str):
         raise InvalidRequest(f"{kind} must be a string, not {type(value).__name__}")
+    if kind != "xml" and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidRequest(f"{kind}={value!r} contains control characters")
     value = value.strip()
     if not value:
         raise InvalidRequest(f"{kind} must not be empty")

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +32,10 @@ import libvirt
 
 from aiodetach import _lab
 
-__all__ = ["PrivateLibvirtd"]
+__all__ = ["PrivateLibvirtd", "eject_command", "pci_slots", "qmp"]
 
 LIBVIRTD = "/usr/sbin/libvirtd"
+_OURS = ("libvirtd", "virtlogd", "qemu-system")
 
 
 def _quiet() -> None:
@@ -166,14 +168,15 @@ class PrivateLibvirtd:
                     conn.close()
             self.kill(signal.SIGTERM)
         self.kill(signal.SIGKILL)
-        # QEMU processes of a daemon that died, and the virtlogd it spawned.
-        piddirs = [self.runtime / "libvirt" / "qemu" / "run", self.runtime / "libvirt"]
-        for piddir in piddirs:
-            for pidfile in piddir.glob("*.pid"):
-                if piddir.name == "libvirt" and pidfile.name != "virtlogd.pid":
-                    continue
-                with contextlib.suppress(ValueError, OSError):
-                    os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        # QEMU processes of a daemon that died, the virtlogd it spawned, and a
+        # daemon left behind by a crashed run: by PID file, checked by owner and name.
+        for pidfile in (self.runtime / "libvirt").glob("**/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(pidfile.read_text().strip())
+                proc = Path(f"/proc/{pid}")
+                comm = (proc / "comm").read_text().strip()
+                if proc.stat().st_uid == self.uid and comm.startswith(_OURS):
+                    os.kill(pid, signal.SIGKILL)
 
     # -- domains ---------------------------------------------------------------
     def define(
@@ -222,3 +225,31 @@ def qmp(
                     replies.append(reply)
                     break
     return replies
+
+
+def pci_slots(domain_xml: str) -> dict[str, int]:
+    """alias → PCI slot on bus 0 of every PCI device of a live domain XML."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt
+    slots: dict[str, int] = {}
+    for dev in root.iterfind("devices/*"):
+        alias = dev.find("alias")
+        address = dev.find("address")
+        if alias is None or address is None or address.get("type") != "pci":
+            continue
+        if int(address.get("bus", "0"), 0) == 0:
+            slots[alias.get("name", "")] = int(address.get("slot", "0"), 0)
+    return slots
+
+
+def eject_command(slot: int) -> str:
+    """HMP command that acts as the guest's ACPI ``_EJ0`` for ``slot`` (PIIX4 hotplug).
+
+    Writing the slot's bit to the eject register (port 0xae08, 0xae0a for
+    slots 16-31) is what a guest OS does to acknowledge an unplug request:
+    QEMU then removes the device and libvirt emits DEVICE_REMOVED.  It lets an
+    OS-less guest acknowledge a PCI unplug when the test says.
+    """
+    if not 0 < slot < 32:
+        raise ValueError(f"PCI slot {slot} out of range")
+    port, bit = (0xAE08, slot) if slot < 16 else (0xAE0A, slot - 16)
+    return f"o /w {port:#x} {1 << bit:#x}"

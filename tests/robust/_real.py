@@ -1,0 +1,100 @@
+"""Helpers of the real-hypervisor robustness tests (no test code, no fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import libvirt
+import libvirt_qemu  # type: ignore[import-untyped]
+import pytest
+
+from aiodetach._libvirt import LibvirtBackend
+
+from ._daemon import eject_command
+
+
+def quiet() -> None:
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+
+
+async def until(predicate: Callable[[], bool], limit: float, what: str) -> float:
+    """Poll ``predicate`` on the loop; return the seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        if loop.time() - started > limit:
+            raise AssertionError(f"timed out after {limit:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+@dataclass
+class SentLog:
+    """Every live detach request that really reached libvirt, with its time."""
+
+    sent: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def of(self, uuid: str, alias: str) -> list[float]:
+        return [t for u, a, t in self.sent if (u, a) == (uuid, alias)]
+
+
+def record_requests(monkeypatch: pytest.MonkeyPatch) -> SentLog:
+    """Record LibvirtBackend.detach_live calls (the one path to virDomainDetachDeviceAlias)."""
+    log = SentLog()
+    original = LibvirtBackend.detach_live
+
+    def recording(self: LibvirtBackend, uuid: str, alias: str) -> None:
+        log.sent.append((uuid, alias, time.monotonic()))
+        original(self, uuid, alias)
+
+    monkeypatch.setattr(LibvirtBackend, "detach_live", recording)
+    return log
+
+
+def live_xml(uri: str, uuid: str, *, inactive: bool = False) -> str:
+    quiet()
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+    finally:
+        conn.close()
+
+
+def guest_ejects(uri: str, uuid: str, slots: list[int]) -> None:
+    """Acknowledge PCI unplugs as a guest OS would (through libvirt's monitor passthrough)."""
+    quiet()
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        for slot in slots:
+            libvirt_qemu.qemuMonitorCommand(
+                dom, eject_command(slot), libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            )
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def domains_removed(uri: str, uuids: list[str]) -> Iterator[None]:
+    """Destroy and undefine the given domains afterwards, whatever happened."""
+    try:
+        yield
+    finally:
+        quiet()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = libvirt.open(uri)
+            try:
+                for uuid in uuids:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom = conn.lookupByUUIDString(uuid)
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.destroy()
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.undefine()
+            finally:
+                conn.close()

@@ -1,0 +1,165 @@
+"""Items 2 and 3 on the fake hypervisor: lost events and domain lifecycle.
+
+The fake is used where a real QEMU cannot produce the case on demand (an
+event that libvirt loses, a migration, a crash); the real counterparts are in
+test_real_lifecycle.py and test_restart.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aiodetach import DetachService, DetachSettings
+from aiodetach.errors import DetachTimeout, DomainStopped, InvalidRequest
+from aiodetach.testing import FakeHypervisor, Unplug
+
+from ._real import until
+
+FAST = DetachSettings(attempts=3, timeout=0.15, reconnect_timeout=2.0)
+
+
+# ------------------------------------------------------------------ item 2
+async def test_lost_event_after_prompt_unplug_is_success_by_xml(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.02, emit_event=False))
+    async with DetachService(backend=fake, settings=FAST) as svc:
+        result = await svc.detach("vm", alias="ua-d")
+    assert result.confirmed_by == "xml"
+    assert result.attempts == 1
+    assert len(fake.requests) == 1  # the re-check found it gone: no second request
+    assert vm.live_device("ua-d") is None
+
+
+async def test_lost_event_during_last_attempt_is_success_by_xml(fake: FakeHypervisor) -> None:
+    """Released (silently) after the last request: the final re-check still sees it gone."""
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    settings = DetachSettings(attempts=2, timeout=0.2)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+        await until(lambda: len(fake.requests) == 2, 5, "second request")
+        fake.complete("vm", "ua-d", emit=False)
+        result = await task
+    assert (result.confirmed_by, result.attempts, len(fake.requests)) == ("xml", 2, 2)
+
+
+async def test_lost_event_many_devices_none_times_out(fake: FakeHypervisor) -> None:
+    """Every event lost, 40 devices released at random times within one timeout."""
+    vm = fake.add_domain("vm")
+    for i in range(40):
+        vm.add_disk(f"vd{i}", alias=f"ua-d{i}", unplug=Unplug.later(0.003 * i, emit_event=False))
+    async with DetachService(backend=fake, settings=FAST) as svc:
+        results = await asyncio.gather(*(svc.detach("vm", alias=f"ua-d{i}") for i in range(40)))
+    assert {r.confirmed_by for r in results} == {"xml"}
+    assert len(fake.requests) == 40
+
+
+async def test_device_never_released_is_still_a_timeout(fake: FakeHypervisor) -> None:
+    """The control: the XML re-check does not turn a real timeout into a success."""
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    async with DetachService(backend=fake, settings=FAST) as svc:
+        with pytest.raises(DetachTimeout) as info:
+            await svc.detach("vm", alias="ua-d")
+    assert info.value.attempts == 3
+    assert len(fake.requests) == 3
+
+
+# ------------------------------------------------------------------ item 3
+@pytest.mark.parametrize(
+    "reason", ["destroyed", "shutdown", "migrated", "crashed", "saved", "failed"]
+)
+async def test_domain_stop_wakes_every_waiter_at_once(fake: FakeHypervisor, reason: str) -> None:
+    vm = fake.add_domain("vm")
+    for i in range(5):
+        vm.add_disk(f"vd{i}", alias=f"ua-d{i}", unplug=Unplug.never())
+    settings = DetachSettings(attempts=3, timeout=30.0)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        tasks = [
+            asyncio.create_task(svc.detach("vm", alias=f"ua-d{i}"))
+            for i in range(5)
+            for _ in range(3)  # concurrent callers of each device
+        ]
+        await until(lambda: len(svc.pending()) == 5 and len(fake.requests) == 5, 5, "sent")
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        fake.stop_domain("vm", reason)
+        async with asyncio.timeout(1.0):
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        woke_after = loop.time() - stopped_at
+        assert svc.pending() == []
+    assert all(isinstance(o, DomainStopped) for o in outcomes), outcomes
+    assert {o.reason for o in outcomes if isinstance(o, DomainStopped)} == {reason}
+    assert {o.domain for o in outcomes if isinstance(o, DomainStopped)} == {"vm"}
+    assert woke_after < 0.5
+    assert len(fake.requests) == 5
+
+
+async def test_transient_domain_destroyed(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("tvm", persistent=False)
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    async with DetachService(backend=fake, settings=DetachSettings(timeout=30.0)) as svc:
+        task = asyncio.create_task(svc.detach("tvm", alias="ua-d"))
+        await until(lambda: len(fake.requests) == 1, 5, "sent")
+        fake.stop_domain("tvm", "destroyed")  # a transient domain is gone after that
+        with pytest.raises(DomainStopped) as info:
+            await asyncio.wait_for(task, 1.0)
+    assert info.value.reason == "destroyed"
+    assert "tvm" not in [d.name for d in fake.domains.values()]
+
+
+async def test_domain_vanished_without_lifecycle_event(fake: FakeHypervisor) -> None:
+    """The STOPPED event was lost (e.g. during an outage): the re-check finds the domain gone."""
+    vm = fake.add_domain("tvm", persistent=False)
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    settings = DetachSettings(attempts=3, timeout=0.2)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        task = asyncio.create_task(svc.detach("tvm", alias="ua-d"))
+        await until(lambda: len(fake.requests) == 1, 5, "sent")
+        with fake._lock:
+            del fake.domains[vm.uuid]  # undefined behind our back, no event
+        with pytest.raises(DomainStopped) as info:
+            await asyncio.wait_for(task, 2.0)
+    assert info.value.reason == "undefined"
+    assert len(fake.requests) == 1
+
+
+async def test_domain_shut_off_without_lifecycle_event(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    settings = DetachSettings(attempts=3, timeout=0.2)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+        await until(lambda: len(fake.requests) == 1, 5, "sent")
+        sink, fake._sink = fake._sink, None  # the lifecycle event is lost
+        fake.stop_domain("vm", "shutdown")
+        fake._sink = sink
+        with pytest.raises(DomainStopped) as info:
+            await asyncio.wait_for(task, 2.0)
+    assert info.value.reason == "stopped"
+    assert len(fake.requests) == 1
+
+
+async def test_domain_stopped_while_request_in_thread(fake: FakeHypervisor) -> None:
+    """STOPPED arrives while the request is still blocked in its worker thread."""
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    fake.call_latency = 0.2
+    async with DetachService(backend=fake, settings=DetachSettings(timeout=30.0)) as svc:
+        task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+        await until(lambda: fake.in_flight == 1, 5, "request in its thread")
+        fake.stop_domain("vm", "crashed")
+        with pytest.raises(DomainStopped) as info:
+            await asyncio.wait_for(task, 2.0)
+    assert info.value.reason == "crashed"
+
+
+async def test_trailing_control_character_is_refused(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d")
+    async with DetachService(backend=fake, settings=FAST) as svc:
+        with pytest.raises(InvalidRequest):
+            await svc.detach("vm", alias="ua-d\n")
+    assert fake.requests == []

@@ -1,0 +1,174 @@
+"""Item 7: no shell-outs, no XML from string formatting, no domain XML in info logs."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+import aiodetach
+from aiodetach import DetachService, DetachSettings
+from aiodetach.errors import DetachError, DetachTimeout, DeviceNotFound, InvalidRequest
+from aiodetach.testing import FakeHypervisor, Unplug
+
+SRC = Path(aiodetach.__file__).parent
+SOURCES = sorted(SRC.glob("*.py"))
+RUNNERS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def _calls(tree: ast.AST) -> list[ast.Call]:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+
+
+def _name(func: ast.expr) -> str:
+    if isinstance(func, ast.Attribute):
+        return f"{_name(func.value)}.{func.attr}"
+    return func.id if isinstance(func, ast.Name) else "?"
+
+
+def test_sources_found() -> None:
+    assert len(SOURCES) >= 10
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_shell_outs(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    for call in _calls(tree):
+        name = _name(call.func)
+        assert name not in {"os.system", "os.popen", "subprocess.getoutput"}, name
+        assert name not in {"subprocess.getstatusoutput", "os.execl", "os.execlp"}, name
+        for kw in call.keywords:
+            if kw.arg == "shell":
+                assert isinstance(kw.value, ast.Constant), (path.name, call.lineno)
+                assert kw.value.value is False, (path.name, call.lineno)
+        if name.startswith("subprocess.") and name.split(".")[-1] in RUNNERS:
+            # An argument vector, never a command line a shell would parse.
+            first = call.args[0] if call.args else None
+            assert not isinstance(first, ast.Constant | ast.JoinedStr | ast.BinOp), (
+                path.name,
+                call.lineno,
+            )
+            if isinstance(first, ast.Call):
+                assert _name(first.func) in {"list", "tuple"}, (path.name, call.lineno)
+
+
+def _markup(text: str) -> bool:
+    return any(
+        text[i] == "<" and (text[i + 1 : i + 2].isalpha() or text[i + 1 : i + 2] == "/")
+        for i in range(len(text))
+    )
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_xml_built_by_string_formatting(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    # Error messages may name a tag ("<disk>"); markup that goes anywhere else may not.
+    in_raise = {id(n) for r in ast.walk(tree) if isinstance(r, ast.Raise) for n in ast.walk(r)}
+    for node in ast.walk(tree):
+        if id(node) in in_raise:
+            continue
+        if isinstance(node, ast.JoinedStr):
+            parts = [v.value for v in node.values if isinstance(v, ast.Constant)]
+            assert not any(_markup(str(p)) for p in parts), (path.name, node.lineno)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod | ast.Add):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and isinstance(side.value, str):
+                    assert not _markup(side.value), (path.name, node.lineno)
+        if isinstance(node, ast.Call) and _name(node.func).endswith(".format"):
+            base = node.func.value if isinstance(node.func, ast.Attribute) else None
+            if isinstance(base, ast.Constant) and isinstance(base.value, str):
+                assert not _markup(base.value), (path.name, node.lineno)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target": "vdb'/><disk"},
+        {"alias": "ua-d'/><alias name='x"},
+        {"alias": 'ua-d"><x'},
+        {"mac": "52:54:00:12:34:56'/>"},
+        {"xml": "<disk><target dev='vdb'/><!--x--></disk>"},
+        {"target": "$(reboot)"},
+        {"alias": "ua-d;rm -rf /"},
+    ],
+)
+async def test_hostile_identifiers_never_reach_the_hypervisor(
+    fake: FakeHypervisor, kwargs: dict[str, Any]
+) -> None:
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.now())
+    async with DetachService(backend=fake, settings=DetachSettings(timeout=1.0)) as svc:
+        with pytest.raises(DetachError) as info:
+            await svc.detach("vm", **kwargs)
+    assert isinstance(info.value, InvalidRequest | DeviceNotFound)
+    assert fake.requests == []
+    assert fake.config_requests == []
+    assert vm.live_device("ua-d") is not None
+
+
+async def test_config_detach_sends_libvirts_own_device_xml(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=Unplug.now())
+    async with DetachService(backend=fake, settings=DetachSettings(timeout=1.0)) as svc:
+        await svc.detach("vm", xml="<disk type='file'>  <target dev='vdb'/></disk>")
+    [(_uuid, sent)] = fake.config_requests
+    assert sent.startswith('<disk type="file" device="disk">')  # re-serialised by ET
+    assert "ua-d" in sent
+
+
+def _info_and_up(entries: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in entries if e.get("log_level") in {"info", "warning", "error", "critical"}]
+
+
+def _check_no_domain_xml(entries: list[MutableMapping[str, Any]]) -> None:
+    for entry in _info_and_up(entries):
+        for key, value in entry.items():
+            text = str(value)
+            assert "<domain" not in text, (key, entry)
+            assert "<devices" not in text, (key, entry)
+            assert len(text) < 1000, (key, entry)
+
+
+async def test_logs_never_include_domain_xml(fake: FakeHypervisor) -> None:
+    vm = fake.add_domain("vm")
+    for i in range(30):  # a big domain: its XML would be long
+        vm.add_disk(f"vd{i}", alias=f"ua-d{i}", unplug=Unplug.now())
+    vm.add_disk("vdz", alias="ua-stuck", unplug=Unplug.never())
+    vm.add_disk("vdy", alias="ua-quiet", unplug=Unplug.later(0.01, emit_event=False))
+    settings = DetachSettings(attempts=2, timeout=0.05)
+    with capture_logs() as entries:
+        async with DetachService(backend=fake, settings=settings) as svc:
+            await svc.detach("vm", alias="ua-d1")
+            await svc.detach("vm", alias="ua-quiet")
+            with pytest.raises(DetachTimeout):
+                await svc.detach("vm", alias="ua-stuck")
+            with pytest.raises(DeviceNotFound):
+                await svc.detach("vm", alias="ua-nope")
+            fake.crash()
+            fake.restart()
+            await asyncio.sleep(0.3)
+            await svc.detach("vm", alias="ua-d2")
+    events = {str(e.get("event")) for e in entries}
+    assert {"aiodetach.detached", "aiodetach.detach_timeout"} <= events
+    assert "aiodetach.connection_lost" in events
+    assert len(_info_and_up(entries)) >= 8
+    _check_no_domain_xml(entries)
+
+
+@pytest.mark.qemu
+async def test_logs_of_a_real_detach(libvirtd: str) -> None:
+    from aiodetach import _lab
+
+    disks = [_lab.DiskSpec("sda", "scsi", "ua-s1")]
+    with _lab.throwaway_domain(libvirtd, disks=disks) as dom, capture_logs() as entries:
+        async with DetachService(libvirtd, settings=DetachSettings(timeout=5.0)) as svc:
+            result = await svc.detach(dom.name, alias="ua-s1")
+    assert result.live
+    assert result.persistent
+    assert "aiodetach.detached" in {str(e.get("event")) for e in entries}
+    _check_no_domain_xml(entries)

@@ -1,0 +1,194 @@
+"""Item 1: libvirtd SIGKILLed and restarted under pending detaches (real daemon, real QEMU).
+
+The daemon is a private one (tests/robust/_daemon.py), never the system's.
+Guests have no OS, so PCI (virtio-blk) unplugs stay pending until the test
+acknowledges them the way a guest OS does (ACPI eject register, see
+``_daemon.eject_command``): through libvirt while it is up, or straight on
+QEMU's monitor while libvirtd is dead, an unplug completing "while the daemon
+was down", whose DEVICE_REMOVED nobody ever receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid as _uuid
+from typing import Any
+
+import pytest
+
+from aiodetach import DetachResult, DetachService, DetachSettings
+from aiodetach._lab import DiskSpec
+from aiodetach._libvirt import LibvirtBackend
+from aiodetach.errors import ConnectionLost, DetachError, DetachTimeout
+
+from ._daemon import PrivateLibvirtd, eject_command, pci_slots, qmp
+from ._real import domains_removed, guest_ejects, live_xml, record_requests, until
+
+pytestmark = pytest.mark.qemu
+
+TIMEOUT = 4.0
+DOMAINS = 5
+DISKS = 10
+FIGURES: dict[str, Any] = {}
+
+
+def _disks(n: int) -> list[DiskSpec]:
+    return [DiskSpec(f"vd{chr(ord('b') + j)}", "virtio", f"ua-d{j}") for j in range(n)]
+
+
+async def test_sigkill_and_restart_with_50_pending_detaches(
+    private_libvirtd: PrivateLibvirtd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = private_libvirtd
+    sent = record_requests(monkeypatch)
+    xml_reads: list[float] = []
+    original_xml = LibvirtBackend.domain_xml
+
+    def counting_xml(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
+        xml_reads.append(time.monotonic())
+        return original_xml(self, uuid, inactive=inactive)
+
+    monkeypatch.setattr(LibvirtBackend, "domain_xml", counting_xml)
+    tag = _uuid.uuid4().hex[:6]
+    names = [f"rr-{tag}-{i}" for i in range(DOMAINS)]
+    disks = _disks(DISKS)
+    aliases = [d.alias or "" for d in disks]
+    uuids = [await asyncio.to_thread(daemon.define, name, disks) for name in names]
+    with domains_removed(daemon.uri, uuids):
+        slots = [pci_slots(await asyncio.to_thread(live_xml, daemon.uri, u)) for u in uuids]
+        # Group roles, by domain:
+        #   0, 1  guest releases the devices while libvirtd is dead (no event, ever)
+        #   2     guest releases them after the restart (event on the new connection)
+        #   3     guest releases them after the second request
+        #   4     guest never releases them (DetachTimeout after exactly `attempts` requests)
+        settings = DetachSettings(
+            attempts=2, timeout=TIMEOUT, reconnect_timeout=30.0, reconnect_backoff_max=0.5
+        )
+        async with DetachService(daemon.uri, settings=settings) as svc:
+            tasks = {
+                (i, alias): asyncio.create_task(svc.detach(names[i], alias=alias))
+                for i in range(DOMAINS)
+                for alias in aliases
+            }
+            await until(lambda: len(sent.sent) == DOMAINS * DISKS, 20, "50 requests sent")
+            await asyncio.sleep(0.2)
+            pending_at_kill = len(svc.pending())
+            assert pending_at_kill == DOMAINS * DISKS
+            assert not any(t.done() for t in tasks.values())
+
+            killed_at = time.monotonic()
+            await asyncio.to_thread(daemon.kill)
+            for i in (0, 1):
+                sock = daemon.monitor_socket(names[i])
+                commands: list[str | tuple[str, dict[str, object]]] = [
+                    ("human-monitor-command", {"command-line": eject_command(slots[i][a])})
+                    for a in aliases
+                ]
+                await asyncio.to_thread(qmp, sock, *commands)
+            down_for = time.monotonic() - killed_at
+            restart_s = await asyncio.to_thread(daemon.start)
+            answered_at = time.monotonic()
+            await until(lambda: svc.reconnects == 1, 20, "the service to reconnect")
+            reconnected_at = time.monotonic()
+            # Let every pending detach re-check the live XML after the reconnect first,
+            # so that what follows can only be learnt from an event.
+            await until(
+                lambda: sum(1 for t in xml_reads if t > killed_at) >= DOMAINS * DISKS,
+                20,
+                "the re-checks after the reconnect",
+            )
+
+            await asyncio.to_thread(
+                guest_ejects, daemon.uri, uuids[2], [slots[2][a] for a in aliases]
+            )
+
+            def second_sent() -> bool:
+                return all(len(sent.of(uuids[3], a)) == 2 for a in aliases)
+
+            await until(second_sent, TIMEOUT + 10, "second requests of domain 3")
+            await asyncio.to_thread(
+                guest_ejects, daemon.uri, uuids[3], [slots[3][a] for a in aliases]
+            )
+            async with asyncio.timeout(3 * TIMEOUT + 20):
+                outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+            assert svc.pending() == []
+            assert svc.reconnects == 1
+
+        results = dict(zip(tasks, outcomes, strict=True))
+        lost = [k for k, r in results.items() if not isinstance(r, DetachResult | DetachError)]
+        assert lost == []
+        for (i, alias), outcome in results.items():
+            uuid = uuids[i]
+            requests = sent.of(uuid, alias)
+            if i == 4:
+                assert isinstance(outcome, DetachTimeout), (i, alias, outcome)
+                assert outcome.attempts == 2
+            else:
+                assert isinstance(outcome, DetachResult), (i, alias, outcome)
+                assert outcome.attempts == len(requests)
+                assert outcome.attempts == (2 if i == 3 else 1), (i, alias, outcome)
+                if i == 2 or i == 3:
+                    assert outcome.confirmed_by == "event"
+            assert len(requests) == (2 if i >= 3 else 1), (i, alias, requests)
+        # No duplicate: a second request only after the first was waited out in full,
+        # the reconnect included (the outage did not restart or shorten the wait).
+        duplicated = sum(
+            1
+            for (i, alias) in results
+            for a, b in zip(sent.of(uuids[i], alias), sent.of(uuids[i], alias)[1:], strict=False)
+            if b - a < TIMEOUT - 0.05
+        )
+        assert duplicated == 0
+        for i, uuid in enumerate(uuids):
+            xml = await asyncio.to_thread(live_xml, daemon.uri, uuid)
+            present = [a for a in aliases if f"'{a}'" in xml]
+            assert present == (aliases if i == 4 else []), (i, present)
+        FIGURES.update(
+            pending_at_kill=pending_at_kill,
+            lost=len(lost),
+            duplicated=duplicated,
+            daemon_down_s=round(down_for, 3),
+            restart_s=round(restart_s, 3),
+            reconnect_after_restart_s=round(reconnected_at - answered_at, 3),
+            kill_to_reconnected_s=round(reconnected_at - killed_at, 3),
+            confirmed_by_xml=sum(
+                1 for r in outcomes if isinstance(r, DetachResult) and r.confirmed_by == "xml"
+            ),
+        )
+        print("restart figures:", FIGURES)
+
+
+async def test_daemon_that_stays_down_gives_connection_lost(
+    private_libvirtd: PrivateLibvirtd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = private_libvirtd
+    sent = record_requests(monkeypatch)
+    name = f"rd-{_uuid.uuid4().hex[:6]}"
+    disks = _disks(3)
+    uuid = await asyncio.to_thread(daemon.define, name, disks)
+    with domains_removed(daemon.uri, [uuid]):
+        settings = DetachSettings(
+            attempts=3, timeout=60.0, reconnect_timeout=1.0, reconnect_backoff_max=0.2
+        )
+        try:
+            async with DetachService(daemon.uri, settings=settings) as svc:
+                tasks = [asyncio.create_task(svc.detach(name, alias=d.alias or "")) for d in disks]
+                await until(lambda: len(sent.sent) == 3, 10, "3 requests sent")
+                await asyncio.to_thread(daemon.kill)
+                started = time.monotonic()
+                async with asyncio.timeout(15):
+                    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+                waited = time.monotonic() - started
+                assert all(isinstance(o, ConnectionLost) for o in outcomes), outcomes
+                assert all("did not come back" in str(o) for o in outcomes)
+                assert 0.9 <= waited < 5.0, waited
+                assert svc.pending() == []
+                # Later calls fail at once with the same typed error, not a hang.
+                async with asyncio.timeout(2):
+                    with pytest.raises(ConnectionLost):
+                        await svc.detach(name, alias="ua-d0")
+            assert len(sent.sent) == 3
+        finally:
+            if daemon.pid is None:
+                await asyncio.to_thread(daemon.start)
