@@ -55,7 +55,11 @@ async def test_concurrency_and_per_domain_bounds(fake: FakeHypervisor) -> None:
     requests = _populate(fake, 4, 5, Unplug.manual())
     async with DetachService(backend=fake, settings=DetachSettings(timeout=5)) as svc:
         it = svc.detach_iter(requests, concurrency=6, per_domain=2)
-        first = asyncio.create_task(anext(it))
+
+        async def next_outcome() -> DetachOutcome:
+            return await anext(it)
+
+        first = asyncio.create_task(next_outcome())
         for _ in range(50):
             await asyncio.sleep(0.01)
         pending = svc.pending()

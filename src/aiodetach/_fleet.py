@@ -10,7 +10,7 @@ reached fails only the requests routed to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 from ._backend import Backend
@@ -101,7 +101,7 @@ class DetachFleet:
         *,
         concurrency: int = 32,
         per_domain: int | None = 4,
-    ) -> AsyncIterator[DetachOutcome]:
+    ) -> AsyncGenerator[DetachOutcome, None]:
         """Detach across hosts (``request.uri``, else the default URI); yield
         outcomes as they complete.  An unreachable host yields
         :class:`~aiodetach.errors.ConnectionLost` outcomes for its requests."""

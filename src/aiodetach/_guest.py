@@ -660,11 +660,16 @@ class _LogScanner:
         self.tail = (self.tail + chunk)[-4000:]
         data = self._buffer + chunk
         *lines, self._buffer = data.split(b"\n")
-        if any(line.strip() == self._marker for line in lines):
+        if any(self._hit(line) for line in lines):
             return True
         # Keep a partial last line, but only as much as could still be the marker.
         self._buffer = self._buffer[-(len(self._marker) + 64) :]
-        return self._buffer.strip() == self._marker
+        return self._hit(self._buffer)
+
+    def _hit(self, line: bytes) -> bool:
+        """The marker alone on its line, or followed by words (``MARKER 32``)."""
+        text = line.strip()
+        return text == self._marker or text.startswith(self._marker + b" ")
 
     def timeout_error(self, timeout: float) -> TimeoutError:
         tail = self.tail.decode(errors="replace")[-2000:]

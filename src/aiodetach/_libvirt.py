@@ -52,6 +52,9 @@ def _wrap(fn: Callable[[], _T]) -> _T:
 class LibvirtBackend:
     """One libvirt connection with the device and lifecycle callbacks on it."""
 
+    uses_libvirt_events = True
+    """The service runs libvirt's event loop on asyncio for backends saying so."""
+
     def __init__(self, uri: str) -> None:
         self._uri = uri
         self._lock = threading.Lock()

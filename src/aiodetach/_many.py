@@ -13,7 +13,7 @@ its typed error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -89,7 +89,7 @@ async def iter_outcomes(
     *,
     concurrency: int,
     per_domain: int | None,
-) -> AsyncIterator[DetachOutcome]:
+) -> AsyncGenerator[DetachOutcome, None]:
     """Run ``run`` over ``requests``; yield outcomes as they complete.
 
     All requests are validated before the first one starts, so a typo in a

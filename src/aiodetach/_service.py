@@ -31,7 +31,7 @@ import enum
 import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -83,16 +83,39 @@ class DeviceEvent:
     timestamp: float = field(default_factory=time.time)
 
 
+Verdict = _Outcome | tuple[str, str]  # ("stopped", reason) for a stopped domain
+
+
 @dataclass(eq=False, slots=True)
 class _Unplug:
-    """One live unplug in flight: the event slot, its driver and its callers."""
+    """One live unplug in flight: its verdict, its driver and its callers.
+
+    Events write ``verdict`` (the first one wins) whether or not the driver
+    is waiting at that moment, so an event that lands while a request is
+    still being sent, or while the XML is re-read, is never lost.  ``waiter``
+    is the driver's current wait, a plain private Future: waking it is all an
+    event, a timeout or a lost connection has to do.  Kept small on purpose:
+    a host agent may hold ten thousand of these.
+    """
 
     key: Key
     domain_name: str
-    outcome: asyncio.Future[_Outcome | tuple[str, str]]
+    verdict: Verdict | None = None
+    waiter: asyncio.Future[None] | None = None
     task: asyncio.Task[_LiveDone] | None = None
     callers: int = 0
     sent: int = 0
+    generation: int = 0  # of the connection the last request went out on
+
+    def decide(self, verdict: Verdict) -> None:
+        if self.verdict is None:
+            self.verdict = verdict
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +155,15 @@ class DetachService:
             from ._libvirt import LibvirtBackend
 
             backend = LibvirtBackend(uri)
-            self._real = True
-        else:
-            self._real = False
+        # A libvirt backend (ours, a subclass, a wrapper) needs libvirt's event
+        # loop running on this asyncio loop; a fake does not.
+        self._real = bool(getattr(backend, "uses_libvirt_events", False))
         self._backend: Backend = backend
         self._read_only = read_only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._executor: ThreadPoolExecutor | None = None
         self._unplugs: dict[Key, _Unplug] = {}
-        self._by_domain: dict[str, set[Key]] = {}
         self._config_ops: dict[tuple[str, str], asyncio.Task[bool]] = {}
         # The live request of a device still inside its worker thread.  It
         # outlives a cancelled unplug, and the next unplug of that device waits
@@ -151,9 +173,9 @@ class DetachService:
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._close_task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
-        self._down: asyncio.Future[str] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._dead: ConnectionLost | None = None
+        self._generation = 0  # bumped by every (re)connect
         self.reconnects = 0
         """How many times the connection was re-opened after being lost."""
 
@@ -195,7 +217,6 @@ class DetachService:
         except BaseException:
             await self.aclose()
             raise
-        self._down = loop.create_future()
         self._up.set()
         _log.debug("aiodetach.connected", uri=self.uri)
 
@@ -288,8 +309,25 @@ class DetachService:
                 loop.call_soon_threadsafe(fn, *args)
 
     def device_removed(self, uuid: str, name: str, alias: str) -> None:
-        """libvirt's DEVICE_REMOVED (EventSink; any thread)."""
-        self._to_loop(self._on_device_event, _Outcome.REMOVED, uuid, name, alias)
+        """libvirt's DEVICE_REMOVED (EventSink; any thread).
+
+        The hot path of a mass detach, so on the loop thread (libvirtaio
+        dispatches there) it is written out in full: one dict lookup and one
+        ``set_result``, no log call (even a filtered structlog call costs as
+        much as the dispatch itself; the driver logs the outcome).
+        """
+        if threading.get_ident() != self._loop_thread:
+            self._to_loop(self._on_device_event, _Outcome.REMOVED, uuid, name, alias)
+            return
+        unplug = self._unplugs.get((uuid, alias))
+        if unplug is not None:
+            if unplug.verdict is None:
+                unplug.verdict = _Outcome.REMOVED
+            waiter = unplug.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._watchers:
+            self._publish(DeviceEvent("device-removed", uuid, name, alias))
 
     def device_removal_failed(self, uuid: str, name: str, alias: str) -> None:
         """libvirt's DEVICE_REMOVAL_FAILED (EventSink; any thread)."""
@@ -304,24 +342,21 @@ class DetachService:
         self._to_loop(self._on_connection_closed, reason)
 
     def _on_device_event(self, outcome: _Outcome, uuid: str, name: str, alias: str) -> None:
-        # O(1): one dict lookup, one set_result; everything else comes after.
         unplug = self._unplugs.get((uuid, alias))
-        if unplug is not None and not unplug.outcome.done():
-            unplug.outcome.set_result(outcome)
-        kind: Literal["device-removed", "device-removal-failed"] = (
-            "device-removed" if outcome is _Outcome.REMOVED else "device-removal-failed"
-        )
-        _log.debug(
-            "aiodetach.event", kind=kind, domain=name, alias=alias, waited=unplug is not None
-        )
+        if unplug is not None:
+            unplug.decide(outcome)
         if self._watchers:
+            kind: Literal["device-removed", "device-removal-failed"] = (
+                "device-removed" if outcome is _Outcome.REMOVED else "device-removal-failed"
+            )
             self._publish(DeviceEvent(kind, uuid, name, alias))
 
     def _on_domain_stopped(self, uuid: str, name: str, reason: str) -> None:
-        for key in self._by_domain.get(uuid, ()):
-            unplug = self._unplugs[key]
-            if not unplug.outcome.done():
-                unplug.outcome.set_result(("stopped", reason))
+        # A scan, not an index: domains stop rarely, and an index would cost
+        # memory for every pending detach.
+        for (domain_uuid, _alias), unplug in self._unplugs.items():
+            if domain_uuid == uuid:
+                unplug.decide(("stopped", reason))
         self._publish(DeviceEvent("domain-stopped", uuid, name, None, detail=reason))
 
     def _publish(self, event: DeviceEvent) -> None:
@@ -334,8 +369,8 @@ class DetachService:
             return
         _log.warning("aiodetach.connection_lost", uri=self.uri, reason=reason)
         self._up.clear()
-        if self._down is not None and not self._down.done():
-            self._down.set_result(reason)
+        for unplug in self._unplugs.values():
+            unplug.wake()  # its driver sees the connection down and waits for it
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -362,7 +397,7 @@ class DetachService:
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.reconnect_backoff_max)
         self.reconnects += 1
-        self._down = loop.create_future()
+        self._generation += 1
         self._up.set()
         _log.info("aiodetach.reconnected", uri=self.uri, reconnects=self.reconnects)
 
@@ -428,29 +463,31 @@ class DetachService:
             )
         self._revive()
         await self._wait_connected()
-        log = _log.bind(domain=ref, device=selector.describe())
 
         info = await self._lookup(ref)
         do_live, do_persistent = _decide(info, live, persistent)
         live_dev = pers_dev = None
+        # Only the device's own XML is kept: a whole domain definition per
+        # pending detach adds up when thousands wait.
         if do_live:
-            live_xml = await self._domain_xml(info, inactive=False, alias=None)
-            live_dev = find_device(live_xml, selector)
+            live_dev = find_device(
+                await self._domain_xml(info, inactive=False, alias=None), selector
+            )
         if do_persistent:
-            inactive_xml = await self._domain_xml(info, inactive=True, alias=None)
-            pers_dev = find_device(inactive_xml, selector)
+            pers_dev = find_device(
+                await self._domain_xml(info, inactive=True, alias=None), selector
+            )
         found = _check_found(
             info, selector, live, persistent, do_live, do_persistent, live_dev, pers_dev
         )
         shown_alias = found.alias
         if shown_alias is None and selector.kind == "alias":
             shown_alias = selector.value
-        log = log.bind(domain=info.name, alias=shown_alias)
 
         persistent_done = False
         if pers_dev is not None:
             persistent_done = await self._detach_persistent(
-                info, pers_dev, live_follows=live_dev is not None, log=log
+                info, pers_dev, shown_alias, live_follows=live_dev is not None
             )
 
         live_done: _LiveDone | None = None
@@ -476,8 +513,10 @@ class DetachService:
             confirmed_by=live_done.confirmed_by if live_done else None,
             joined=joined,
         )
-        log.info(
+        _log.info(
             "aiodetach.detached",
+            domain=info.name,
+            alias=result.alias,
             live=result.live,
             persistent=result.persistent,
             attempts=result.attempts,
@@ -511,7 +550,7 @@ class DetachService:
         *,
         concurrency: int = 16,
         per_domain: int | None = 4,
-    ) -> AsyncIterator[DetachOutcome]:
+    ) -> AsyncGenerator[DetachOutcome, None]:
         """Detach many devices; yield each :class:`DetachOutcome` as it completes.
 
         At most ``concurrency`` detaches run at once, and at most
@@ -571,7 +610,7 @@ class DetachService:
 
     # ------------------------------------------------------- persistent
     async def _detach_persistent(
-        self, info: DomainInfo, dev: DeviceRef, *, live_follows: bool, log: Any
+        self, info: DomainInfo, dev: DeviceRef, alias: str | None, *, live_follows: bool
     ) -> bool:
         """One synchronous config detach, shared by concurrent callers."""
         key = (info.uuid, dev.description)
@@ -584,10 +623,10 @@ class DetachService:
             await asyncio.shield(task)
         except DeviceNotFound:
             if live_follows:
-                log.info("aiodetach.persistent_missing_ignored")
+                _log.info("aiodetach.persistent_missing_ignored", domain=info.name, alias=alias)
                 return False
             raise
-        log.info("aiodetach.persistent_detached")
+        _log.info("aiodetach.persistent_detached", domain=info.name, alias=alias)
         return True
 
     def _config_done(self, key: tuple[str, str], task: asyncio.Task[bool]) -> None:
@@ -627,11 +666,9 @@ class DetachService:
         joined = unplug is not None
         if unplug is None:
             loop = asyncio.get_running_loop()
-            unplug = _Unplug(key, info.name, loop.create_future())
+            unplug = _Unplug(key, info.name)
             self._unplugs[key] = unplug
-            self._by_domain.setdefault(info.uuid, set()).add(key)
             unplug.task = loop.create_task(self._drive(unplug, info))
-            unplug.task.add_done_callback(functools.partial(self._forget, unplug))
         else:
             _log.info("aiodetach.detach_joined", domain=info.name, alias=alias, sent=unplug.sent)
         task = unplug.task
@@ -661,20 +698,24 @@ class DetachService:
                 task.cancel()
                 self._forget(unplug)
 
-    def _forget(self, unplug: _Unplug, _task: object = None) -> None:
+    def _forget(self, unplug: _Unplug) -> None:
         if self._unplugs.get(unplug.key) is unplug:
             del self._unplugs[unplug.key]
-            keys = self._by_domain.get(unplug.key[0])
-            if keys is not None:
-                keys.discard(unplug.key)
-                if not keys:
-                    del self._by_domain[unplug.key[0]]
-        if unplug.task is not None and unplug.task.done() and not unplug.task.cancelled():
-            unplug.task.exception()  # retrieved: joined callers got it already
 
     async def _drive(self, unplug: _Unplug, info: DomainInfo) -> _LiveDone:
-        """Send, wait, re-check, re-send: the live half of the protocol."""
-        uuid, alias = unplug.key
+        """Send, wait, re-check, re-send: the live half of the protocol.
+
+        The unplug's slot is freed when this ends, however it ends.  Joined
+        callers receive its result or exception through ``asyncio.shield``,
+        which also marks the exception retrieved.
+        """
+        try:
+            return await self._drive_attempts(unplug, info)
+        finally:
+            self._forget(unplug)
+
+    async def _drive_attempts(self, unplug: _Unplug, info: DomainInfo) -> _LiveDone:
+        _uuid, alias = unplug.key
         settings = self._settings
         loop = asyncio.get_running_loop()
         log = _log.bind(domain=info.name, alias=alias)
@@ -690,6 +731,7 @@ class DetachService:
                     return _LiveDone(unplug.sent, "xml")
             sent_at = loop.time()
             unplug.sent += 1
+            unplug.generation = self._generation
             log.info("aiodetach.detach_sent", attempt=attempt, attempts=settings.attempts)
             try:
                 await self._send(unplug.key)
@@ -697,9 +739,9 @@ class DetachService:
                 gone = await self._judge_send_error(err, unplug, info, log)
                 if gone:
                     return _LiveDone(unplug.sent, "xml")
-            outcome = await self._wait(unplug, info, sent_at + settings.timeout, log)
-            if outcome is not None:
-                return self._finish(outcome, unplug, info)
+            verdict = await self._wait(unplug, info, sent_at + settings.timeout)
+            if verdict is not None:
+                return self._finish(verdict, unplug, info)
             log.info(
                 "aiodetach.attempt_timed_out",
                 attempt=attempt,
@@ -739,9 +781,7 @@ class DetachService:
         future.add_done_callback(done)
         await asyncio.shield(future)
 
-    def _finish(
-        self, outcome: _Outcome | tuple[str, str], unplug: _Unplug, info: DomainInfo
-    ) -> _LiveDone:
+    def _finish(self, outcome: Verdict, unplug: _Unplug, info: DomainInfo) -> _LiveDone:
         alias = unplug.key[1]
         if outcome is _Outcome.REMOVED:
             return _LiveDone(unplug.sent, "event")
@@ -764,29 +804,34 @@ class DetachService:
             reason=reason,
         )
 
-    async def _wait(
-        self, unplug: _Unplug, info: DomainInfo, deadline: float, log: Any
-    ) -> _Outcome | tuple[str, str] | None:
-        """Wait for the event until ``deadline``, riding out a reconnect."""
-        while True:
-            if unplug.outcome.done():
-                return unplug.outcome.result()
-            down = self._down
-            assert down is not None
+    async def _wait(self, unplug: _Unplug, info: DomainInfo, deadline: float) -> Verdict | None:
+        """Wait for a verdict until ``deadline`` (None: timed out), riding out
+        a reconnect."""
+        loop = asyncio.get_running_loop()
+        while unplug.verdict is None:
+            down = not self._up.is_set() and self._state == "open"
+            if down or unplug.generation != self._generation:
+                # The connection dropped: events of the meantime are lost for
+                # good, so once back, ask the live XML (and keep waiting out
+                # this attempt if the device is still there: no new request).
+                if down:
+                    _log.info(
+                        "aiodetach.waiting_for_reconnect", domain=info.name, alias=unplug.key[1]
+                    )
+                await self._wait_connected()
+                unplug.generation = self._generation
+                if unplug.verdict is None and not await self._still_there(unplug, info):
+                    return _Outcome.GONE
+                continue
+            unplug.waiter = waiter = loop.create_future()
             try:
                 async with asyncio.timeout_at(deadline):
-                    # asyncio.wait never cancels what it waits on: the outcome
-                    # stays open for a late event after a timeout.
-                    await asyncio.wait((unplug.outcome, down), return_when=asyncio.FIRST_COMPLETED)
+                    await waiter
             except TimeoutError:
-                return unplug.outcome.result() if unplug.outcome.done() else None
-            if unplug.outcome.done():
-                return unplug.outcome.result()
-            # The connection dropped: events of the meantime are lost for good.
-            log.info("aiodetach.waiting_for_reconnect")
-            await self._wait_connected()
-            if not unplug.outcome.done() and not await self._still_there(unplug, info):
-                return _Outcome.GONE
+                return unplug.verdict
+            finally:
+                unplug.waiter = None
+        return unplug.verdict
 
     async def _still_there(self, unplug: _Unplug, info: DomainInfo) -> bool:
         """Re-read state and live XML: is the device still attached?"""
@@ -817,8 +862,8 @@ class DetachService:
     ) -> bool:
         """Decide what a failed request means.  True: the device is already gone."""
         alias = unplug.key[1]
-        if unplug.outcome.done():
-            return False  # an event already decided it; _wait() reports that outcome
+        if unplug.verdict is not None:
+            return False  # an event already decided it; _wait() reports that
         if is_in_progress(err):
             log.info("aiodetach.unplug_in_progress", message=err.message)
             return False
@@ -827,9 +872,8 @@ class DetachService:
             # never as a reason to send a second request right away.
             self._on_connection_closed("call failed: " + err.message)
             return False
-        if is_alias_missing(err):
-            if not await self._still_there(unplug, info):
-                return True
+        if is_alias_missing(err) and not await self._still_there(unplug, info):
+            return True
         if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
             raise DomainStopped(
                 "the domain stopped before the guest released the device",
