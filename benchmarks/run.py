@@ -25,7 +25,16 @@ from _common import Row, table
 
 HERE = Path(__file__).resolve().parent
 # In-process first (no libvirt), then the real-QEMU ones.
-BENCHMARKS = ["dispatch", "wakeup", "memory", "detection", "loop_lag", "overhead"]
+BENCHMARKS = [
+    "dispatch",
+    "wakeup",
+    "memory",
+    "detection",
+    "loop_lag",
+    "overhead",
+    "scale",
+    "seed_bug",
+]
 
 
 def main() -> int:
