@@ -40,6 +40,8 @@ import structlog
 
 from ._backend import Backend, BackendError, DomainInfo, ErrorCode
 from ._errors_map import is_alias_missing, is_connection_error, is_in_progress, map_error
+from ._eventloop import install_event_loop
+from ._libvirt import LibvirtBackend
 from ._many import DetachOutcome, DetachRequest, as_request, iter_outcomes
 from ._result import DetachResult
 from ._settings import DetachSettings
@@ -152,8 +154,6 @@ class DetachService:
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
         self._settings = settings if settings is not None else DetachSettings()
         if backend is None:
-            from ._libvirt import LibvirtBackend
-
             backend = LibvirtBackend(uri)
         # A libvirt backend (ours, a subclass, a wrapper) needs libvirt's event
         # loop running on this asyncio loop; a fake does not.
@@ -202,8 +202,6 @@ class DetachService:
         loop = asyncio.get_running_loop()
         self._loop, self._loop_thread = loop, threading.get_ident()
         if self._real:
-            from ._eventloop import install_event_loop
-
             install_event_loop()
         self._executor = ThreadPoolExecutor(
             max_workers=self._settings.max_threads, thread_name_prefix="aiodetach"
@@ -263,8 +261,6 @@ class DetachService:
             # Join the worker threads without blocking the loop.
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
         if self._real:
-            from ._eventloop import install_event_loop
-
             await install_event_loop().settle()
         self._state = "closed"
         _log.debug("aiodetach.closed", uri=self.uri)
