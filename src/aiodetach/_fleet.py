@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 from ._backend import Backend
-from ._many import DetachOutcome, DetachRequest, as_request, iter_outcomes
+from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
 from ._result import DetachResult
 from ._service import DetachService, DomainRef
 from ._settings import DetachSettings
@@ -125,14 +125,8 @@ class DetachFleet:
     ) -> list[DetachOutcome]:
         """:meth:`detach_iter`, collected in request order."""
         batch = [as_request(item) for item in requests]
-        outcomes: list[DetachOutcome] = []
-        async for outcome in self.detach_iter(
-            batch, concurrency=concurrency, per_domain=per_domain
-        ):
-            outcomes.append(outcome)
-            if on_progress is not None:
-                on_progress(outcome, len(outcomes), len(batch))
-        return sorted(outcomes, key=lambda o: o.index)
+        stream = self.detach_iter(batch, concurrency=concurrency, per_domain=per_domain)
+        return await collect(stream, len(batch), on_progress)
 
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""

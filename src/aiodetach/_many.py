@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ._result import DetachResult
 from .errors import DetachError, InvalidRequest
 
-__all__ = ["DetachOutcome", "DetachRequest", "iter_outcomes"]
+__all__ = ["DetachOutcome", "DetachRequest", "collect", "iter_outcomes"]
 
 
 class DetachRequest(BaseModel):
@@ -158,3 +158,17 @@ def _interleave_by_domain(batch: list[DetachRequest]) -> list[int]:
             order.append(lane.pop())
         lanes = [lane for lane in lanes if lane]
     return order
+
+
+async def collect(
+    outcomes: AsyncGenerator[DetachOutcome, None],
+    total: int,
+    on_progress: Callable[[DetachOutcome, int, int], None] | None,
+) -> list[DetachOutcome]:
+    """Gather a batch's outcomes in request order, reporting progress."""
+    done: list[DetachOutcome] = []
+    async for outcome in outcomes:
+        done.append(outcome)
+        if on_progress is not None:
+            on_progress(outcome, len(done), total)
+    return sorted(done, key=lambda o: o.index)

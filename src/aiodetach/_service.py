@@ -42,7 +42,7 @@ from ._backend import Backend, BackendError, DomainInfo, ErrorCode
 from ._errors_map import is_alias_missing, is_connection_error, is_in_progress, map_error
 from ._eventloop import install_event_loop
 from ._libvirt import LibvirtBackend
-from ._many import DetachOutcome, DetachRequest, as_request, iter_outcomes
+from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
 from ._result import DetachResult
 from ._settings import DetachSettings
 from ._xml import DeviceRef, Selector, find_device, has_alias, selector_from
@@ -578,14 +578,8 @@ class DetachService:
         ``on_progress(outcome, done, total)`` is called as each one completes.
         """
         batch = [as_request(item) for item in requests]
-        outcomes: list[DetachOutcome] = []
-        async for outcome in self.detach_iter(
-            batch, concurrency=concurrency, per_domain=per_domain
-        ):
-            outcomes.append(outcome)
-            if on_progress is not None:
-                on_progress(outcome, len(outcomes), len(batch))
-        return sorted(outcomes, key=lambda o: o.index)
+        stream = self.detach_iter(batch, concurrency=concurrency, per_domain=per_domain)
+        return await collect(stream, len(batch), on_progress)
 
     def pending(self) -> list[tuple[str, str]]:
         """(domain UUID, alias) of every live unplug in flight."""
