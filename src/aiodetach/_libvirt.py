@@ -163,10 +163,16 @@ class LibvirtBackend:
         dom = _wrap(lambda: conn.lookupByUUIDString(ref) if is_uuid else conn.lookupByName(ref))
         # libvirt-python annotates state() as str; it returns [state, reason].
         state = cast(list[int], _wrap(dom.state))[0]
+        # isActive, not the state, says whether a live definition exists: while
+        # a restarted libvirtd reconnects to its QEMU processes a running
+        # domain may briefly report another state.
+        active = bool(_wrap(dom.isActive))
         persistent = bool(_wrap(dom.isPersistent))
         uuid = dom.UUIDString()
         self._domains[uuid] = dom
-        return DomainInfo(uuid=uuid, name=dom.name(), state=_state(state), persistent=persistent)
+        return DomainInfo(
+            uuid=uuid, name=dom.name(), state=_state(state, active), persistent=persistent
+        )
 
     def domain_xml(self, uuid: str, *, inactive: bool) -> str:
         dom = self._domain(uuid)
@@ -189,15 +195,11 @@ class LibvirtBackend:
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
 
 
-def _state(state: int) -> DomainState:
-    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
-        return DomainState.RUNNING
+def _state(state: int, active: bool) -> DomainState:
+    if not active:
+        return DomainState.SHUTOFF
     if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
         return DomainState.PAUSED
-    if state in (
-        libvirt.VIR_DOMAIN_SHUTOFF,
-        libvirt.VIR_DOMAIN_CRASHED,
-        libvirt.VIR_DOMAIN_NOSTATE,
-    ):
-        return DomainState.SHUTOFF
-    return DomainState.OTHER
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        return DomainState.RUNNING
+    return DomainState.OTHER  # active, in transition (shutting down, nostate, …)

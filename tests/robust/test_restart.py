@@ -27,7 +27,7 @@ from ._real import domains_removed, guest_ejects, live_xml, record_requests, unt
 
 pytestmark = pytest.mark.qemu
 
-TIMEOUT = 4.0
+TIMEOUT = 8.0  # generous: kill, 20 QMP ejects, restart and 50 re-checks fit in one attempt
 DOMAINS = 5
 DISKS = 10
 FIGURES: dict[str, Any] = {}
