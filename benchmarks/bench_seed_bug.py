@@ -47,6 +47,7 @@ from pathlib import Path
 
 import libvirt
 import structlog
+from _common import Row, met
 
 from aiodetach import DetachService, DetachSettings, _guest, _lab, install_event_loop
 from aiodetach._backend import BackendError
@@ -542,8 +543,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = aiodetach_ok(rows)
     print(f"- aiodetach: one request per successful unplug, no cancel: {'yes' if ok else 'NO'}")
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        # The runner's common row format (benchmarks/_common.Row).
+        Path(args.json).write_text(json.dumps([asdict(r) for r in common_rows(rows)], indent=1))
     return 0 if ok else 1
+
+
+def common_rows(rows: Sequence[SeedBugRow]) -> list[Row]:
+    """The table in benchmarks/run.py's format: one row per approach."""
+    out = []
+    for r in rows:
+        ours = r.approach.startswith("aiodetach")
+        out.append(
+            Row(
+                benchmark=f"seed bug, q35 native PCIe, {r.devices} disks: {r.approach}",
+                aiodetach=(
+                    f"{r.requests_per_device} requests/device, reported success "
+                    f"{r.success_rate}, median {r.median_time}"
+                ),
+                comparison=(
+                    f"really removed {r.really_removed} (median {r.median_real_removal}); "
+                    f"re-sends refused: {r.refused_resends}"
+                ),
+                ratio="—",
+                target="1 request per successful unplug, 100 % success" if ours else "—",
+                met=met(r.ok_requests == r.successes == r.devices) if ours else "n/a",
+            )
+        )
+    return out
 
 
 if __name__ == "__main__":
