@@ -55,7 +55,8 @@ def _quiet() -> None:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
 
 
-def _answers(uri: str) -> bool:
+def daemon_answers(uri: str) -> bool:
+    """A libvirtd at ``uri`` accepts a connection and answers a real call."""
     _quiet()
     try:
         conn = libvirt.open(uri)
@@ -67,7 +68,8 @@ def _answers(uri: str) -> bool:
     except libvirt.libvirtError:
         return False
     finally:
-        conn.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
 
 
 def ensure_libvirtd(uri: str = "qemu:///system", timeout: float = 120.0) -> float:
@@ -78,7 +80,7 @@ def ensure_libvirtd(uri: str = "qemu:///system", timeout: float = 120.0) -> floa
     capabilities and takes several seconds, so this polls instead of sleeping.
     """
     started = time.monotonic()
-    if _answers(uri):
+    if daemon_answers(uri):
         return 0.0
     daemon = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
     logd = shutil.which("virtlogd") or "/usr/sbin/virtlogd"
@@ -92,7 +94,7 @@ def ensure_libvirtd(uri: str = "qemu:///system", timeout: float = 120.0) -> floa
         subprocess.run([daemon, "-d"], check=False, capture_output=True, timeout=30)
     deadline = started + timeout
     while time.monotonic() < deadline:
-        if _answers(uri):
+        if daemon_answers(uri):
             return time.monotonic() - started
         time.sleep(0.2)
     raise LabError(f"libvirtd did not answer at {uri} within {timeout:g} s")

@@ -101,7 +101,6 @@ class _Unplug:
     """
 
     key: Key
-    domain_name: str
     verdict: Verdict | None = None
     waiter: asyncio.Future[None] | None = None
     task: asyncio.Task[_LiveDone] | None = None
@@ -656,7 +655,7 @@ class DetachService:
         joined = unplug is not None
         if unplug is None:
             loop = asyncio.get_running_loop()
-            unplug = _Unplug(key, info.name)
+            unplug = _Unplug(key)
             self._unplugs[key] = unplug
             unplug.task = loop.create_task(self._drive(unplug, info))
         else:

@@ -15,6 +15,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from _probes import loop_lag
 from aiodetach import DetachService, DetachSettings, _lab
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.errors import (
@@ -224,28 +225,14 @@ async def test_destroy_while_waiting_wakes_the_caller(
 async def test_loop_stays_responsive_with_many_detaches(libvirtd: str) -> None:
     disks = [_lab.DiskSpec(f"vd{chr(98 + i)}", "virtio", alias=f"ua-v{i}") for i in range(10)]
     with _lab.throwaway_domain(libvirtd, disks=disks) as dom:
-        worst = 0.0
-        stop = asyncio.Event()
-
-        async def ticker() -> None:
-            nonlocal worst
-            loop = asyncio.get_running_loop()
-            while not stop.is_set():
-                t = loop.time()
-                await asyncio.sleep(0.005)
-                worst = max(worst, loop.time() - t - 0.005)
-
         settings = DetachSettings(attempts=2, timeout=0.5)
-        async with DetachService(libvirtd, settings=settings) as svc:
-            tick = asyncio.create_task(ticker())
+        async with DetachService(libvirtd, settings=settings) as svc, loop_lag() as lag:
             results = await asyncio.gather(
                 *(svc.detach(dom.name, alias=f"ua-v{i}", persistent=False) for i in range(10)),
                 return_exceptions=True,
             )
-            stop.set()
-            await tick
     assert all(isinstance(r, DetachTimeout) for r in results)
-    assert worst < 0.2, f"event loop stalled {worst * 1000:.0f} ms"
+    assert lag.worst < 0.2, f"event loop stalled {lag.worst * 1000:.0f} ms"
 
 
 def test_several_event_loops_one_after_another_in_debug_mode(libvirtd: str) -> None:

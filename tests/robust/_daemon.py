@@ -124,24 +124,10 @@ class PrivateLibvirtd:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"private libvirtd exited with {self._proc.returncode}")
-            if self.socket_path.exists() and self._answers():
+            if self.socket_path.exists() and _lab.daemon_answers(self.uri):
                 return time.monotonic() - started
             time.sleep(0.05)
         raise RuntimeError(f"private libvirtd did not answer within {timeout:g} s")
-
-    def _answers(self) -> bool:
-        try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError:
-            return False
-        try:
-            conn.getCapabilities()
-            return True
-        except libvirt.libvirtError:
-            return False
-        finally:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the daemon (by its PID) and reap it."""
