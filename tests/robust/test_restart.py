@@ -134,6 +134,15 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
 
         results = dict(zip(tasks, outcomes, strict=True))
         lost = [k for k, r in results.items() if not isinstance(r, DetachResult | DetachError)]
+        # Timings first, so a failure below still shows how long the outage took.
+        FIGURES.update(
+            pending_at_kill=pending_at_kill,
+            daemon_down_s=round(down_for, 3),
+            restart_s=round(restart_s, 3),
+            reconnect_after_restart_s=round(reconnected_at - answered_at, 3),
+            kill_to_reconnected_s=round(reconnected_at - killed_at, 3),
+        )
+        print("restart timings:", FIGURES)
         assert lost == []
         for (i, alias), outcome in results.items():
             uuid = uuids[i]
@@ -162,13 +171,8 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
             present = [a for a in aliases if f"'{a}'" in xml]
             assert present == (aliases if i == 4 else []), (i, present)
         FIGURES.update(
-            pending_at_kill=pending_at_kill,
             lost=len(lost),
             duplicated=duplicated,
-            daemon_down_s=round(down_for, 3),
-            restart_s=round(restart_s, 3),
-            reconnect_after_restart_s=round(reconnected_at - answered_at, 3),
-            kill_to_reconnected_s=round(reconnected_at - killed_at, 3),
             confirmed_by_xml=sum(
                 1 for r in outcomes if isinstance(r, DetachResult) and r.confirmed_by == "xml"
             ),
