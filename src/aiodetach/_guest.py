@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -48,15 +49,18 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 __all__ = [
     "MEMORY_PINNED_LINE",
+    "POWEROFF_LINE",
     "READY_LINE",
     "GuestBuildError",
     "GuestImage",
     "async_wait_for_ready",
     "build_guest_image",
     "default_cache_dir",
+    "guest_command",
     "guest_domain_xml",
     "wait_for_ready",
 ]
@@ -67,6 +71,9 @@ READY_LINE = "AIODETACH-GUEST-READY"
 #: Line printed by the guest (only with ``pin_hotplugged_memory=True``) each time it
 #: has onlined hot-plugged memory and pinned kernel objects into it.
 MEMORY_PINNED_LINE = "AIODETACH-MEMORY-PINNED"
+
+#: Line printed by the guest (only with a ``control_socket``) just before it powers off.
+POWEROFF_LINE = "AIODETACH-POWEROFF"
 
 _QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -83,6 +90,11 @@ _FORMAT_VERSION = "1"
 
 # The guest's PID 1. Kept small: every command costs time under TCG.
 #
+# ``aiodetach.control=ttyS1`` on the kernel command line makes it read commands,
+# one per line, from the second serial port (see ``control_socket`` of
+# guest_domain_xml): ``poweroff`` powers the guest off at once, as a guest OS
+# that shuts down does (QEMU reports a guest-initiated shutdown).
+#
 # ``aiodetach.pin_hotplugged_memory`` on the kernel command line (a parameter with a
 # dot is ignored by the kernel but stays in /proc/cmdline) makes the idle loop
 # online every new memory block as kernel memory and create files into it, so
@@ -95,6 +107,15 @@ _INIT_SCRIPT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 echo {READY_LINE}
+if grep -q aiodetach.control=ttyS1 /proc/cmdline; then
+  # clocal: open() of the port must not wait for a carrier; -echo: send nothing back.
+  stty -F /dev/ttyS1 clocal -echo
+  while read -r cmd; do
+    case "$cmd" in
+      poweroff) echo {POWEROFF_LINE}; poweroff -f;;
+    esac
+  done < /dev/ttyS1 &
+fi
 if grep -q aiodetach.pin_hotplugged_memory /proc/cmdline; then
   seen=" $(echo /sys/devices/system/memory/memory*) "
   while :; do
@@ -534,6 +555,7 @@ def guest_domain_xml(
     memory_hotplug_slots: int = 0,
     max_memory_mib: int | None = None,
     pin_hotplugged_memory: bool = False,
+    control_socket: Path | None = None,
     extra_cmdline: Sequence[str] = (),
 ) -> str:
     """Return libvirt domain XML that boots ``image`` with a serial log file.
@@ -560,6 +582,9 @@ def guest_domain_xml(
         pin_hotplugged_memory: make the guest online hot-plugged memory as
             kernel (non-movable) memory and fill it with unmovable objects, so it
             refuses a later hot-remove (ACPI _OST failure).
+        control_socket: if given, a second serial port that libvirt listens on
+            at this UNIX socket path; the guest reads commands from it (see
+            :func:`guest_command`).
         extra_cmdline: extra kernel command-line words.
 
     All values go through ElementTree, never string formatting.
@@ -596,6 +621,8 @@ def guest_domain_xml(
             "memhp_default_state=online_kernel",
             "aiodetach.pin_hotplugged_memory=1",
         ]
+    if control_socket is not None:
+        cmdline.append("aiodetach.control=ttyS1")
     cmdline += list(extra_cmdline)
     _SUB(os_el, "cmdline").text = " ".join(cmdline)
 
@@ -620,6 +647,10 @@ def guest_domain_xml(
     serial = _SUB(devs, "serial", type="file")
     _SUB(serial, "source", path=str(serial_log), append="off")
     _SUB(serial, "target", port="0")
+    if control_socket is not None:
+        control = _SUB(devs, "serial", type="unix")
+        _SUB(control, "source", mode="bind", path=str(control_socket))
+        _SUB(control, "target", port="1")
     _SUB(devs, "memballoon", model="none")
     for snippet in devices:
         if re.search(r"<!(DOCTYPE|ENTITY)", snippet, re.IGNORECASE):  # entity expansion
@@ -631,6 +662,29 @@ def guest_domain_xml(
         for arg in ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"):
             _SUB(commandline, f"{{{_QEMU_NS}}}arg", value=arg)
     return ET.tostring(dom, encoding="unicode")
+
+
+def guest_command(control_socket: Path, command: Literal["poweroff"], timeout: float = 30) -> None:
+    """Send one command to a guest started with ``control_socket``; return once done.
+
+    ``poweroff`` is done when QEMU has exited, which closes the socket.  The
+    connection must stay open until then: QEMU drops what a client sent if
+    the client hangs up before the serial port took it in (measured: a
+    send-and-close never reached the guest).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(control_socket))
+        sock.sendall(command.encode() + b"\n")
+        try:
+            while sock.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            raise TimeoutError(
+                f"the guest did not act on {command!r} within {timeout:g} s"
+            ) from None
 
 
 # ------------------------------------------------------------------- readiness

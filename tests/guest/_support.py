@@ -29,6 +29,8 @@ BOOT_TIMEOUT = 120.0
 NATIVE_PCIE_UNPLUG = 6.3
 """Measured seconds for a native-PCIe (pciehp) unplug: the 5 s attention-button window + teardown."""
 
+CONTROL_SOCKET = "control.sock"
+
 IN_PROGRESS_MARKERS = ("already in the process of unplug", "guest is busy")
 
 DIMM_ALIAS = "ua-dimm1"
@@ -100,6 +102,10 @@ class Guest:
         return self.lab.name
 
     @property
+    def control_socket(self) -> Path:
+        return self.lab.workdir / CONTROL_SOCKET
+
+    @property
     def serial_log(self) -> Path:
         return self.lab.workdir / "serial.log"
 
@@ -154,6 +160,7 @@ def guest(
     memory_hotplug_slots: int = 0,
     pin_hotplugged_memory: bool = False,
     kernel_log: bool = False,
+    control: bool = False,
     hotplug_ports: int = 0,
     start: bool = True,
     wait_ready: bool = True,
@@ -162,6 +169,8 @@ def guest(
 
     ``kernel_log`` raises the console log level so pciehp's KERN_INFO lines
     ("Attention button pressed", "Button cancel") reach the serial log.
+    ``control`` gives the guest a command channel (``Guest.control_socket``,
+    see ``_guest.guest_command``).
     With ``start=False`` the domain is only defined: the test starts it.
     """
     image = _guest.build_guest_image()
@@ -188,6 +197,7 @@ def guest(
             hotplug_ports=hotplug_ports,
             memory_hotplug_slots=memory_hotplug_slots,
             pin_hotplugged_memory=pin_hotplugged_memory,
+            control_socket=workdir / CONTROL_SOCKET if control else None,
             extra_cmdline=("loglevel=7",) if kernel_log else (),
         )
 
