@@ -576,6 +576,38 @@ async def test_blocking_calls_do_not_stall_the_loop(fake: FakeHypervisor) -> Non
     assert lag.worst < 0.25
 
 
+async def test_attempt_clock_starts_when_libvirt_has_the_request(fake: FakeHypervisor) -> None:
+    """A request that waited for a worker thread still gets its full timeout.
+
+    One worker thread; the first live request blocks it for 1 s (as
+    ``detachDeviceFlags`` may), so the second device's request reaches
+    libvirt 1 s after it was queued.  Each guest must still get ``timeout``
+    from the moment libvirt had its request before a second one: a clock
+    started at queueing time would have run out and re-sent at once.
+    """
+    vm = fake.add_domain("vm")
+    for alias in ("ua-a", "ua-b"):
+        vm.add_disk(f"vd{alias[-1]}", alias=alias, unplug=Unplug.never())
+    blocked: list[str] = []
+
+    def block_the_first_request(method: str) -> None:
+        if method == "detach_live" and not blocked:
+            blocked.append(method)
+            time.sleep(1.0)
+
+    fake.before_call = block_the_first_request
+    settings = DetachSettings(attempts=2, timeout=0.5, max_threads=1)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        outcomes = await asyncio.gather(
+            *(svc.detach("vm", alias=a, persistent=False) for a in ("ua-a", "ua-b")),
+            return_exceptions=True,
+        )
+    assert all(isinstance(o, DetachTimeout) for o in outcomes), outcomes
+    for alias in ("ua-a", "ua-b"):
+        first, second = [r.at for r in fake.requests if r.alias == alias]
+        assert second - first >= 0.5 - 0.02, (alias, second - first)
+
+
 async def test_logs_are_namespaced_and_bound(fake: FakeHypervisor, svc: DetachService) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
     with capture_logs() as logs, pytest.raises(DetachTimeout):

@@ -718,7 +718,6 @@ class DetachService:
                 await asyncio.wait((prior,))
                 if not await self._still_there(unplug, info):
                     return _LiveDone(unplug.sent, "xml")
-            sent_at = loop.time()
             unplug.sent += 1
             unplug.generation = self._generation
             log.info("aiodetach.detach_sent", attempt=attempt, attempts=settings.attempts)
@@ -728,7 +727,10 @@ class DetachService:
                 gone = await self._judge_send_error(err, unplug, info, log)
                 if gone:
                     return _LiveDone(unplug.sent, "xml")
-            verdict = await self._wait(unplug, info, sent_at + settings.timeout)
+            # The attempt's clock starts once libvirt has answered, not when the
+            # request was queued: in a mass detach a request may wait seconds for
+            # a worker thread, and that wait is none of the guest's time to answer.
+            verdict = await self._wait(unplug, info, loop.time() + settings.timeout)
             if verdict is not None:
                 return self._finish(verdict, unplug, info)
             log.info(
