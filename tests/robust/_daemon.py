@@ -6,7 +6,10 @@ mode, as an unprivileged user (uid ``nobody`` by default; as root libvirtd is
 always "privileged" and would share ``/run/libvirt`` and the system's
 domains).  Its HOME/XDG directories live under one scratch directory, so its
 socket, domain state, QEMU monitors and logs are its own.  Connect with
-:attr:`PrivateLibvirtd.uri` (``qemu:///session?socket=…``).
+:attr:`PrivateLibvirtd.uri` (``qemu:///session?socket=…``), or through the
+remote driver's TCP transport with :attr:`PrivateLibvirtd.tcp_uri`
+(``qemu+tcp://127.0.0.1:PORT/session``: it listens on loopback only, without
+authentication, which is acceptable for a throwaway test daemon and nothing else).
 
 QEMU guests run as the same user under TCG (``type='qemu'``), so disk images
 must be readable and writable by it: :meth:`PrivateLibvirtd.define` writes
@@ -45,8 +48,11 @@ def _quiet() -> None:
 class PrivateLibvirtd:
     """One session-mode libvirtd under ``root`` that a test may SIGKILL and restart."""
 
-    def __init__(self, root: Path, *, uid: int = 65534, gid: int = 65534) -> None:
+    def __init__(
+        self, root: Path, *, uid: int = 65534, gid: int = 65534, tcp_port: int | None = None
+    ) -> None:
         self.root = root
+        self.tcp_port = tcp_port if tcp_port is not None else _free_loopback_port()
         self.uid = uid
         self.gid = gid
         self.home = root / "home"
@@ -55,6 +61,7 @@ class PrivateLibvirtd:
         self.cache = root / "cache"
         self.workdir = root / "images"
         self.log = root / "libvirtd.log"
+        self.conf = root / "libvirtd.conf"
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- paths -----------------------------------------------------------------
@@ -65,6 +72,10 @@ class PrivateLibvirtd:
     @property
     def uri(self) -> str:
         return f"qemu:///session?socket={self.socket_path}"
+
+    @property
+    def tcp_uri(self) -> str:
+        return f"qemu+tcp://127.0.0.1:{self.tcp_port}/session"
 
     @property
     def pid(self) -> int | None:
@@ -88,6 +99,14 @@ class PrivateLibvirtd:
             os.chown(path, self.uid, self.gid)
         os.chmod(self.runtime, 0o700)
         os.chmod(self.workdir, 0o777)  # noqa: S103 - QEMU runs as self.uid
+        self.conf.write_text(
+            "listen_tls = 0\n"
+            "listen_tcp = 1\n"
+            'listen_addr = "127.0.0.1"\n'
+            f'tcp_port = "{self.tcp_port}"\n'
+            'auth_tcp = "none"\n'
+        )
+        os.chmod(self.conf, 0o644)
 
     def start(self, timeout: float = 60.0) -> float:
         """Start the daemon; return the seconds until it answered a capabilities call."""
@@ -112,6 +131,9 @@ class PrivateLibvirtd:
                     LIBVIRTD,
                     "--timeout",
                     "0",
+                    "--listen",
+                    "--config",
+                    str(self.conf),
                 ],
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -124,7 +146,11 @@ class PrivateLibvirtd:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"private libvirtd exited with {self._proc.returncode}")
-            if self.socket_path.exists() and _lab.daemon_answers(self.uri):
+            if (
+                self.socket_path.exists()
+                and _lab.daemon_answers(self.uri)
+                and _lab.daemon_answers(self.tcp_uri)
+            ):
                 return time.monotonic() - started
             time.sleep(0.05)
         raise RuntimeError(f"private libvirtd did not answer within {timeout:g} s")
@@ -186,6 +212,13 @@ class PrivateLibvirtd:
             return str(dom.UUIDString())
         finally:
             conn.close()
+
+
+def _free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def qmp(
