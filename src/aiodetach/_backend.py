@@ -93,6 +93,11 @@ class EventSink(Protocol):
 
     def domain_stopped(self, uuid: str, name: str, reason: str) -> None: ...
 
+    def domain_resumed(self, uuid: str, name: str) -> None:
+        """The domain's vCPUs run again (resumed, woken up, started).  Optional
+        for a backend: without it a paused domain is noticed running again by
+        looking every ``timeout`` seconds."""
+
     def connection_closed(self, reason: str) -> None: ...
 
 

@@ -82,6 +82,8 @@ class LibvirtBackend:
                 sink.domain_stopped(
                     dom.UUIDString(), dom.name(), _STOP_REASONS.get(detail, "stopped")
                 )
+            elif event in (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED):
+                sink.domain_resumed(dom.UUIDString(), dom.name())
             elif event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
                 # A running domain that is undefined becomes transient and keeps
                 # running: only an inactive one is really gone.

@@ -38,7 +38,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from ._backend import Backend, BackendError, DomainInfo, ErrorCode
+from ._backend import Backend, BackendError, DomainInfo, DomainState, ErrorCode
 from ._errors_map import is_alias_missing, is_connection_error, is_in_progress, map_error
 from ._eventloop import install_event_loop
 from ._libvirt import LibvirtBackend
@@ -332,6 +332,10 @@ class DetachService:
         """Lifecycle STOPPED (EventSink; any thread)."""
         self._to_loop(self._on_domain_stopped, uuid, name, reason)
 
+    def domain_resumed(self, uuid: str, name: str) -> None:
+        """Lifecycle RESUMED / STARTED (EventSink; any thread)."""
+        self._to_loop(self._on_domain_resumed, uuid)
+
     def connection_closed(self, reason: str) -> None:
         """libvirt's close callback (EventSink; any thread)."""
         self._to_loop(self._on_connection_closed, reason)
@@ -353,6 +357,13 @@ class DetachService:
             if domain_uuid == uuid:
                 unplug.decide(("stopped", reason))
         self._publish(DeviceEvent("domain-stopped", uuid, name, None, detail=reason))
+
+    def _on_domain_resumed(self, uuid: str) -> None:
+        # Wakes only the drivers waiting out a pause (see _until_running); a
+        # driver inside an attempt re-arms its wait and carries on.
+        for (domain_uuid, _alias), unplug in self._unplugs.items():
+            if domain_uuid == uuid:
+                unplug.wake()
 
     def _publish(self, event: DeviceEvent) -> None:
         for queue in self._watchers:
@@ -731,6 +742,14 @@ class DetachService:
             # request was queued: in a mass detach a request may wait seconds for
             # a worker thread, and that wait is none of the guest's time to answer.
             verdict = await self._wait(unplug, info, loop.time() + settings.timeout)
+            while verdict is None and await self._domain_state(unplug, info) is DomainState.PAUSED:
+                # A paused guest cannot answer: this attempt has not really been
+                # tried.  No new request (the one sent is still queued in QEMU);
+                # once the vCPUs run again the guest gets a full timeout.
+                log.info("aiodetach.waiting_while_paused", attempt=attempt)
+                verdict = await self._until_running(unplug, info)
+                if verdict is None:
+                    verdict = await self._wait(unplug, info, loop.time() + settings.timeout)
             if verdict is not None:
                 return self._finish(verdict, unplug, info)
             log.info(
@@ -824,8 +843,27 @@ class DetachService:
                 unplug.waiter = None
         return unplug.verdict
 
-    async def _still_there(self, unplug: _Unplug, info: DomainInfo) -> bool:
-        """Re-read state and live XML: is the device still attached?"""
+    async def _until_running(self, unplug: _Unplug, info: DomainInfo) -> Verdict | None:
+        """Wait, with no clock running, until a paused domain runs again (None)
+        or the unplug is decided.  Woken by libvirt's RESUMED event; looks
+        again every ``timeout`` seconds in case that event was lost."""
+        loop = asyncio.get_running_loop()
+        while True:
+            unplug.waiter = waiter = loop.create_future()
+            try:
+                async with asyncio.timeout(self._settings.timeout):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                unplug.waiter = None
+            if unplug.verdict is not None:
+                return unplug.verdict
+            if await self._domain_state(unplug, info) is not DomainState.PAUSED:
+                return None
+
+    async def _domain_state(self, unplug: _Unplug, info: DomainInfo) -> DomainState:
+        """The domain's state now.  Raises DomainStopped if it is not active."""
         alias = unplug.key[1]
         try:
             current = await self._read(self._backend.lookup, info.uuid)
@@ -845,6 +883,12 @@ class DetachService:
                 alias=alias,
                 reason="stopped",
             )
+        return current.state
+
+    async def _still_there(self, unplug: _Unplug, info: DomainInfo) -> bool:
+        """Re-read state and live XML: is the device still attached?"""
+        await self._domain_state(unplug, info)
+        alias = unplug.key[1]
         xml = await self._domain_xml(info, inactive=False, alias=alias)
         return has_alias(xml, alias)
 

@@ -325,6 +325,21 @@ class FakeHypervisor:
         if sink is not None:
             sink.domain_stopped(dom.uuid, dom.name, reason)
 
+    def pause_domain(self, domain: str) -> None:
+        """Suspend the vCPUs: the guest answers nothing until resumed (the
+        fake's timers still run, so pair this with :meth:`Unplug.manual`)."""
+        with self._lock:
+            self.domain(domain).state = DomainState.PAUSED
+
+    def resume_domain(self, domain: str, *, emit: bool = True) -> None:
+        """Run the vCPUs again; ``emit=False`` loses the lifecycle event."""
+        with self._lock:
+            dom = self.domain(domain)
+            dom.state = DomainState.RUNNING
+            sink = self._sink if self.connected and emit else None
+        if sink is not None:
+            sink.domain_resumed(dom.uuid, dom.name)
+
     def crash(self) -> None:
         """libvirtd dies: the connection closes, calls fail until :meth:`restart`."""
         with self._lock:

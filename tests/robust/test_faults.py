@@ -8,10 +8,11 @@ test_real_lifecycle.py and test_restart.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout, DomainStopped, InvalidRequest
 from aiodetach.testing import FakeHypervisor, Unplug
 
@@ -163,3 +164,63 @@ async def test_trailing_control_character_is_refused(fake: FakeHypervisor) -> No
         with pytest.raises(InvalidRequest):
             await svc.detach("vm", alias="ua-d\n")
     assert fake.requests == []
+
+
+# ------------------------------------------------------- a paused domain
+PAUSE = DetachSettings(attempts=2, timeout=0.3)
+
+
+async def _sent_then_paused(fake: FakeHypervisor, svc: DetachService) -> asyncio.Task[object]:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    task: asyncio.Task[object] = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await until(lambda: len(fake.requests) == 1, 5, "the request")
+    fake.pause_domain("vm")
+    return task
+
+
+async def test_paused_domain_gets_no_second_request(fake: FakeHypervisor) -> None:
+    """Paused for 4 timeouts: its guest could not answer, so nothing is re-sent
+    and no attempt is used up; once resumed, its answer completes the detach."""
+    async with DetachService(backend=fake, settings=PAUSE) as svc:
+        task = await _sent_then_paused(fake, svc)
+        await asyncio.sleep(4 * PAUSE.timeout)
+        assert not task.done()
+        assert len(fake.requests) == 1
+        fake.resume_domain("vm")
+        fake.complete("vm", "ua-d")
+        result = await task
+    assert isinstance(result, DetachResult)
+    assert (result.attempts, result.confirmed_by) == (1, "event")
+
+
+@pytest.mark.parametrize("event", [True, False], ids=["resumed-event", "resumed-event-lost"])
+async def test_resumed_guest_gets_a_full_timeout_before_the_next_request(
+    fake: FakeHypervisor, event: bool
+) -> None:
+    """After the resume the guest has ``timeout`` again before a re-send; a
+    lost RESUMED event is made up for by looking every ``timeout`` seconds."""
+    async with DetachService(backend=fake, settings=PAUSE) as svc:
+        task = await _sent_then_paused(fake, svc)
+        await asyncio.sleep(3 * PAUSE.timeout)
+        resumed_at = time.monotonic()
+        fake.resume_domain("vm", emit=event)
+        async with asyncio.timeout(5):
+            with pytest.raises(DetachTimeout) as info:
+                await task
+    assert info.value.attempts == 2
+    second = fake.requests[1].at
+    assert second - resumed_at >= PAUSE.timeout - 0.02
+    if event:  # woken by the event, not by the next look
+        assert second - resumed_at < 2 * PAUSE.timeout
+
+
+async def test_domain_stopped_while_paused(fake: FakeHypervisor) -> None:
+    async with DetachService(backend=fake, settings=PAUSE) as svc:
+        task = await _sent_then_paused(fake, svc)
+        await asyncio.sleep(2 * PAUSE.timeout)
+        fake.stop_domain("vm", "destroyed")
+        async with asyncio.timeout(1):
+            with pytest.raises(DomainStopped) as info:
+                await task
+    assert info.value.reason == "destroyed"
+    assert len(fake.requests) == 1
