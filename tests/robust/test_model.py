@@ -5,7 +5,8 @@ moves when the ``time_passes`` rule says), so timeouts happen exactly when the
 model expects them, and drives the fake hypervisor (one device, ``manual``
 unplug) through arbitrary orders of: callers arriving, a request held in its
 worker thread and released, the guest releasing the device with or without an
-event, rejecting it, late events, timeouts and cancellations.  After every
+event, rejecting it, late events, timeouts, cancellations, and the domain
+paused and resumed (with or without libvirt's RESUMED event).  After every
 step each caller's state (pending or its exact outcome) must match the model,
 and at most one request per device is ever inside a worker thread.
 """
@@ -114,6 +115,7 @@ class _ModelUnplug:
     callers: set[int] = field(default_factory=set)
     held: bool = False
     outcome: str | None = None  # "event" | "failed" (delivered, not yet acted on)
+    in_pause: bool = False  # an attempt ran out on a paused domain: waiting for it to run
 
 
 Expected = tuple[str, int, str | None]  # (kind, attempts, confirmed_by)
@@ -133,6 +135,7 @@ class DetachMachine(RuleBasedStateMachine):
         self.expected: dict[int, Expected | None] = {}  # None: still pending
         self.unplug: _ModelUnplug | None = None
         self.live = True
+        self.paused = False
         self.reached = 0  # requests that reached the fake
         self.next_id = 0
 
@@ -238,18 +241,43 @@ class DetachMachine(RuleBasedStateMachine):
         self.fake.emit_removed("vm", ALIAS)
         self.settle()
 
+    @precondition(lambda self: not self.paused)
+    @rule()
+    def domain_pauses(self) -> None:
+        self.fake.pause_domain("vm")
+        self.paused = True
+        self.settle()
+
+    @precondition(lambda self: self.paused)
+    @rule(emit=st.booleans())
+    def domain_resumes(self, emit: bool) -> None:
+        self.fake.resume_domain("vm", emit=emit)
+        self.paused = False
+        unplug = self.unplug
+        if emit and unplug is not None and unplug.in_pause and unplug.outcome is None:
+            unplug.in_pause = False  # a full timeout from now, no new request
+            unplug.deadline = self.loop.now + TIMEOUT
+        self.settle()
+
     @precondition(lambda self: self.fake.held == 0)
     @rule()
     def time_passes(self) -> None:
         unplug = self.unplug
         self.loop.now += TIMEOUT
-        if unplug is not None and unplug.outcome is None and self.loop.now >= unplug.deadline:
-            if not self.live:
-                self._finish("ok", "xml")
-            elif unplug.sent < ATTEMPTS:
-                self._send(unplug)
-            else:
-                self._finish("timeout", None)
+        if unplug is not None and unplug.outcome is None:
+            if unplug.in_pause:
+                if not self.paused:  # resumed, event lost: the look every TIMEOUT sees it
+                    unplug.in_pause = False
+                    unplug.deadline = self.loop.now + TIMEOUT
+            elif self.loop.now >= unplug.deadline:
+                if self.paused:
+                    unplug.in_pause = True  # no request, no attempt used up
+                elif not self.live:
+                    self._finish("ok", "xml")
+                elif unplug.sent < ATTEMPTS:
+                    self._send(unplug)
+                else:
+                    self._finish("timeout", None)
         self.settle()
 
     @precondition(lambda self: any(v is None for v in self.expected.values()))
