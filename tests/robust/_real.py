@@ -55,6 +55,19 @@ def record_requests(monkeypatch: pytest.MonkeyPatch) -> SentLog:
     return log
 
 
+def record_xml_reads(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record when LibvirtBackend.domain_xml is called (the re-checks of a reconnect)."""
+    reads: list[float] = []
+    original = LibvirtBackend.domain_xml
+
+    def counting(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
+        reads.append(time.monotonic())
+        return original(self, uuid, inactive=inactive)
+
+    monkeypatch.setattr(LibvirtBackend, "domain_xml", counting)
+    return reads
+
+
 def live_xml(uri: str, uuid: str, *, inactive: bool = False) -> str:
     quiet()
     conn = libvirt.open(uri)

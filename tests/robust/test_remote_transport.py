@@ -14,11 +14,10 @@ import uuid as _uuid
 import pytest
 
 from aiodetach import DetachFleet, DetachResult, DetachService, DetachSettings, _lab
-from aiodetach._libvirt import LibvirtBackend
 from aiodetach.errors import DetachTimeout
 
 from ._daemon import PrivateLibvirtd, pci_slots
-from ._real import domains_removed, guest_ejects, live_xml, record_requests, until
+from ._real import domains_removed, guest_ejects, live_xml, record_requests, record_xml_reads, until
 
 pytestmark = pytest.mark.qemu
 
@@ -60,14 +59,7 @@ async def test_daemon_restart_over_tcp(
     over TCP and hears the guest's answer there, with no second request."""
     daemon = private_libvirtd
     sent = record_requests(monkeypatch)
-    xml_reads: list[float] = []
-    original_xml = LibvirtBackend.domain_xml
-
-    def counting_xml(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
-        xml_reads.append(time.monotonic())
-        return original_xml(self, uuid, inactive=inactive)
-
-    monkeypatch.setattr(LibvirtBackend, "domain_xml", counting_xml)
+    xml_reads = record_xml_reads(monkeypatch)
     name = f"rt-{_uuid.uuid4().hex[:6]}"
     uuid = await asyncio.to_thread(daemon.define, name, DISKS)
     with domains_removed(daemon.uri, [uuid]):

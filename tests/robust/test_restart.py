@@ -19,11 +19,10 @@ import pytest
 
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach._lab import DiskSpec
-from aiodetach._libvirt import LibvirtBackend
 from aiodetach.errors import ConnectionLost, DetachError, DetachTimeout
 
 from ._daemon import PrivateLibvirtd, eject_command, pci_slots, qmp
-from ._real import domains_removed, guest_ejects, live_xml, record_requests, until
+from ._real import domains_removed, guest_ejects, live_xml, record_requests, record_xml_reads, until
 
 pytestmark = pytest.mark.qemu
 
@@ -43,14 +42,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
 ) -> None:
     daemon = private_libvirtd
     sent = record_requests(monkeypatch)
-    xml_reads: list[float] = []
-    original_xml = LibvirtBackend.domain_xml
-
-    def counting_xml(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
-        xml_reads.append(time.monotonic())
-        return original_xml(self, uuid, inactive=inactive)
-
-    monkeypatch.setattr(LibvirtBackend, "domain_xml", counting_xml)
+    xml_reads = record_xml_reads(monkeypatch)
     tag = _uuid.uuid4().hex[:6]
     names = [f"rr-{tag}-{i}" for i in range(DOMAINS)]
     disks = _disks(DISKS)
