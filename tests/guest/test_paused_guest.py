@@ -4,8 +4,8 @@ libvirt accepts ``detachDeviceAlias`` while the vCPUs are stopped (QEMU only
 queues the ACPI notification); the booted guest unplugs the disk as soon as
 it is resumed.  A paused guest cannot answer, so aiodetach stops the attempt
 clock: no re-send and no attempt used up however long the pause, and a full
-``timeout`` for the guest after the resume.  Without that, this test's six
-seconds of pause would use up both 2 s attempts and end in DetachTimeout.
+``timeout`` for the guest after the resume.  Without that, this test's nine
+seconds of pause would use up both 3 s attempts and end in DetachTimeout.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def _set_paused(uri: str, name: str, paused: bool) -> None:
 async def test_detach_sent_while_paused_completes_after_resume(libvirtd: str) -> None:
     with guest(libvirtd, disks=[virtio_disk("vdb", "ua-blk1")]) as g:
         await asyncio.to_thread(_set_paused, g.uri, g.name, True)
-        settings = DetachSettings(timeout=2, attempts=2)
+        settings = DetachSettings(timeout=3, attempts=2)
         async with recording_service(g.uri, settings) as (svc, backend):
             task = asyncio.create_task(svc.detach(g.name, alias="ua-blk1"))
-            await asyncio.sleep(6)  # three timeouts' worth of pause
+            await asyncio.sleep(9)  # three timeouts' worth of pause
             assert not task.done()
             assert [(r.alias, r.error) for r in backend.requests] == [("ua-blk1", None)]
             assert g.has_alias("ua-blk1")  # the paused guest did nothing yet
