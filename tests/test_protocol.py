@@ -576,6 +576,39 @@ async def test_blocking_calls_do_not_stall_the_loop(fake: FakeHypervisor) -> Non
     assert lag.worst < 0.25
 
 
+async def test_reads_handed_to_threads_are_bounded(
+    fake: FakeHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 detaches started together queue at most ``max_threads`` reads at a
+    time, so their answers (whole domain XMLs) cannot pile up on the loop."""
+    vm = fake.add_domain("vm")
+    for i in range(200):
+        vm.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.now())
+    loop = asyncio.get_running_loop()
+    submit = loop.run_in_executor
+    outstanding = peak = 0
+
+    def counting(executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:
+        nonlocal outstanding, peak
+        future = submit(executor, func, *args)
+        if getattr(func, "func", None) != fake.detach_live:  # live requests are not reads
+            outstanding += 1
+            peak = max(peak, outstanding)
+
+            def done(_f: asyncio.Future[Any]) -> None:
+                nonlocal outstanding
+                outstanding -= 1
+
+            future.add_done_callback(done)
+        return future
+
+    monkeypatch.setattr(loop, "run_in_executor", counting)
+    async with DetachService(backend=fake, settings=DetachSettings(max_threads=4)) as svc:
+        results = await asyncio.gather(*(svc.detach("vm", alias=f"ua-{i}") for i in range(200)))
+    assert len(results) == 200
+    assert 1 <= peak <= 4, peak
+
+
 async def test_attempt_clock_starts_when_libvirt_has_the_request(fake: FakeHypervisor) -> None:
     """A request that waited for a worker thread still gets its full timeout.
 

@@ -168,6 +168,11 @@ class DetachService:
         # outlives a cancelled unplug, and the next unplug of that device waits
         # for it instead of sending a second request on top of it.
         self._sending: dict[Key, asyncio.Future[None]] = {}
+        # Calls handed to the worker threads at once (live requests excepted).
+        # Without a bound, ten thousand detaches starting together queue ten
+        # thousand reads, and their answers (whole domain XMLs) pile up faster
+        # than the loop parses them: measured, that pile was the peak memory.
+        self._call_slots = asyncio.Semaphore(self._settings.max_threads)
         self._watchers: set[asyncio.Queue[DeviceEvent]] = set()
         self._state: Literal["new", "open", "closing", "closed"] = "new"
         self._close_task: asyncio.Task[None] | None = None
@@ -278,7 +283,10 @@ class DetachService:
         if self._state == "closed" or self._executor is None:
             raise ServiceClosed("service is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        async with self._call_slots:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
 
     async def _read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """An idempotent call: if the connection drops, wait for it and ask again."""
