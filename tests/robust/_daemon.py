@@ -49,9 +49,18 @@ class PrivateLibvirtd:
     """One session-mode libvirtd under ``root`` that a test may SIGKILL and restart."""
 
     def __init__(
-        self, root: Path, *, uid: int = 65534, gid: int = 65534, tcp_port: int | None = None
+        self,
+        root: Path,
+        *,
+        uid: int = 65534,
+        gid: int = 65534,
+        tcp_port: int | None = None,
+        host_uuid: str | None = None,
     ) -> None:
         self.root = root
+        # libvirt refuses a migration between daemons that report the same host
+        # UUID (by default the machine's): a second daemon needs its own.
+        self.host_uuid = host_uuid
         self.tcp_port = tcp_port if tcp_port is not None else _free_loopback_port()
         self.uid = uid
         self.gid = gid
@@ -104,7 +113,7 @@ class PrivateLibvirtd:
             "listen_tcp = 1\n"
             'listen_addr = "127.0.0.1"\n'
             f'tcp_port = "{self.tcp_port}"\n'
-            'auth_tcp = "none"\n'
+            'auth_tcp = "none"\n' + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else "")
         )
         os.chmod(self.conf, 0o644)
 

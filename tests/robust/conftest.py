@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from ._daemon import PrivateLibvirtd
 
 PRIVATE_ROOT = Path(os.environ.get("AIODETACH_PRIVATE_LIBVIRTD", "/tmp/robust/daemon"))
+SECOND_ROOT = PRIVATE_ROOT.with_name(PRIVATE_ROOT.name + "-2")
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +26,22 @@ def private_libvirtd() -> Iterator[PrivateLibvirtd]:
         daemon.start()
     except RuntimeError as exc:
         pytest.fail(f"cannot start a private libvirtd: {exc}")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def second_private_libvirtd(private_libvirtd: PrivateLibvirtd) -> Iterator[PrivateLibvirtd]:
+    """Another private libvirtd, with a host UUID of its own: a migration target
+    on this machine.  Same uid as the first, so its QEMU can open their images."""
+    daemon = PrivateLibvirtd(SECOND_ROOT, host_uuid=str(uuid.uuid4()))
+    daemon.stop()
+    try:
+        daemon.start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start a second private libvirtd: {exc}")
     try:
         yield daemon
     finally:

@@ -1,8 +1,9 @@
 """Items 2 and 3 on the fake hypervisor: lost events and domain lifecycle.
 
 The fake is used where a real QEMU cannot produce the case on demand (an
-event that libvirt loses, a migration, a crash); the real counterparts are in
-test_real_lifecycle.py and test_restart.py.
+event that libvirt loses, a domain gone without a lifecycle event) and to run
+every stop reason quickly; the real counterparts are in test_real_lifecycle.py,
+test_real_migration.py, test_restart.py and tests/guest/.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Item 3 for real: the domain destroyed, its QEMU killed, saved or undefined while
 PCI unplugs are pending (system libvirtd, OS-less guests whose unplugs never
 complete unless the test acknowledges them).  A guest that shuts itself down is
-in tests/guest/test_guest_shutdown.py; migration needs a second host and is
-covered by the fake only."""
+in tests/guest/test_guest_shutdown.py, a migration in test_real_migration.py."""
 
 from __future__ import annotations
 
