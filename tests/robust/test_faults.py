@@ -168,7 +168,7 @@ async def test_trailing_control_character_is_refused(fake: FakeHypervisor) -> No
 
 
 # ------------------------------------------------------- a paused domain
-PAUSE = DetachSettings(attempts=2, timeout=0.3)
+PAUSE = DetachSettings(attempts=2, timeout=0.5)  # the margins below are multiples of it
 
 
 async def _sent_then_paused(fake: FakeHypervisor, svc: DetachService) -> asyncio.Task[object]:
