@@ -31,6 +31,7 @@ __all__ = [
     "NicSpec",
     "ensure_libvirtd",
     "osless_domain_xml",
+    "remove_domain",
     "throwaway_domain",
 ]
 
@@ -257,11 +258,7 @@ def throwaway_domain(
         yield LabDomain(name, dom.UUIDString(), workdir, list(disks), list(nics))
     finally:
         with contextlib.suppress(libvirt.libvirtError):
-            dom = conn.lookupByName(name)
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefine()
+            remove_domain(conn.lookupByName(name))
         conn.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -273,6 +270,15 @@ def _owner_alive(name: str) -> bool:
     if not pid_text.isdigit():
         return False
     return Path(f"/proc/{pid_text}").exists()
+
+
+def remove_domain(dom: libvirt.virDomain) -> None:
+    """Destroy (if running) and undefine (if persistent) ``dom``, each step
+    best-effort: a domain already stopped or transient is not an error here."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefine()
 
 
 def cleanup_leftovers(uri: str = "qemu:///system") -> int:
@@ -288,10 +294,7 @@ def cleanup_leftovers(uri: str = "qemu:///system") -> int:
         for dom in conn.listAllDomains():
             name = dom.name()
             if name.startswith(LAB_PREFIX) and not _owner_alive(name):
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefine()
+                remove_domain(dom)
                 removed += 1
     finally:
         conn.close()

@@ -181,10 +181,7 @@ class PrivateLibvirtd:
                 conn = libvirt.open(self.uri)
                 try:
                     for dom in conn.listAllDomains():
-                        with contextlib.suppress(libvirt.libvirtError):
-                            dom.destroy()
-                        with contextlib.suppress(libvirt.libvirtError):
-                            dom.undefine()
+                        _lab.remove_domain(dom)
                 finally:
                     conn.close()
             self.kill(signal.SIGTERM)

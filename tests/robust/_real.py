@@ -12,6 +12,7 @@ import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 import pytest
 
+from aiodetach._lab import remove_domain
 from aiodetach._libvirt import LibvirtBackend
 
 from ._daemon import eject_command
@@ -104,10 +105,6 @@ def domains_removed(uri: str, uuids: list[str]) -> Iterator[None]:
             try:
                 for uuid in uuids:
                     with contextlib.suppress(libvirt.libvirtError):
-                        dom = conn.lookupByUUIDString(uuid)
-                        with contextlib.suppress(libvirt.libvirtError):
-                            dom.destroy()
-                        with contextlib.suppress(libvirt.libvirtError):
-                            dom.undefine()
+                        remove_domain(conn.lookupByUUIDString(uuid))
             finally:
                 conn.close()
