@@ -728,9 +728,6 @@ class DetachService:
         loop = asyncio.get_running_loop()
         log = _log.bind(domain=info.name, alias=alias)
         for attempt in range(1, settings.attempts + 1):
-            if attempt > 1 and not await self._still_there(unplug, info):
-                log.info("aiodetach.removed_without_event", attempt=attempt - 1)
-                return _LiveDone(unplug.sent, "xml")
             prior = self._sending.get(unplug.key)
             if prior is not None:
                 # A cancelled unplug's request is still in libvirt: let it land.
@@ -766,9 +763,12 @@ class DetachService:
                 attempts=settings.attempts,
                 timeout=settings.timeout,
             )
-        if not await self._still_there(unplug, info):
-            log.info("aiodetach.removed_without_event", attempt=settings.attempts)
-            return _LiveDone(unplug.sent, "xml")
+            # The loop above just read the state (running), so only the live
+            # XML is left to look at before a re-send or the final verdict.
+            xml = await self._domain_xml(info, inactive=False, alias=alias)
+            if not has_alias(xml, alias):
+                log.info("aiodetach.removed_without_event", attempt=attempt)
+                return _LiveDone(unplug.sent, "xml")
         log.warning("aiodetach.detach_timeout", attempts=settings.attempts)
         raise DetachTimeout(
             f"the guest did not release the device after {unplug.sent} request(s) of "
