@@ -70,10 +70,12 @@ async def _start(
 
 
 async def _finish(
-    svc: DetachService, events: list[Event], tasks: list[asyncio.Task[object]]
+    fake: FakeHypervisor, svc: DetachService, events: list[Event], tasks: list[asyncio.Task[object]]
 ) -> None:
+    sink = fake.sink
+    assert sink is not None
     for uuid, name, alias in events:
-        svc.device_removed(uuid, name, alias)
+        sink.device_removed(uuid, name, alias)
     await asyncio.gather(*tasks)
     assert svc.pending() == []
 
@@ -85,13 +87,13 @@ async def measure(sizes: Sizes) -> dict[str, object]:
     async with DetachService(backend=fake, settings=settings) as svc:
         # Warm-up round: worker threads started, code paths imported and cached.
         warm = events[: len(events) // 10]
-        await _finish(svc, warm, await _start(svc, fake, warm))
+        await _finish(fake, svc, warm, await _start(svc, fake, warm))
         gc.collect()
         base = rss_bytes()
         tasks = await _start(svc, fake, events)
         gc.collect()
         out["rss"] = rss_bytes() - base
-        await _finish(svc, events, tasks)
+        await _finish(fake, svc, events, tasks)
 
         gc.collect()
         tracemalloc.start()
@@ -102,7 +104,7 @@ async def measure(sizes: Sizes) -> dict[str, object]:
         current, peak = tracemalloc.get_traced_memory()
         snap = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        await _finish(svc, events, tasks)
+        await _finish(fake, svc, events, tasks)
         out["traced"] = current - t0
         out["peak"] = peak - t0
         by: dict[str, int] = defaultdict(int)

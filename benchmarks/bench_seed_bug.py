@@ -50,8 +50,8 @@ import structlog
 from _common import Row, met
 
 from aiodetach import DetachService, DetachSettings, _guest, _lab, install_event_loop
-from aiodetach._backend import BackendError
 from aiodetach._libvirt import LibvirtBackend
+from aiodetach.backend import BackendError
 from aiodetach.errors import DetachError
 
 URI = os.environ.get("AIODETACH_BENCH_URI", "qemu:///system")

@@ -42,6 +42,8 @@ from _common import (
 from bench_dispatch import wait_all_sent
 
 from aiodetach import DetachService, DetachSettings
+from aiodetach._libvirt import LibvirtBackend
+from aiodetach.backend import EventSink
 from aiodetach.testing import FakeHypervisor, Unplug
 
 SPACING = 0.0005
@@ -91,9 +93,12 @@ async def fake_latencies(n: int, burst: bool) -> list[float]:
             await svc.detach(uuid, alias=alias, live=True, persistent=False)
             lat.append(time.perf_counter() - sent_at[(uuid, alias)])
 
+        sink = fake.sink
+        assert sink is not None
+
         def fire(key: tuple[str, str, str]) -> None:
             sent_at[(key[0], key[2])] = time.perf_counter()
-            svc.device_removed(*key)
+            sink.device_removed(*key)
 
         tasks = [asyncio.ensure_future(caller(u, a)) for u, _n, a in keys]
         await wait_all_sent(fake, n)
@@ -140,17 +145,30 @@ async def real_latencies(disks: int, rounds: int) -> list[float]:
     stamps: dict[str, float] = {}
     lat: list[float] = []
 
-    class StampingService(DetachService):
+    class Stamping:
+        """The service's sink, stamped inside libvirt's callback."""
+
+        def __init__(self, sink: EventSink) -> None:
+            self._sink = sink
+
         def device_removed(self, uuid: str, name: str, alias: str) -> None:
-            stamps[alias] = time.perf_counter()  # inside libvirt's callback
-            super().device_removed(uuid, name, alias)
+            stamps[alias] = time.perf_counter()
+            self._sink.device_removed(uuid, name, alias)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sink, name)
+
+    class StampingBackend(LibvirtBackend):
+        def open(self, sink: EventSink, *, read_only: bool) -> None:
+            super().open(Stamping(sink), read_only=read_only)
 
     with bench_domain(specs, "wakeup") as lab:
         conn = libvirt.open(URI)
         try:
             dom = conn.lookupByUUIDString(lab.uuid)
             settings = DetachSettings(attempts=1, timeout=10.0)
-            async with StampingService(URI, settings=settings) as svc:
+            backend = StampingBackend(URI)
+            async with DetachService(URI, settings=settings, backend=backend) as svc:
                 await asyncio.sleep(0.5)  # let SeaBIOS find the controller
                 for _ in range(rounds):
                     for spec in specs:

@@ -9,9 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from aiodetach import DetachResult, DetachSettings
-from aiodetach._backend import BackendError, ErrorCode, ErrorDomain
 from aiodetach._errors_map import is_connection_error, is_in_progress, map_error
 from aiodetach._xml import find_device, has_alias, selector_from
+from aiodetach.backend import BackendError, ErrorCode, ErrorDomain
 from aiodetach.errors import (
     ConnectionLost,
     DetachFailed,

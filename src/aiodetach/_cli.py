@@ -76,6 +76,12 @@ _PROGRESS: dict[str, Callable[[MutableMapping[str, Any]], str]] = {
     ),
     "aiodetach.detach_joined": lambda e: "joined a detach of this device already in flight",
     "aiodetach.unplug_in_progress": lambda e: "an unplug is already in progress: waiting for it",
+    "aiodetach.busy_backoff": lambda e: (
+        f"the guest is busy (slot still settling): sending again in {e['delay']:g} s"
+    ),
+    "aiodetach.stale_event_ignored": lambda e: (
+        "ignored an event from before our request: the device is still attached"
+    ),
     "aiodetach.attempt_timed_out": lambda e: (
         f"attempt {e['attempt']} of {e['attempts']}: no DEVICE_REMOVED within "
         f"{e['timeout']:g} s; re-reading the live XML"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._backend import BackendError, ErrorCode, ErrorDomain
+from .backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
     ConnectionLost,
     DetachError,
@@ -16,7 +16,7 @@ from .errors import (
     ReadOnlyConnection,
 )
 
-__all__ = ["is_alias_missing", "is_connection_error", "is_in_progress", "map_error"]
+__all__ = ["is_alias_missing", "is_busy", "is_connection_error", "is_in_progress", "map_error"]
 
 # What QEMU/libvirt say when an unplug of the device is already under way
 # (measured on QEMU 7.2 with native PCIe hotplug; see docs/libvirt-behaviour.md).
@@ -32,6 +32,17 @@ def is_in_progress(err: BackendError) -> bool:
     text = err.message.lower()
     return err.code in (ErrorCode.INTERNAL_ERROR, ErrorCode.OPERATION_FAILED) and any(
         marker in text for marker in _IN_PROGRESS
+    )
+
+
+def is_busy(err: BackendError) -> bool:
+    """QEMU's "guest is busy (power indicator blinking)": the native-PCIe slot is
+    still settling.  Right after a hot-plug that means the request was *not
+    accepted* (nothing is pending); after a request of ours it means ours is
+    still in progress.  Only the caller knows which: see ``_unplug``."""
+    text = err.message.lower()
+    return err.code in (ErrorCode.INTERNAL_ERROR, ErrorCode.OPERATION_FAILED) and (
+        "guest is busy" in text or "power indicator blinking" in text
     )
 
 

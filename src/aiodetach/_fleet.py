@@ -13,11 +13,12 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
-from ._backend import Backend
 from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
 from ._result import DetachResult
-from ._service import DetachService, DomainRef
+from ._rules import DomainRef
+from ._service import DetachService
 from ._settings import DetachSettings
+from .backend import Backend
 from .errors import InvalidRequest, ServiceClosed
 
 __all__ = ["DetachFleet"]

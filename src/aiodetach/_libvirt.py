@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 
 import libvirt
 
-from ._backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
+from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
 __all__ = ["LibvirtBackend"]
 

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from .errors import InvalidRequest
 
-__all__ = ["DeviceRef", "Selector", "find_device", "has_alias", "selector_from"]
+__all__ = [
+    "DeviceRef",
+    "Selector",
+    "find_device",
+    "find_same_device",
+    "has_alias",
+    "list_devices",
+    "selector_from",
+]
 
 SelectorKind = Literal["alias", "target", "mac", "xml"]
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -35,14 +44,26 @@ class Selector:
         return f"{self.kind}={self.value!r}"
 
 
+Identity = tuple[object, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceRef:
-    """A device found in one definition of a domain."""
+    """A device found in one definition of a domain.
+
+    ``identity`` names the device within its domain by what *both*
+    definitions carry (see :func:`device_identity`): equal for the live and
+    the persistent copy of one device, different for two devices.  ``None``
+    when nothing but an alias identifies it.  It is hashable, so it also keys
+    per-device work (one persistent detach per device, whatever the caller
+    called it).
+    """
 
     tag: str
     alias: str | None
     xml: str
     description: str
+    identity: Identity | None = None
 
 
 def selector_from(
@@ -173,12 +194,7 @@ def find_device(domain_xml: str, sel: Selector) -> DeviceRef | None:
         if tag is not None and elem.tag != tag:
             continue
         if _key_of(elem, str(kind)) == key:
-            return DeviceRef(
-                tag=elem.tag,
-                alias=_alias_of(elem),
-                xml=ET.tostring(elem, encoding="unicode"),
-                description=_describe(elem),
-            )
+            return _ref(elem)
     return None
 
 
@@ -186,3 +202,284 @@ def has_alias(domain_xml: str, alias: str) -> bool:
     """True if any device of ``domain_xml`` carries ``alias`` (the re-check after a timeout)."""
     root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt
     return any(node.get("name") == alias for node in root.iterfind("devices/*/alias"))
+
+
+def list_devices(domain_xml: str) -> list[DeviceRef]:
+    """Every device of ``domain_xml``, in document order, with its identity.
+
+    ``<emulator>`` sits among the devices but is the path of the QEMU binary,
+    not a device: it is left out.
+    """
+    return [_ref(elem) for elem in _devices(domain_xml) if elem.tag != "emulator"]
+
+
+def find_same_device(domain_xml: str, dev: DeviceRef) -> DeviceRef | None:
+    """The device in ``domain_xml`` (the *other* definition) that is ``dev``.
+
+    Why this exists: a device has a live and a persistent definition, and
+    libvirt-assigned aliases (``virtio-disk1``, ``scsi0-0-0-2``, ``net0``,
+    ``hostdev0``, ``pci.1``) exist only in the live one; only user aliases
+    (``ua-…``) are in both.  Looking the caller's alias up in each definition
+    separately finds a device live and silently misses it in the persistent
+    definition.  Instead the device found in one definition is looked for in
+    the other by what identifies it *there*:
+
+    1. the same alias on a device with the same tag, when ``domain_xml``
+       carries it (a user alias, or a re-read of the same live definition).
+       A libvirt-assigned alias whose device has a *different* identity is
+       not trusted: libvirt re-issues those (a new disk on the same SCSI unit
+       gets the same ``scsi0-0-0-N``), a user alias is the user's name for it;
+    2. else the one device with the same tag and an equal
+       :attr:`DeviceRef.identity` (disk target, MAC, hostdev source, controller
+       type and index, guest address, …).
+
+    ``None`` when neither finds it, when ``dev`` has no identity, or when two
+    devices of ``domain_xml`` share it: detaching a guess from the persistent
+    definition would remove the wrong device for good.
+    """
+    same_tag = [elem for elem in _devices(domain_xml) if elem.tag == dev.tag]
+    if dev.alias:
+        for elem in same_tag:
+            if _alias_of(elem) != dev.alias:
+                continue
+            ref = _ref(elem)
+            if (
+                dev.alias.startswith("ua-")
+                or ref.identity is None
+                or dev.identity is None
+                or ref.identity == dev.identity
+            ):
+                return ref
+    if dev.identity is None:
+        return None
+    matches = [ref for ref in map(_ref, same_tag) if ref.identity == dev.identity]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _devices(domain_xml: str) -> list[ET.Element]:
+    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt, not the user
+    devices = root.find("devices")
+    return list(devices) if devices is not None else []
+
+
+def _ref(elem: ET.Element) -> DeviceRef:
+    return DeviceRef(
+        tag=elem.tag,
+        alias=_alias_of(elem),
+        xml=ET.tostring(elem, encoding="unicode"),
+        description=_describe(elem),
+        identity=_identity(elem),
+    )
+
+
+# --- identity -------------------------------------------------------------
+#
+# What names a device within one domain *in both definitions*.  Each rule
+# uses only what libvirt writes into the persistent definition too (guest
+# addresses, USB ports and DIMM slots are assigned when the domain is
+# defined), never the alias and never what only a running domain shows.
+# Measured on libvirt 9.0 / QEMU 7.2, live-only are: every libvirt alias, a
+# DIMM's ``base``, a channel's ``state``, a chardev's allocated ``<source
+# path>`` (pty, unix socket), a disk's ``<source index>``/``<backingStore>``,
+# a redirdev source's ``tls``, a graphics ``port``, a video's ``primary``.
+# Not measurable here (no host USB, no vhost-vsock), left out by libvirt's
+# design: the host bus/device a USB hostdev named by vendor/product resolves
+# to at start, and an automatic vsock CID.
+
+_Key = tuple[object, ...]
+_LIVE_ONLY_ADDRESS_ATTRS = frozenset({"base"})  # DIMM base: chosen by QEMU at start
+_HOSTDEV_SOURCE_ATTRS = ("protocol", "name", "wwpn")
+_HOSTDEV_SOURCE_CHILDREN = (
+    "vendor",
+    "product",
+    "address",
+    "adapter",
+    "host",
+    "block",
+    "char",
+    "interface",
+)
+
+
+def _identity(elem: ET.Element) -> Identity | None:
+    rule = _RULES.get(elem.tag)
+    key = rule(elem) if rule is not None else None
+    if key is not None:
+        return (elem.tag, *key)
+    # Any other device: its guest address, stored in both definitions.
+    address = _guest_address(elem)
+    if address is not None:
+        return (elem.tag, "address", address)
+    return None
+
+
+def _norm(value: str | None) -> str | None:
+    """Numbers in decimal (``0x0a`` == ``10``), other values lower-cased."""
+    if value is None:
+        return None
+    return _norm_int(value.strip()).lower()
+
+
+def _attrs(
+    node: ET.Element | None, drop: frozenset[str] = frozenset()
+) -> tuple[tuple[str, str | None], ...] | None:
+    if node is None:
+        return None
+    return tuple(sorted((k, _norm(v)) for k, v in node.attrib.items() if k not in drop))
+
+
+def _guest_address(elem: ET.Element) -> tuple[tuple[str, str | None], ...] | None:
+    """The device's own ``<address>`` (not one inside ``<source>``), all attributes."""
+    return _attrs(elem.find("address"), _LIVE_ONLY_ADDRESS_ATTRS)
+
+
+def _get(elem: ET.Element, path: str, attr: str) -> str | None:
+    node = elem.find(path)
+    return node.get(attr) if node is not None else None
+
+
+def _disk(elem: ET.Element) -> _Key | None:
+    dev = _get(elem, "target", "dev")
+    return (dev,) if dev else None
+
+
+def _interface(elem: ET.Element) -> _Key | None:
+    mac = _get(elem, "mac", "address")
+    return (mac.strip().lower(),) if mac else None
+
+
+def _hostdev(elem: ET.Element) -> _Key | None:
+    source = elem.find("source")
+    if source is None:
+        return None
+    children: tuple[str, ...] = _HOSTDEV_SOURCE_CHILDREN
+    if elem.get("type") == "usb" and (
+        source.find("vendor") is not None or source.find("product") is not None
+    ):
+        # libvirt resolves vendor/product to a host bus/device when the domain
+        # starts and writes that <address> into the live <source> only.
+        children = ("vendor", "product")
+    parts: list[object] = [
+        (name, _norm(source.get(name))) for name in _HOSTDEV_SOURCE_ATTRS if source.get(name)
+    ]
+    for tag in children:
+        parts.extend((tag, _attrs(node), (node.text or "").strip()) for node in source.findall(tag))
+    if not parts:
+        return None
+    return (elem.get("mode") or "subsystem", elem.get("type"), tuple(parts))
+
+
+def _controller(elem: ET.Element) -> _Key | None:
+    index = elem.get("index")
+    return (elem.get("type"), _norm(index)) if index is not None else None
+
+
+def _filesystem(elem: ET.Element) -> _Key | None:
+    target = _get(elem, "target", "dir")
+    return (target,) if target else None
+
+
+def _channel(elem: ET.Element) -> _Key | None:
+    # A virtio channel is named; a guestfwd one has an address and port.  The
+    # live <target> adds state='connected|disconnected': left out.
+    target = elem.find("target")
+    if target is None:
+        return None
+    key = tuple(_norm(target.get(a)) for a in ("name", "address", "port"))
+    if key == (None, None, None):
+        return None
+    return (target.get("type"), *key)
+
+
+def _chardev_port(elem: ET.Element) -> _Key | None:
+    # serial, parallel, console: one per target type and port.  A console's
+    # port 0 is the first serial port (the two share a live alias); further
+    # virtio consoles are numbered by position, so libvirt renumbers them if
+    # an earlier console leaves one definition only.
+    target = elem.find("target")
+    port = target.get("port") if target is not None else None
+    if target is None or port is None:
+        return None
+    return (target.get("type"), _norm(port))
+
+
+def _redirdev(elem: ET.Element) -> _Key | None:
+    return (elem.get("bus"), elem.get("type"), _guest_address(elem))
+
+
+def _memory(elem: ET.Element) -> _Key | None:
+    address = _guest_address(elem)  # DIMM slot (``base`` is live-only)
+    return (elem.get("model"), address) if address is not None else None
+
+
+def _shmem(elem: ET.Element) -> _Key | None:
+    name = elem.get("name")
+    return (name,) if name else None
+
+
+def _by_model(elem: ET.Element) -> _Key | None:
+    # At most one per domain (libvirt refuses a second); an automatic vsock
+    # CID is chosen at start and shows only in the live XML, so not the CID.
+    return (elem.get("model"),)
+
+
+def _tpm(elem: ET.Element) -> _Key | None:
+    return (elem.get("model"), _get(elem, "backend", "type"))
+
+
+def _input(elem: ET.Element) -> _Key | None:
+    source = elem.find("source")
+    path = None if source is None else (source.get("evdev") or source.get("dev"))
+    return (elem.get("type"), elem.get("bus"), path, _guest_address(elem))
+
+
+def _model_and_address(elem: ET.Element) -> _Key | None:
+    # watchdog, panic: an ISA one has no address, a PCI one has.
+    return (elem.get("model"), _guest_address(elem))
+
+
+def _video(elem: ET.Element) -> _Key | None:
+    # Model and address: a ``none`` or ``ramfb`` video has no PCI address and
+    # is the only one of its model.
+    return (_get(elem, "model", "type"), _guest_address(elem))
+
+
+def _graphics(elem: ET.Element) -> _Key | None:
+    return (elem.get("type"),)  # one per type; the live XML adds the port
+
+
+def _audio(elem: ET.Element) -> _Key | None:
+    audio_id = elem.get("id")
+    return (_norm(audio_id),) if audio_id is not None else None
+
+
+def _lease(elem: ET.Element) -> _Key | None:
+    lockspace, key = (elem.findtext(tag, "").strip() for tag in ("lockspace", "key"))
+    return (lockspace, key) if key else None
+
+
+_RULES: dict[str, Callable[[ET.Element], _Key | None]] = {
+    "disk": _disk,
+    "interface": _interface,
+    "hostdev": _hostdev,
+    "controller": _controller,
+    "filesystem": _filesystem,
+    "channel": _channel,
+    "serial": _chardev_port,
+    "parallel": _chardev_port,
+    "console": _chardev_port,
+    "redirdev": _redirdev,
+    "memory": _memory,
+    "shmem": _shmem,
+    "vsock": _by_model,
+    "iommu": _by_model,
+    "memballoon": _by_model,
+    "tpm": _tpm,
+    "input": _input,
+    "watchdog": _model_and_address,
+    "panic": _model_and_address,
+    "video": _video,
+    "graphics": _graphics,
+    "audio": _audio,
+    "lease": _lease,
+}

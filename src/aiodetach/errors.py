@@ -38,7 +38,12 @@ class DetachError(Exception):
             detach of a device without a user alias has none).
         libvirt_code: libvirt's ``VIR_ERR_*`` code when the error came from
             libvirt, else ``None``.
+        persistent_done: True when the device had already been removed from
+            the persistent definition before the live half failed: the caller
+            must know that its next cold boot will not have the device.
     """
+
+    persistent_done: bool = False
 
     def __init__(
         self,

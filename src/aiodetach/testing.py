@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
+from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
 __all__ = ["FakeDevice", "FakeDomain", "FakeHypervisor", "Request", "Unplug"]
 
@@ -55,6 +55,10 @@ class Unplug:
     ("already in the process of unplug")."""
     emit_event: bool = True
     """False: the device is removed but DEVICE_REMOVED is lost."""
+    busy_first: int = 0
+    """The first requests are refused with QEMU's "guest is busy (power
+    indicator blinking)", as right after a native-PCIe hot-plug while the
+    slot settles: they are not accepted and leave nothing pending."""
 
     @classmethod
     def now(cls) -> Unplug:
@@ -232,6 +236,9 @@ def _err(code: int, message: str, origin: int = ErrorDomain.QEMU) -> BackendErro
 class FakeHypervisor:
     """An in-memory, thread-safe stand-in for libvirtd + QEMU (a **fake**)."""
 
+    uses_libvirt_events = False
+    """It delivers its notifications itself, from its own threads."""
+
     def __init__(self, uri: str = "fake:///system") -> None:
         self._uri = uri
         self._lock = threading.RLock()
@@ -253,11 +260,20 @@ class FakeHypervisor:
         """Called in the worker thread at the start of every call (for interleaving tests)."""
         self.fail_next: dict[str, BackendError] = {}
         """Method name → error raised once by the next call of it."""
+        self.busy_refusals = 0
+        """Requests refused as "guest is busy" (see :attr:`Unplug.busy_first`)."""
 
     # -- test controls -----------------------------------------------------------------
     @property
     def uri(self) -> str:
         return self._uri
+
+    @property
+    def sink(self) -> EventSink | None:
+        """What the service registered for notifications, while connected: what
+        libvirt would call.  Benchmarks and interleaving tests deliver events
+        through it directly."""
+        return self._sink if self.connected else None
 
     def add_domain(
         self, name: str, *, running: bool = True, persistent: bool = True, uuid: str | None = None
@@ -486,7 +502,14 @@ class FakeHypervisor:
                     "internal error: unable to execute QEMU command 'device_del': "
                     f"Device {alias} is already in the process of unplug",
                 )
-            if dev.requests <= plan.lose_first:
+            if dev.requests <= plan.busy_first and not pending:
+                self.busy_refusals += 1
+                raise _err(
+                    ErrorCode.INTERNAL_ERROR,
+                    "internal error: unable to execute QEMU command 'device_del': "
+                    "Hot-unplug failed: guest is busy (power indicator blinking)",
+                )
+            if dev.requests - plan.busy_first <= plan.lose_first:
                 return
             dev.pending_since = time.monotonic()
             name = dom.name

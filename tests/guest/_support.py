@@ -20,8 +20,8 @@ from pathlib import Path
 import libvirt
 
 from aiodetach import DetachService, DetachSettings, _guest, _lab
-from aiodetach._backend import BackendError
 from aiodetach._libvirt import LibvirtBackend
+from aiodetach.backend import BackendError
 
 BOOT_TIMEOUT = 120.0
 """Seconds a guest may take to print its ready line (~4 s measured; CI machines are slower)."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from aiodetach import DetachSettings
-from aiodetach._backend import ErrorCode, ErrorDomain
+from aiodetach.backend import ErrorCode, ErrorDomain
 
 from ._support import (
     IN_PROGRESS_MARKERS,

@@ -15,8 +15,8 @@ import pydantic
 import pytest
 
 from aiodetach import DetachService, DetachSettings, _lab
-from aiodetach._backend import ErrorCode
 from aiodetach._libvirt import LibvirtBackend
+from aiodetach.backend import ErrorCode
 from aiodetach.errors import (
     ConnectionLost,
     DetachError,

@@ -1,4 +1,4 @@
-"""The narrow interface between the detach protocol and a hypervisor.
+"""The narrow, public interface between the detach protocol and a hypervisor.
 
 The service only ever needs six blocking calls and four kinds of
 notification.  Keeping them behind this interface is what lets the same
@@ -8,6 +8,11 @@ interleavings a real QEMU cannot be made to produce on demand.
 
 Blocking calls are made from worker threads; notifications may be delivered
 from any thread.  The service does the hopping onto its event loop.
+
+It is public because ``DetachService(backend=...)`` is: a wrapper around the
+libvirt backend (to record or inject faults) or a backend of your own
+implements :class:`Backend` and reports through the :class:`EventSink` it is
+given.  Errors are :class:`BackendError` with libvirt's numeric code.
 """
 
 from __future__ import annotations
@@ -103,6 +108,13 @@ class EventSink(Protocol):
 
 class Backend(Protocol):
     """Blocking hypervisor calls; each may raise :class:`BackendError`."""
+
+    @property
+    def uses_libvirt_events(self) -> bool:
+        """True if its connections need libvirt's event loop running on asyncio
+        (the service then installs :func:`aiodetach.install_event_loop` on its
+        loop before opening); False for a backend that delivers its
+        notifications by itself, like the fake."""
 
     @property
     def uri(self) -> str: ...

@@ -1,0 +1,212 @@
+"""One libvirt connection: worker threads, bounded calls, reconnect with backoff.
+
+Everything the protocol does to libvirt goes through :class:`Connection`, so
+the rules about *when* a call may be made live in one place:
+
+- a blocking call never runs on the event loop: it goes to this connection's
+  own worker threads;
+- once closing has begun, no call is handed to those threads any more
+  (callers get :class:`~aiodetach.errors.ServiceClosed`, never an executor's
+  ``RuntimeError``);
+- reads are bounded by ``max_threads``: ten thousand detaches starting
+  together must not queue ten thousand reads whose answers (whole domain
+  XMLs) pile up on the loop faster than it parses them (measured: that pile
+  was the peak memory).  Live requests are not bounded here: each unplug
+  sends at most one at a time;
+- a lost connection is re-opened with exponential backoff; the
+  :attr:`generation` counter tells an unplug that events may have been lost
+  in between;
+- closing leaves no libvirt connection behind, even one whose ``open`` was
+  still running in a worker thread when the close began (it is closed once
+  that thread returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from ._errors_map import is_connection_error
+from ._settings import DetachSettings
+from .backend import Backend, BackendError, EventSink
+from .errors import ConnectionLost, ServiceClosed
+
+__all__ = ["Connection"]
+
+_log = structlog.get_logger("aiodetach")
+_T = TypeVar("_T")
+State = Literal["new", "open", "closing", "closed"]
+
+
+class Connection:
+    """The service's libvirt connection and the threads that talk to it."""
+
+    def __init__(self, backend: Backend, settings: DetachSettings, *, read_only: bool) -> None:
+        self.backend = backend
+        self._settings = settings
+        self._sink: EventSink | None = None
+        self._read_only = read_only
+        self.state: State = "new"
+        self.generation = 0
+        """Bumped by every re-open: events of the connection before are lost."""
+        self.reconnects = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(settings.max_threads)
+        self._up = asyncio.Event()
+        self._dead: ConnectionLost | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.backend.uri
+
+    @property
+    def is_up(self) -> bool:
+        """Connected now (False while a reconnect is under way)."""
+        return self._up.is_set() and self._dead is None
+
+    # ------------------------------------------------------------ life
+    async def open(self, sink: EventSink) -> None:
+        """Start the worker threads and connect (raises :class:`BackendError`).
+
+        ``sink`` receives libvirt's notifications, on this connection and on
+        every one re-opened after it.
+        """
+        self._sink = sink
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._settings.max_threads, thread_name_prefix="aiodetach"
+        )
+        self.state = "open"
+        await self.call(self.backend.open, self._sink, read_only=self._read_only)
+        self._up.set()
+
+    def begin_close(self) -> None:
+        """From now on no call is handed to the worker threads."""
+        if self.state in ("new", "open"):
+            self.state = "closing"
+        self._up.set()  # whoever waits for a reconnect wakes and finds us closing
+
+    async def close(self) -> None:
+        """Stop reconnecting, disconnect, join the worker threads.
+
+        The backend is closed twice on purpose: once at once (which unblocks
+        calls stuck on a dead daemon), and once more after every worker
+        thread has returned, in case an ``open`` that was still running in
+        one of them connected after the first close.
+        """
+        self.begin_close()
+        task = self._reconnect_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._executor is not None:
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, self.backend.close)
+            await loop.run_in_executor(None, functools.partial(self._executor.shutdown, True))
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, self.backend.close)
+        self.state = "closed"
+
+    # ----------------------------------------------------------- calls
+    def _check_open(self) -> ThreadPoolExecutor:
+        if self.state != "open" or self._executor is None:
+            raise ServiceClosed(f"service is {self.state}")
+        return self._executor
+
+    async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run one blocking call in a worker thread (at most ``max_threads`` at once)."""
+        self._check_open()
+        async with self._slots:
+            executor = self._check_open()  # closing may have begun while queued
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
+    def submit(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
+        """Hand a live request to a worker thread (not bounded: see module doc).
+
+        Returns the thread's future itself: the caller shields it, so that a
+        request already inside libvirt is always seen through to its answer.
+        """
+        executor = self._check_open()
+        return asyncio.get_running_loop().run_in_executor(executor, fn)
+
+    async def read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """An idempotent call: if the connection drops, wait for it and ask again."""
+        while True:
+            try:
+                return await self.call(fn, *args, **kwargs)
+            except BackendError as err:
+                if self.state != "open":
+                    raise ServiceClosed(f"service is {self.state}") from None
+                if not is_connection_error(err):
+                    raise
+                self.lost("call failed: " + err.message)
+                await self.wait_up()
+
+    # ------------------------------------------------------- reconnect
+    def lost(self, reason: str) -> bool:
+        """The connection is gone (close callback or a failed call).
+
+        Returns True if this started a reconnect (the caller then wakes its
+        waiters), False if one was already under way or we are closing.
+        """
+        if self.state != "open" or not self._up.is_set() or self._dead is not None:
+            return False
+        _log.warning("aiodetach.connection_lost", uri=self.uri, reason=reason)
+        self._up.clear()
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+        return True
+
+    def revive(self) -> None:
+        """A new request after the daemon was given up on: try connecting again."""
+        if self._dead is None or self.state != "open":
+            return
+        if self._reconnect_task is not None and not self._reconnect_task.done():
+            return
+        self._dead = None
+        self._up.clear()
+        _log.info("aiodetach.reconnecting", uri=self.uri)
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def wait_up(self) -> None:
+        """Wait until connected; ConnectionLost if given up on, ServiceClosed if closing."""
+        await self._up.wait()
+        if self.state != "open":
+            raise ServiceClosed(f"service is {self.state}")
+        if self._dead is not None:
+            raise ConnectionLost(self._dead.message, libvirt_code=self._dead.libvirt_code)
+
+    async def _reconnect(self) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self._settings
+        deadline = loop.time() + settings.reconnect_timeout
+        delay = 0.05
+        with contextlib.suppress(Exception):
+            await self.call(self.backend.close)
+        while True:
+            try:
+                await self.call(self.backend.open, self._sink, read_only=self._read_only)
+                break
+            except BackendError as err:
+                if loop.time() + delay > deadline:
+                    self._dead = ConnectionLost(
+                        f"libvirtd at {self.uri} did not come back within "
+                        f"{settings.reconnect_timeout:g} s: {err.message}",
+                        libvirt_code=err.code,
+                    )
+                    _log.error("aiodetach.connection_dead", uri=self.uri, error=err.message)
+                    self._up.set()  # wake waiters; they find the connection dead
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.reconnect_backoff_max)
+        self.reconnects += 1
+        self.generation += 1
+        self._up.set()
+        _log.info("aiodetach.reconnected", uri=self.uri, reconnects=self.reconnects)

@@ -1,0 +1,534 @@
+"""The live unplug of one device, as an explicit state machine.
+
+This module *is* the live half of the protocol; read it top to bottom.
+
+One :class:`Unplug` exists per (domain UUID, alias) at a time, whatever the
+number of callers: a second caller joins it, so no second request is ever
+sent while one of ours is pending in the guest.  The unplug belongs to the
+*device*, not to its callers: when the last caller leaves (its own deadline,
+a cancellation), a request already in libvirt is remembered until its
+attempt window ends or its event arrives, and a caller who asks again
+meanwhile joins it instead of sending another.
+
+Phases (``Phase``) and what moves them::
+
+    QUEUED ──send──▶ SENDING ──accepted / "in progress"──▶ WAITING
+       ▲               │  "guest is busy" and none of ours pending
+       │               ▼
+       │          BACKING_OFF ──delay──▶ QUEUED       (no attempt used)
+       │
+    WAITING ──window over──▶ RECHECKING ──paused──▶ PAUSED ──runs again──▶ WAITING
+                                 │ still attached: an attempt used
+                                 └──────────────▶ QUEUED (re-send) or DetachTimeout
+
+Inputs that are not the driver's own I/O land in :meth:`Unplug.decide`
+(libvirt events, the domain stopping), :meth:`Unplug.wake` (resumed,
+connection lost) and the caller count (:meth:`Unplugs.join` / ``leave``).
+They only record and wake; the driver acts on them at one place, the top of
+:meth:`Unplug.run`, which every step returns to.  Hence the rules:
+
+- **A verdict is honoured wherever it lands**: an event that arrives while a
+  request is in its thread, during a re-check or a state read, is acted on
+  before any further request.
+- **An event from before our request is checked**: a ``DEVICE_REMOVED`` that
+  arrives before any request of ours was handed to libvirt (a late event of
+  an earlier unplug of a device since re-attached under the same alias) is
+  confirmed against the live XML before it counts; a stale
+  ``DEVICE_REMOVAL_FAILED`` is ignored.
+- **"guest is busy" before anything is pending is not "in progress"**: right
+  after a native-PCIe hot-plug QEMU refuses ``device_del`` while the slot's
+  power indicator blinks.  With no request of ours pending, the request was
+  simply not accepted: back off and send again, using up no attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from ._connection import Connection
+from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
+from ._settings import DetachSettings
+from ._xml import has_alias
+from .backend import BackendError, DomainState, ErrorCode
+from .errors import DetachFailed, DetachTimeout, DomainStopped
+
+__all__ = ["LiveDone", "Phase", "Unplug", "Unplugs", "Verdict"]
+
+_log = structlog.get_logger("aiodetach")
+Key = tuple[str, str]
+
+BUSY_BACKOFF_MAX = 5.0
+"""Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # the next request is due (nothing of this attempt in libvirt)
+    SENDING = "sending"  # the request is inside its worker thread
+    WAITING = "waiting"  # libvirt has it; the attempt's window runs
+    RECHECKING = "rechecking"  # the window ran out: reading state and live XML
+    PAUSED = "paused"  # the domain is paused: no clock runs
+    BACKING_OFF = "backing-off"  # "guest is busy" before any request of ours was accepted
+    DONE = "done"
+
+
+class Verdict(enum.Enum):
+    REMOVED = "removed"  # DEVICE_REMOVED
+    FAILED = "failed"  # DEVICE_REMOVAL_FAILED
+    GONE = "gone"  # absent from the live XML (its event was lost)
+
+
+Decision = Verdict | tuple[str, str]  # ("stopped", reason) for a stopped domain
+
+
+@dataclass(frozen=True, slots=True)
+class LiveDone:
+    """How a live unplug ended well: requests sent, and how removal was learnt."""
+
+    sent: int
+    confirmed_by: Literal["event", "xml"]
+
+
+class Abandoned(Exception):
+    """Nobody waits for this unplug any more and nothing of ours is pending."""
+
+
+class Unplug:
+    """One device's live unplug: its phase, its inputs and its driver."""
+
+    __slots__ = (
+        "_loop",
+        "_registry",
+        "accepted",
+        "busy_refusals",
+        "busy_since",
+        "callers",
+        "deadline",
+        "domain",
+        "early",
+        "generation",
+        "handed",
+        "key",
+        "phase",
+        "sent",
+        "task",
+        "used",
+        "verdict",
+        "waiter",
+    )
+
+    def __init__(self, registry: Unplugs, key: Key, domain: str) -> None:
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self.key = key
+        self.domain = domain  # the name, for errors and logs
+        self.phase = Phase.QUEUED
+        self.verdict: Decision | None = None
+        self.early = False  # the verdict arrived before any request of ours reached libvirt
+        self.handed = False  # a request of ours reached libvirt (set in its worker thread)
+        self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
+        self.sent = 0  # requests that counted (busy refusals do not)
+        self.used = 0  # attempts used up
+        self.busy_refusals = 0
+        self.busy_since: float | None = None
+        self.callers = 0
+        self.deadline = 0.0
+        self.generation = 0  # of the connection the last request went out on
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[LiveDone] | None = None
+
+    # ------------------------------------------------------------- inputs
+    def decide(self, verdict: Decision) -> None:
+        """An event about this device or its domain (loop thread).  The first wins."""
+        if self.verdict is None:
+            self.verdict = verdict
+            self.early = not self.handed and isinstance(verdict, Verdict)
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def leave(self) -> None:
+        """A caller stopped waiting (its result, its error or its cancellation)."""
+        self.callers -= 1
+        if self.callers == 0 and self.phase is Phase.BACKING_OFF:
+            self.wake()  # nothing of ours is pending: stop now
+
+    # ------------------------------------------------------------- driver
+    async def run(self) -> LiveDone:
+        """Drive the unplug to its end.  The one place where verdicts are acted on."""
+        try:
+            while True:
+                if self.verdict is not None:
+                    if not self.early:
+                        return self._finish(self.verdict)
+                    await self._confirm_early()
+                    continue
+                phase = self.phase
+                if phase is Phase.QUEUED:
+                    await self._send()
+                elif phase is Phase.WAITING:
+                    await self._wait_window()
+                elif phase is Phase.RECHECKING:
+                    await self._recheck()
+                elif phase is Phase.PAUSED:
+                    await self._wait_paused()
+                elif phase is Phase.BACKING_OFF:
+                    await self._back_off()
+                else:  # pragma: no cover - SENDING/DONE never reach here
+                    raise AssertionError(f"unplug {self.key} in phase {phase}")
+        finally:
+            self.phase = Phase.DONE
+            self._registry.forget(self)
+
+    async def _send(self) -> None:
+        if self.callers == 0:
+            raise Abandoned
+        conn, settings = self._registry.conn, self._registry.settings
+        self.phase = Phase.SENDING
+        self.sent += 1
+        self.generation = conn.generation
+        _log.info(
+            "aiodetach.detach_sent",
+            domain=self.domain,
+            alias=self.key[1],
+            attempt=self.used + 1,
+            attempts=settings.attempts,
+        )
+        backend = conn.backend
+        uuid, alias = self.key
+
+        def request() -> bool:
+            # In the worker thread.  A request whose callers all left while it
+            # waited for this thread is not sent: nobody wants it.
+            if self.callers == 0:
+                return False
+            # From here on an event for this alias can be our request's own.
+            self.handed = True
+            backend.detach_live(uuid, alias)
+            return True
+
+        future = conn.submit(request)
+        future.add_done_callback(_retrieve)
+        try:
+            # Shielded: a request inside libvirt is always seen to its answer.
+            sent = await asyncio.shield(future)
+        except BackendError as err:
+            await self._refused(err)
+            return
+        if not sent:  # its callers had all left when its thread was free
+            if self.callers == 0:
+                raise Abandoned
+            self.sent -= 1  # someone joined since: it is due after all
+            self.phase = Phase.QUEUED
+            return
+        self.accepted = True
+        self.busy_since = None
+        self._start_window()
+
+    async def _refused(self, err: BackendError) -> None:
+        """libvirt did not take the request: what does that mean?"""
+        if self.verdict is not None and not self.early:
+            return  # an event decided it meanwhile (run() reports it)
+        alias = self.key[1]
+        if is_busy(err) and not self.accepted:
+            self.sent -= 1
+            self.handed = False  # nothing of ours is pending in the guest
+            self.phase = Phase.BACKING_OFF
+            return
+        if is_in_progress(err):
+            # An unplug (ours, or someone else's) is pending: wait for it.
+            _log.info(
+                "aiodetach.unplug_in_progress", domain=self.domain, alias=alias, message=err.message
+            )
+            self.accepted = True
+            self._start_window()
+            return
+        if is_connection_error(err) and self._registry.conn.state == "open":
+            # It may or may not have reached QEMU: treat it as sent and wait
+            # (the wait rides out the reconnect), never re-send at once.
+            self._registry.connection_lost("call failed: " + err.message)
+            self.accepted = True
+            self._start_window()
+            return
+        if is_alias_missing(err) and not await self._still_there():
+            self.verdict, self.early = Verdict.GONE, False
+            return
+        if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+            raise self._stopped("stopped")
+        if err.code == ErrorCode.NO_DOMAIN:
+            raise self._stopped("undefined")
+        raise map_error(err, domain=self.domain, alias=alias, action="live detach") from None
+
+    def _start_window(self) -> None:
+        # The clock starts once libvirt has answered, not when the request was
+        # queued: a request that waited for a worker thread in a mass detach
+        # spent none of the guest's time.
+        self.deadline = self._loop.time() + self._registry.settings.timeout
+        self.phase = Phase.WAITING
+
+    async def _wait_window(self) -> None:
+        conn = self._registry.conn
+        while self.verdict is None:
+            if not conn.is_up or self.generation != conn.generation:
+                await self._ride_out_reconnect()
+                continue
+            if await self._sleep(self.deadline):
+                if self.verdict is None:
+                    if self.callers == 0:
+                        raise Abandoned  # the window is over and nobody waits
+                    self.phase = Phase.RECHECKING
+                return
+
+    async def _ride_out_reconnect(self) -> None:
+        """Events of a lost connection are lost for good: once back, ask the
+        live XML, and keep waiting out this attempt if the device is still
+        there (no new request)."""
+        conn = self._registry.conn
+        if not conn.is_up:
+            _log.info("aiodetach.waiting_for_reconnect", domain=self.domain, alias=self.key[1])
+        await conn.wait_up()
+        self.generation = conn.generation
+        if self.verdict is None and not await self._still_there() and self.verdict is None:
+            self.verdict, self.early = Verdict.GONE, False
+
+    async def _recheck(self) -> None:
+        """The window ran out with no verdict: look before sending again."""
+        settings, alias = self._registry.settings, self.key[1]
+        state = await self._domain_state()
+        if self.verdict is not None:
+            return
+        if state is DomainState.PAUSED:
+            # A paused guest cannot answer: this attempt has not really been
+            # tried.  No new request (ours is still queued in QEMU); once the
+            # vCPUs run again the guest gets a full timeout.
+            _log.info("aiodetach.waiting_while_paused", domain=self.domain, alias=alias)
+            self.phase = Phase.PAUSED
+            return
+        _log.info(
+            "aiodetach.attempt_timed_out",
+            domain=self.domain,
+            alias=alias,
+            attempt=self.used + 1,
+            attempts=settings.attempts,
+            timeout=settings.timeout,
+        )
+        xml = await self._live_xml()
+        if self.verdict is not None:
+            return  # e.g. DEVICE_REMOVAL_FAILED during the read: never re-send on top of it
+        if not has_alias(xml, alias):
+            _log.info("aiodetach.removed_without_event", domain=self.domain, alias=alias)
+            self.verdict, self.early = Verdict.GONE, False
+            return
+        self.used += 1
+        if self.used >= settings.attempts:
+            raise self._timeout()
+        self.phase = Phase.QUEUED
+
+    async def _wait_paused(self) -> None:
+        """No clock runs while paused.  Woken by libvirt's RESUMED; looks again
+        every ``timeout`` seconds in case that event was lost."""
+        while True:
+            await self._sleep(self._loop.time() + self._registry.settings.timeout)
+            if self.verdict is not None:
+                return
+            state = await self._domain_state()
+            if self.verdict is not None:
+                return
+            if state is not DomainState.PAUSED:
+                self._start_window()
+                return
+
+    async def _back_off(self) -> None:
+        """QEMU refused with "guest is busy" and nothing of ours is pending."""
+        if self.callers == 0:
+            raise Abandoned
+        settings = self._registry.settings
+        now = self._loop.time()
+        if self.busy_since is None:
+            self.busy_since = now
+        elif now - self.busy_since >= settings.timeout:
+            # A slot busy for a whole attempt's time costs an attempt, so a
+            # slot that never settles still ends in DetachTimeout.
+            self.used += 1
+            self.busy_since = now
+            if self.used >= settings.attempts:
+                raise self._timeout()
+        base = min(1.0, settings.timeout / 4)
+        delay = min(base * 1.5**self.busy_refusals, BUSY_BACKOFF_MAX, settings.timeout)
+        self.busy_refusals += 1
+        _log.info(
+            "aiodetach.busy_backoff",
+            domain=self.domain,
+            alias=self.key[1],
+            refusals=self.busy_refusals,
+            delay=round(delay, 3),
+        )
+        await self._sleep(now + delay)
+        if self.phase is Phase.BACKING_OFF:
+            self.phase = Phase.QUEUED
+
+    async def _confirm_early(self) -> None:
+        """A verdict arrived before any request of ours was in libvirt."""
+        verdict = self.verdict
+        self.verdict, self.early = None, False  # an event during the read is recorded anew
+        alias = self.key[1]
+        if verdict is Verdict.REMOVED and not await self._still_there():
+            self.verdict, self.early = Verdict.GONE, False
+            return
+        _log.info(
+            "aiodetach.stale_event_ignored",
+            domain=self.domain,
+            alias=alias,
+            kind=verdict.value if isinstance(verdict, Verdict) else str(verdict),
+        )
+
+    # ------------------------------------------------------------ helpers
+    async def _sleep(self, deadline: float) -> bool:
+        """Wait until ``deadline`` or a wake-up; True if the deadline passed."""
+        self.waiter = waiter = self._loop.create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except TimeoutError:
+            return True
+        finally:
+            self.waiter = None
+        return False
+
+    async def _domain_state(self) -> DomainState:
+        """The domain's state now.  Raises DomainStopped if it is not active."""
+        conn = self._registry.conn
+        try:
+            current = await conn.read(conn.backend.lookup, self.key[0])
+        except BackendError as err:
+            if err.code == ErrorCode.NO_DOMAIN:  # a transient domain went away
+                raise self._stopped("undefined") from None
+            raise map_error(
+                err, domain=self.domain, alias=self.key[1], action="domain lookup"
+            ) from None
+        if not current.state.is_active:
+            raise self._stopped("stopped")
+        return current.state
+
+    async def _live_xml(self) -> str:
+        conn = self._registry.conn
+        try:
+            return await conn.read(conn.backend.domain_xml, self.key[0], inactive=False)
+        except BackendError as err:
+            raise map_error(
+                err, domain=self.domain, alias=self.key[1], action="reading the XML"
+            ) from None
+
+    async def _still_there(self) -> bool:
+        """Re-read state and live XML: is the device still attached?"""
+        await self._domain_state()
+        return has_alias(await self._live_xml(), self.key[1])
+
+    def _finish(self, decision: Decision) -> LiveDone:
+        alias = self.key[1]
+        if decision is Verdict.REMOVED:
+            return LiveDone(self.sent, "event")
+        if decision is Verdict.GONE:
+            return LiveDone(self.sent, "xml")
+        if decision is Verdict.FAILED:
+            _log.warning("aiodetach.removal_failed", domain=self.domain, alias=alias)
+            raise DetachFailed(
+                "the guest rejected the unplug (DEVICE_REMOVAL_FAILED); not retried",
+                domain=self.domain,
+                alias=alias,
+            )
+        assert isinstance(decision, tuple)
+        raise self._stopped(decision[1])
+
+    def _stopped(self, reason: str) -> DomainStopped:
+        _log.warning(
+            "aiodetach.domain_stopped", domain=self.domain, alias=self.key[1], reason=reason
+        )
+        what = "disappeared" if reason == "undefined" else f"stopped ({reason})"
+        return DomainStopped(
+            f"the domain {what} before the guest released the device",
+            domain=self.domain,
+            alias=self.key[1],
+            reason=reason,
+        )
+
+    def _timeout(self) -> DetachTimeout:
+        settings = self._registry.settings
+        _log.warning(
+            "aiodetach.detach_timeout",
+            domain=self.domain,
+            alias=self.key[1],
+            attempts=settings.attempts,
+        )
+        busy = f", {self.busy_refusals} refused as busy" if self.busy_refusals else ""
+        return DetachTimeout(
+            f"the guest did not release the device after {self.sent} request(s) of "
+            f"{settings.timeout:g} s each{busy}",
+            domain=self.domain,
+            alias=self.key[1],
+            attempts=self.sent,
+            timeout=settings.timeout,
+        )
+
+
+class Unplugs:
+    """Every live unplug of one service, keyed by (domain UUID, alias)."""
+
+    def __init__(self, conn: Connection, settings: DetachSettings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.by_key: dict[Key, Unplug] = {}
+        """Read by the event intake's hot path: one lookup per event."""
+
+    def join(self, uuid: str, domain: str, alias: str) -> tuple[Unplug, bool]:
+        """The unplug of this device, started if none is in flight; counts the caller in."""
+        key = (uuid, alias)
+        unplug = self.by_key.get(key)
+        joined = unplug is not None
+        if unplug is None:
+            unplug = Unplug(self, key, domain)
+            self.by_key[key] = unplug
+            unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
+            task.add_done_callback(_retrieve)
+        else:
+            _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
+        unplug.callers += 1
+        return unplug, joined
+
+    async def wait(self, unplug: Unplug) -> LiveDone:
+        """A caller's wait; leaving (however it ends) counts the caller out."""
+        task = unplug.task
+        assert task is not None
+        try:
+            return await asyncio.shield(task)
+        finally:
+            unplug.leave()
+
+    def forget(self, unplug: Unplug) -> None:
+        if self.by_key.get(unplug.key) is unplug:
+            del self.by_key[unplug.key]
+
+    def connection_lost(self, reason: str) -> None:
+        if self.conn.lost(reason):
+            for unplug in self.by_key.values():
+                unplug.wake()  # its driver sees the connection down and waits for it
+
+    async def close(self) -> None:
+        tasks = [u.task for u in self.by_key.values() if u.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.by_key.clear()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an outcome retrieved: nobody may be left to await it."""
+    if not future.cancelled():
+        future.exception()
