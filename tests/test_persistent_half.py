@@ -149,3 +149,42 @@ async def test_partial_flag_is_per_caller(fake: FakeHypervisor, svc: DetachServi
     assert isinstance(live_only, DetachFailed)
     assert both.persistent_done is True
     assert live_only.persistent_done is False
+
+
+@pytest.mark.parametrize("selector", [{"target": "vdb"}, {"alias": "virtio-disk1"}])
+async def test_caller_that_reads_after_anothers_config_detach_landed_shares_it(
+    fake: FakeHypervisor, selector: dict[str, Any]
+) -> None:
+    """The second caller began while the first's config detach was under way,
+    but read the definition only after it landed: the device is not there
+    any more, and the caller still asked for what did happen."""
+    vm = fake.add_domain("vm")
+    disk = vm.add_disk("vdb", alias="virtio-disk1", unplug=Unplug.later(0.2))
+    landed, second_began = threading.Event(), threading.Event()
+    config_started = threading.Event()
+    original_config = fake.detach_config
+
+    def detach_config(uuid: str, device_xml: str) -> None:
+        config_started.set()
+        second_began.wait(2)  # the first caller's config detach is under way...
+        original_config(uuid, device_xml)
+        landed.set()
+
+    def second_caller_reads_late(name: str) -> None:
+        if name == "lookup":  # ...and the second caller reads only once it landed
+            landed.wait(2)
+
+    fake.detach_config = detach_config  # type: ignore[method-assign]
+    async with DetachService(backend=fake, settings=DetachSettings(timeout=5)) as svc:
+        first = asyncio.create_task(svc.detach("vm", **selector))
+        while not config_started.is_set():
+            await asyncio.sleep(0.001)
+        fake.before_call = second_caller_reads_late
+        second = asyncio.create_task(svc.detach("vm", **selector, persistent=True))
+        await asyncio.sleep(0.01)
+        second_began.set()
+        results = await asyncio.gather(first, second)
+    assert [(r.live, r.persistent) for r in results] == [(True, True), (True, True)]
+    assert len(fake.config_requests) == 1
+    assert len(fake.requests) == 1
+    assert not disk.config

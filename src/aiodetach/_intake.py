@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._unplug import Unplugs, Verdict
+from ._registry import Unplugs
+from ._unplug import Verdict
 
 __all__ = ["CLOSED", "DeviceEvent", "EventIntake"]
 

@@ -5,17 +5,19 @@ device's *identity* in the persistent definition (disk target, MAC, hostdev
 source, …; see :mod:`aiodetach._xml`), never by a description: two different
 ``<hostdev>``s may describe alike, and each must get its own detach.
 
-A caller that read the persistent definition *before* another caller's
-config detach of the same device completed would otherwise send a second
-one and get "device not found" for a detach that did happen.  Each caller
-therefore takes a :meth:`PersistentStep.ticket` before its read; a config
-detach that completed after that ticket counts as this caller's too.
+A caller that began while another caller's config detach of the same device
+was under way would otherwise send a second one (or, reading the definition
+after it landed, not find the device) and get "device not found" for a
+detach that did happen.  Each caller therefore takes a
+:meth:`PersistentStep.ticket` when it begins; a config detach of its device
+under way or completed since then counts as this caller's too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Hashable
 
@@ -23,8 +25,8 @@ import structlog
 
 from ._connection import Connection
 from ._errors_map import is_connection_error, map_error
-from ._unplug import Unplugs
-from ._xml import DeviceRef, find_same_device
+from ._registry import Unplugs
+from ._xml import DeviceRef, Selector, find_device, find_same_device
 from .backend import BackendError, DomainInfo
 from .errors import DeviceNotFound
 
@@ -40,24 +42,46 @@ class PersistentStep:
     def __init__(self, conn: Connection, unplugs: Unplugs) -> None:
         self._conn = conn
         self._unplugs = unplugs
-        self._ops: dict[Key, asyncio.Task[None]] = {}
+        self._ops: dict[Key, tuple[asyncio.Task[None], DeviceRef]] = {}
         self._seq = 0  # bumped by every config detach that completes
-        self._completed: dict[Key, int] = {}  # key -> _seq when it completed
-        self._readers: Counter[int] = Counter()  # tickets of callers between read and detach
+        self._completed: dict[Key, tuple[int, DeviceRef]] = {}  # with _seq at completion
+        self._callers: Counter[int] = Counter()  # tickets of callers in flight
 
     def ticket(self) -> int:
-        """Take before reading the persistent definition; give back with :meth:`release`."""
-        self._readers[self._seq] += 1
+        """Take when a detach begins; give back with :meth:`release`."""
+        self._callers[self._seq] += 1
         return self._seq
 
     def release(self, ticket: int) -> None:
-        self._readers[ticket] -= 1
-        if self._readers[ticket] <= 0:
-            del self._readers[ticket]
+        self._callers[ticket] -= 1
+        if self._callers[ticket] <= 0:
+            del self._callers[ticket]
         # Only a caller whose ticket predates a completion can need its record.
-        oldest = min(self._readers, default=self._seq)
-        for key in [k for k, seq in self._completed.items() if seq <= oldest]:
+        oldest = min(self._callers, default=self._seq)
+        for key in [k for k, (seq, _dev) in self._completed.items() if seq <= oldest]:
             del self._completed[key]
+
+    def removed_since(
+        self, uuid: str, ticket: int, selector: Selector, live_dev: DeviceRef | None
+    ) -> DeviceRef | None:
+        """The device this caller means, if another caller's config detach of it
+        is under way or completed since this caller began.
+
+        Such a caller may read the persistent definition after that detach
+        landed and not find the device there; it asked for what did happen,
+        so it shares that detach instead of failing with "not found".
+        """
+        candidates = [dev for key, (_task, dev) in self._ops.items() if key[0] == uuid]
+        candidates += [
+            dev for key, (seq, dev) in self._completed.items() if key[0] == uuid and seq > ticket
+        ]
+        for dev in candidates:
+            if live_dev is not None and live_dev.identity is not None:
+                if dev.identity == live_dev.identity:
+                    return dev
+            elif find_device(_alone(dev), selector):
+                return dev
+        return None
 
     async def detach(
         self,
@@ -71,14 +95,17 @@ class PersistentStep:
         """Remove ``dev`` from the persistent definition.  False: "not found",
         ignored because a live detach follows."""
         key: Key = (info.uuid, dev.identity if dev.identity is not None else dev.xml)
-        task = self._ops.get(key)
-        if task is None and self._completed.get(key, -1) > ticket:
+        op = self._ops.get(key)
+        done = self._completed.get(key)
+        if op is None and done is not None and done[0] > ticket:
             _log.info("aiodetach.persistent_joined", domain=info.name, alias=alias)
-            return True  # another caller's config detach of this device, after our read
-        if task is None:
+            return True  # another caller's config detach of this device, since we began
+        if op is None:
             task = asyncio.get_running_loop().create_task(self._config_detach(info, dev))
-            self._ops[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
+            self._ops[key] = (task, dev)
+            task.add_done_callback(functools.partial(self._done, key, dev))
+        else:
+            task = op[0]
         try:
             await asyncio.shield(task)
         except DeviceNotFound:
@@ -89,17 +116,17 @@ class PersistentStep:
         _log.info("aiodetach.persistent_detached", domain=info.name, alias=alias)
         return True
 
-    def _done(self, key: Key, task: asyncio.Task[None]) -> None:
+    def _done(self, key: Key, dev: DeviceRef, task: asyncio.Task[None]) -> None:
         self._ops.pop(key, None)
         if task.cancelled():
             return
         if task.exception() is None:  # retrieved either way: its callers may be gone
             self._seq += 1
-            if self._readers:
-                self._completed[key] = self._seq
+            if self._callers:
+                self._completed[key] = (self._seq, dev)
 
     async def close(self) -> None:
-        tasks = list(self._ops.values())
+        tasks = [task for task, _dev in self._ops.values()]
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _config_detach(self, info: DomainInfo, dev: DeviceRef) -> None:
@@ -123,3 +150,10 @@ class PersistentStep:
                 raise map_error(
                     err2, domain=info.name, alias=dev.alias, action="persistent detach"
                 ) from None
+
+
+def _alone(dev: DeviceRef) -> str:
+    """A domain XML holding only ``dev``, to match a selector against it."""
+    root = ET.Element("domain")
+    ET.SubElement(root, "devices").append(ET.fromstring(dev.xml))  # noqa: S314 - libvirt's
+    return ET.tostring(root, encoding="unicode")

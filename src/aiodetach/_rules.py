@@ -6,6 +6,7 @@ tested without a hypervisor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ def plan_devices(
     persistent: bool | None,
     live_xml: str | None,
     persistent_xml: str | None,
+    *,
+    removed: Callable[[DeviceRef | None], DeviceRef | None] = lambda _live: None,
 ) -> Plan:
     """Find the device in each definition asked for, and apply the not-found rules.
 
@@ -83,7 +86,9 @@ def plan_devices(
     ``net0``) exist in the live XML only.  So a device found in one
     definition is looked for in the other by what identifies it *there*
     (disk target, MAC, hostdev source, controller type and index, guest
-    address), and both halves are done.
+    address), and both halves are done.  ``removed(live_dev)`` names a device
+    whose config detach by another caller is under way or done since this
+    caller began (see :mod:`aiodetach._persistent`).
     """
     live_dev = find_device(live_xml, selector) if live_xml is not None else None
     pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
@@ -91,6 +96,10 @@ def plan_devices(
         pers_dev = find_same_device(persistent_xml, live_dev)
     if live_xml is not None and live_dev is None and pers_dev is not None:
         live_dev = find_same_device(live_xml, pers_dev)
+    if persistent_xml is not None and pers_dev is None:
+        # Another caller's config detach of this device may have landed just
+        # before our read: ``removed`` finds it, and this caller shares it.
+        pers_dev = removed(live_dev)
 
     alias = selector.value if selector.kind == "alias" else None
     if live is True and live_dev is None:

@@ -32,10 +32,11 @@ from ._intake import CLOSED, DeviceEvent, EventIntake
 from ._libvirt import LibvirtBackend
 from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
 from ._persistent import PersistentStep
+from ._registry import Unplugs
 from ._result import DetachResult
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
-from ._unplug import LiveDone, Unplugs
+from ._unplug import LiveDone
 from ._xml import selector_from
 from .backend import Backend, BackendError, DomainInfo
 from .errors import (
@@ -261,17 +262,28 @@ class DetachService:
     ) -> DetachResult:
         assert self._persistent is not None
         started = time.monotonic()
-        conn.revive()
-        await conn.wait_up()
-        info = await self._lookup(conn, ref)
-        do_live, do_persistent = halves(info, live, persistent)
-        # Only the devices' own XML is kept: a whole domain definition per
-        # pending detach adds up when thousands wait.
-        ticket = self._persistent.ticket()
+        persistent_step = self._persistent
+        ticket = persistent_step.ticket()
         try:
+            conn.revive()
+            await conn.wait_up()
+            info = await self._lookup(conn, ref)
+            do_live, do_persistent = halves(info, live, persistent)
+            # Only the devices' own XML is kept: a whole domain definition per
+            # pending detach adds up when thousands wait.
             live_xml = await self._domain_xml(conn, info, inactive=False) if do_live else None
             pers_xml = await self._domain_xml(conn, info, inactive=True) if do_persistent else None
-            plan = plan_devices(info, selector, live, persistent, live_xml, pers_xml)
+            plan = plan_devices(
+                info,
+                selector,
+                live,
+                persistent,
+                live_xml,
+                pers_xml,
+                removed=lambda live_dev: persistent_step.removed_since(
+                    info.uuid, ticket, selector, live_dev
+                ),
+            )
             del live_xml, pers_xml
             shown = plan.found.alias or (selector.value if selector.kind == "alias" else None)
             persistent_done = False

@@ -23,7 +23,7 @@ Phases (``Phase``) and what moves them::
 
 Inputs that are not the driver's own I/O land in :meth:`Unplug.decide`
 (libvirt events, the domain stopping), :meth:`Unplug.wake` (resumed,
-connection lost) and the caller count (:meth:`Unplugs.join` / ``leave``).
+connection lost) and the caller count (``join`` / :meth:`Unplug.leave`).
 They only record and wake; the driver acts on them at one place, the top of
 :meth:`Unplug.run`, which every step returns to.  Hence the rules:
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -57,7 +57,7 @@ from ._xml import has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import DetachFailed, DetachTimeout, DomainStopped
 
-__all__ = ["LiveDone", "Phase", "Unplug", "Unplugs", "Verdict"]
+__all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
 _log = structlog.get_logger("aiodetach")
 Key = tuple[str, str]
@@ -121,7 +121,7 @@ class Unplug:
         "waiter",
     )
 
-    def __init__(self, registry: Unplugs, key: Key, domain: str) -> None:
+    def __init__(self, registry: Registry, key: Key, domain: str) -> None:
         self._registry = registry
         self._loop = asyncio.get_running_loop()
         self.key = key
@@ -215,7 +215,7 @@ class Unplug:
             return True
 
         future = conn.submit(request)
-        future.add_done_callback(_retrieve)
+        future.add_done_callback(retrieve)
         try:
             # Shielded: a request inside libvirt is always seen to its answer.
             sent = await asyncio.shield(future)
@@ -478,57 +478,18 @@ class Unplug:
         )
 
 
-class Unplugs:
-    """Every live unplug of one service, keyed by (domain UUID, alias)."""
+class Registry(Protocol):
+    """What an unplug needs from the service (see :mod:`aiodetach._registry`)."""
 
-    def __init__(self, conn: Connection, settings: DetachSettings) -> None:
-        self.conn = conn
-        self.settings = settings
-        self.by_key: dict[Key, Unplug] = {}
-        """Read by the event intake's hot path: one lookup per event."""
+    conn: Connection
+    settings: DetachSettings
 
-    def join(self, uuid: str, domain: str, alias: str) -> tuple[Unplug, bool]:
-        """The unplug of this device, started if none is in flight; counts the caller in."""
-        key = (uuid, alias)
-        unplug = self.by_key.get(key)
-        joined = unplug is not None
-        if unplug is None:
-            unplug = Unplug(self, key, domain)
-            self.by_key[key] = unplug
-            unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-            task.add_done_callback(_retrieve)
-        else:
-            _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
-        unplug.callers += 1
-        return unplug, joined
+    def forget(self, unplug: Unplug) -> None: ...
 
-    async def wait(self, unplug: Unplug) -> LiveDone:
-        """A caller's wait; leaving (however it ends) counts the caller out."""
-        task = unplug.task
-        assert task is not None
-        try:
-            return await asyncio.shield(task)
-        finally:
-            unplug.leave()
-
-    def forget(self, unplug: Unplug) -> None:
-        if self.by_key.get(unplug.key) is unplug:
-            del self.by_key[unplug.key]
-
-    def connection_lost(self, reason: str) -> None:
-        if self.conn.lost(reason):
-            for unplug in self.by_key.values():
-                unplug.wake()  # its driver sees the connection down and waits for it
-
-    async def close(self) -> None:
-        tasks = [u.task for u in self.by_key.values() if u.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.by_key.clear()
+    def connection_lost(self, reason: str) -> None: ...
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark an outcome retrieved: nobody may be left to await it."""
     if not future.cancelled():
         future.exception()

@@ -1,0 +1,72 @@
+"""Every live unplug of one service, keyed by (domain UUID, alias).
+
+The registry is what makes "one unplug per device at a time" true: a
+caller either starts the device's unplug or joins the one in flight, and an
+unplug leaves the registry in the same step as it ends, so a caller never
+joins one that is over.  The event intake reads :attr:`Unplugs.by_key` on
+its hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from ._connection import Connection
+from ._settings import DetachSettings
+from ._unplug import Key, LiveDone, Unplug, retrieve
+
+__all__ = ["Unplugs"]
+
+_log = structlog.get_logger("aiodetach")
+
+
+class Unplugs:
+    """Every live unplug of one service, keyed by (domain UUID, alias)."""
+
+    def __init__(self, conn: Connection, settings: DetachSettings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.by_key: dict[Key, Unplug] = {}
+        """Read by the event intake's hot path: one lookup per event."""
+
+    def join(self, uuid: str, domain: str, alias: str) -> tuple[Unplug, bool]:
+        """The unplug of this device, started if none is in flight; counts the caller in."""
+        key = (uuid, alias)
+        unplug = self.by_key.get(key)
+        joined = unplug is not None
+        if unplug is None:
+            unplug = Unplug(self, key, domain)
+            self.by_key[key] = unplug
+            unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
+            task.add_done_callback(retrieve)
+        else:
+            _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
+        unplug.callers += 1
+        return unplug, joined
+
+    async def wait(self, unplug: Unplug) -> LiveDone:
+        """A caller's wait; leaving (however it ends) counts the caller out."""
+        task = unplug.task
+        assert task is not None
+        try:
+            return await asyncio.shield(task)
+        finally:
+            unplug.leave()
+
+    def forget(self, unplug: Unplug) -> None:
+        if self.by_key.get(unplug.key) is unplug:
+            del self.by_key[unplug.key]
+
+    def connection_lost(self, reason: str) -> None:
+        if self.conn.lost(reason):
+            for unplug in self.by_key.values():
+                unplug.wake()  # its driver sees the connection down and waits for it
+
+    async def close(self) -> None:
+        tasks = [u.task for u in self.by_key.values() if u.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.by_key.clear()
