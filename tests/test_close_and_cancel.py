@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from aiodetach import DetachFleet, DetachService, DetachSettings
 from aiodetach.errors import ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
@@ -169,3 +169,33 @@ async def test_close_while_persistent_step_runs(fake: FakeHypervisor) -> None:
         return
     # The config detach finished before the close reached it: then so did the result.
     assert result.persistent
+
+
+async def test_fleet_closed_while_connecting_gives_service_closed(fake: FakeHypervisor) -> None:
+    """Callers waiting for a host's connection get ServiceClosed when the fleet
+    closes (0.1: CancelledError, though nobody cancelled them)."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_open(name: str) -> None:
+        if name == "open":
+            entered.set()
+            release.wait(5)
+
+    fake.before_call = slow_open
+    fleet = DetachFleet(settings=DetachSettings(timeout=5), backend_factory=lambda _uri: fake)
+    callers = [asyncio.create_task(fleet.detach("fake:///x", "vm", alias="ua-d")) for _ in range(2)]
+    batch = asyncio.create_task(
+        fleet.detach_many([{"uri": "fake:///x", "domain": "vm", "alias": "ua-d"}])
+    )
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    closing = asyncio.create_task(fleet.aclose())
+    await asyncio.sleep(0.02)
+    release.set()
+    await closing
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, ServiceClosed) for o in outcomes), outcomes
+    (outcome,) = await asyncio.wait_for(batch, 5)
+    assert isinstance(outcome.error, ServiceClosed), outcome
+    assert not fake.connected

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from aiodetach import DetachService, DetachSettings
-from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound
+from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
 
@@ -188,3 +188,69 @@ async def test_caller_that_reads_after_anothers_config_detach_landed_shares_it(
     assert len(fake.config_requests) == 1
     assert len(fake.requests) == 1
     assert not disk.config
+
+
+async def _first_request(fake: FakeHypervisor) -> None:
+    while not fake.requests:
+        await asyncio.sleep(0.005)
+
+
+async def test_caller_joining_after_the_config_half_shares_its_outcome(
+    fake: FakeHypervisor, svc: DetachService
+) -> None:
+    """B joins A's live unplug after A removed the device from the persistent
+    definition: B did not find it there, yet the device's persistent half is
+    done, and B's result says so (found by a fresh-context adversary)."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await _first_request(fake)
+    second = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await asyncio.sleep(0.05)
+    fake.complete("vm", "ua-d")
+    a, b = await asyncio.gather(first, second)
+    assert b.joined
+    assert (a.persistent, b.persistent) == (True, True)
+    assert len(fake.config_requests) == 1
+
+
+async def test_joined_callers_error_says_persistent_done(
+    fake: FakeHypervisor, svc: DetachService
+) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await _first_request(fake)
+    second = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await asyncio.sleep(0.05)
+    fake.reject("vm", "ua-d")
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(a, DetachFailed)
+    assert isinstance(b, DetachFailed)
+    assert (a.persistent_done, b.persistent_done) == (True, True)
+
+
+async def test_caller_asking_again_after_its_deadline_keeps_persistent(
+    fake: FakeHypervisor, svc: DetachService
+) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(svc.detach("vm", alias="ua-d"), 0.05)
+    again = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await asyncio.sleep(0.02)
+    fake.complete("vm", "ua-d")
+    result = await again
+    assert (result.live, result.persistent, result.joined) == (True, True, True)
+
+
+async def test_service_closed_after_the_config_half_says_persistent_done(
+    fake: FakeHypervisor,
+) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    svc = DetachService(backend=fake, settings=DetachSettings(timeout=5))
+    await svc.open()
+    task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+    await _first_request(fake)
+    await svc.aclose()
+    with pytest.raises(ServiceClosed) as info:
+        await task
+    assert info.value.persistent_done is True
+    assert (info.value.domain, info.value.alias) == ("vm", "ua-d")

@@ -62,21 +62,63 @@ async def test_wait_for_and_cancel_then_ask_again(fake: FakeHypervisor) -> None:
     assert result.attempts == 1
 
 
-async def test_orphaned_unplug_ends_with_its_window(fake: FakeHypervisor) -> None:
-    """Nobody waits: the unplug is remembered for the rest of its window, then
-    forgotten without a re-send; a later request starts afresh."""
+async def test_orphaned_unplug_is_kept_one_timeout_past_its_window(fake: FakeHypervisor) -> None:
+    """Nobody waits: the unplug is remembered for the rest of its window and one
+    more ``timeout``, then dropped without a re-send; a later request starts afresh."""
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
     settings = DetachSettings(attempts=3, timeout=0.3)
     async with DetachService(backend=fake, settings=settings) as svc:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(svc.detach("vm", alias="ua-d", persistent=False), 0.05)
+        await asyncio.sleep(0.4)  # the window is over: idle, still remembered
         assert svc.pending() != []
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.4)
         assert svc.pending() == []
-        assert len(fake.requests) == 1, "an orphan never re-sends"
+        assert len(fake.requests) == 1, "nothing is sent for nobody"
         with pytest.raises(DetachTimeout):
             await svc.detach("vm", alias="ua-d", persistent=False)
     assert len(fake.requests) == 4
+
+
+async def test_deadline_during_the_recheck_keeps_the_attempts_used(fake: FakeHypervisor) -> None:
+    """The caller's deadline fires while the live XML is re-read after a window;
+    asking again carries on with the attempts left (0.2 before the fix: a
+    fresh unplug, 3 requests for attempts=2)."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    fake.before_call = lambda n: time.sleep(0.2) if n == "lookup" and fake.requests else None
+    settings = DetachSettings(attempts=2, timeout=0.5)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.6):  # fires inside the re-check
+                await svc.detach("vm", alias="ua-d", persistent=False)
+        with pytest.raises(DetachTimeout) as info:
+            await svc.detach("vm", alias="ua-d", persistent=False)
+    assert len(fake.requests) == 2
+    assert info.value.attempts == 2
+
+
+@pytest.mark.parametrize("deadline", [0.05, 0.1, 0.3])
+async def test_a_retry_loop_ends_in_detach_timeout_after_attempts_requests(
+    fake: FakeHypervisor, deadline: float
+) -> None:
+    """A caller that retries after its own short deadline, forever: the device's
+    attempts still bound the requests, and the loop ends in DetachTimeout."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    settings = DetachSettings(attempts=2, timeout=0.5)
+    final: DetachTimeout | None = None
+    async with DetachService(backend=fake, settings=settings) as svc:
+        started = time.monotonic()
+        while time.monotonic() - started < 5.0:
+            try:
+                async with asyncio.timeout(deadline):
+                    await svc.detach("vm", alias="ua-d", persistent=False)
+            except DetachTimeout as exc:  # before TimeoutError: it is one
+                final = exc
+                break
+            except TimeoutError:
+                continue
+    assert isinstance(final, DetachTimeout)
+    assert len(fake.requests) == 2
 
 
 async def test_orphan_rejoined_late_gets_the_rest_of_its_attempts(fake: FakeHypervisor) -> None:

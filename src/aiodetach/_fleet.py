@@ -79,7 +79,14 @@ class DetachFleet:
             task = asyncio.get_running_loop().create_task(self._open(uri))
             self._opening[uri] = task
             task.add_done_callback(lambda _t: self._opening.pop(uri, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._closed and not (current is not None and current.cancelling()):
+                # The fleet's close cancelled the connect, not this caller.
+                raise ServiceClosed(f"the fleet was closed while connecting to {uri}") from None
+            raise
 
     async def _open(self, uri: str) -> DetachService:
         backend = self._factory(uri) if self._factory is not None else None

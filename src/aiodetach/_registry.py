@@ -43,7 +43,7 @@ class Unplugs:
             task.add_done_callback(retrieve)
         else:
             _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
-        unplug.callers += 1
+        unplug.join()
         return unplug, joined
 
     async def wait(self, unplug: Unplug) -> LiveDone:

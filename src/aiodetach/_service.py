@@ -21,7 +21,8 @@ import asyncio
 import copy
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 
@@ -230,44 +231,48 @@ class DetachService:
                 domain=ref,
                 alias=selector.value if selector.kind == "alias" else None,
             )
-        named = selector.value if selector.kind == "alias" else None
+        progress = _Progress(ref, selector.value if selector.kind == "alias" else None)
         try:
-            return await self._detach(conn, ref, selector, live, persistent)
+            return await self._detach(conn, progress, selector, live, persistent)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._closing and not (current is not None and current.cancelling()):
-                self._closed_under(ref, named, None)
+                raise self._closed_under(progress) from None
             raise
         except (ConnectionLost, HypervisorError, ServiceClosed, RuntimeError) as exc:
             # What a close does to the calls in flight (a cancelled driver, a
             # dropped connection, an executor shut down) is not an outcome.
             if self._closing:
-                self._closed_under(ref, named, exc)
+                raise self._closed_under(progress) from exc
+            if isinstance(exc, DetachError):
+                raise progress.complete(exc) from exc.__cause__
             raise
+        except DetachError as exc:
+            raise progress.complete(exc) from exc.__cause__
 
-    def _closed_under(self, ref: str, alias: str | None, exc: BaseException | None) -> NoReturn:
-        raise ServiceClosed(
-            "the service was closed while the detach was in flight",
-            domain=getattr(exc, "domain", None) or ref,
-            alias=getattr(exc, "alias", None) or alias,
-        ) from exc
+    def _closed_under(self, progress: _Progress) -> ServiceClosed:
+        return progress.complete(
+            ServiceClosed("the service was closed while the detach was in flight")
+        )
 
     async def _detach(
         self,
         conn: Connection,
-        ref: str,
+        progress: _Progress,
         selector: Any,
         live: bool | None,
         persistent: bool | None,
     ) -> DetachResult:
         assert self._persistent is not None
+        assert self._unplugs is not None
         started = time.monotonic()
         persistent_step = self._persistent
         ticket = persistent_step.ticket()
         try:
             conn.revive()
             await conn.wait_up()
-            info = await self._lookup(conn, ref)
+            info = await self._lookup(conn, progress.domain)
+            progress.domain = info.name
             do_live, do_persistent = halves(info, live, persistent)
             # Only the devices' own XML is kept: a whole domain definition per
             # pending detach adds up when thousands wait.
@@ -285,36 +290,42 @@ class DetachService:
                 ),
             )
             del live_xml, pers_xml
-            shown = plan.found.alias or (selector.value if selector.kind == "alias" else None)
-            persistent_done = False
+            shown = plan.found.alias or progress.alias
+            progress.alias = (plan.live.alias if plan.live else None) or shown
             if plan.persistent is not None:
-                persistent_done = await self._persistent.detach(
+                progress.persistent_done = await persistent_step.detach(
                     info, plan.persistent, shown, ticket, live_follows=plan.live is not None
                 )
         finally:
-            self._persistent.release(ticket)
+            persistent_step.release(ticket)
 
         live_done: LiveDone | None = None
         joined = False
         if plan.live is not None:
-            try:
-                live_done, joined = await self._detach_live(info, plan.live.alias)
-            except DetachError as err:
-                if not persistent_done:
-                    raise
-                # The persistent definition changed already: say so (a copy,
-                # as joined callers share the one exception).
-                partial = copy.copy(err)
-                partial.persistent_done = True
-                raise partial.with_traceback(err.__traceback__) from err.__cause__
+            if plan.live.alias is None:
+                raise DetachRefused(
+                    "the device has no alias in the live XML, so libvirt cannot unplug it by "
+                    "alias (libvirt assigns one to every device of a running domain)",
+                    domain=info.name,
+                )
+            self._usable()
+            unplug, joined = self._unplugs.join(info.uuid, info.name, plan.live.alias)
+            # The persistent half is the device's, like its unplug: a caller who
+            # joins after another caller removed the device from the persistent
+            # definition (so did not find it there) shares that outcome.
+            if progress.persistent_done:
+                unplug.persistent_done = True
+            elif do_persistent and plan.persistent is None and unplug.persistent_done:
+                progress.persistent_done = True
+            live_done = await self._unplugs.wait(unplug)
 
         result = DetachResult(
             domain_uuid=info.uuid,
             domain_name=info.name,
-            alias=(plan.live.alias if plan.live else None) or shown,
+            alias=progress.alias,
             device=plan.found.description,
             live=live_done is not None,
-            persistent=persistent_done,
+            persistent=progress.persistent_done,
             attempts=live_done.sent if live_done else 0,
             elapsed=time.monotonic() - started,
             confirmed_by=live_done.confirmed_by if live_done else None,
@@ -331,18 +342,6 @@ class DetachService:
             confirmed_by=result.confirmed_by,
         )
         return result
-
-    async def _detach_live(self, info: DomainInfo, alias: str | None) -> tuple[LiveDone, bool]:
-        if alias is None:
-            raise DetachRefused(
-                "the device has no alias in the live XML, so libvirt cannot unplug it by "
-                "alias (libvirt assigns one to every device of a running domain)",
-                domain=info.name,
-            )
-        assert self._unplugs is not None
-        self._usable()
-        unplug, joined = self._unplugs.join(info.uuid, info.name, alias)
-        return await self._unplugs.wait(unplug), joined
 
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
@@ -427,3 +426,34 @@ class DetachService:
             return await conn.read(self._backend.domain_xml, info.uuid, inactive=inactive)
         except BackendError as err:
             raise map_error(err, domain=info.name, alias=None, action="reading the XML") from None
+
+
+_E = TypeVar("_E", bound=DetachError)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one detach call has learnt and done so far, for its errors."""
+
+    domain: str  # as the caller named it, then the domain's name
+    alias: str | None  # as the caller named it, then the live alias
+    persistent_done: bool = False
+
+    def complete(self, err: _E) -> _E:
+        """``err`` naming this call's domain, alias and persistent outcome.
+
+        A copy when anything is added: callers joined to one unplug share the
+        exception object, and one caller's persistent half is not another's.
+        """
+        missing = (
+            (err.domain is None and self.domain is not None)
+            or (err.alias is None and self.alias is not None)
+            or (self.persistent_done and not err.persistent_done)
+        )
+        if not missing:
+            return err
+        done = copy.copy(err)
+        done.domain = err.domain or self.domain
+        done.alias = err.alias or self.alias
+        done.persistent_done = err.persistent_done or self.persistent_done
+        return done.with_traceback(err.__traceback__)

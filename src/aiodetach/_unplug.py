@@ -6,9 +6,10 @@ One :class:`Unplug` exists per (domain UUID, alias) at a time, whatever the
 number of callers: a second caller joins it, so no second request is ever
 sent while one of ours is pending in the guest.  The unplug belongs to the
 *device*, not to its callers: when the last caller leaves (its own deadline,
-a cancellation), a request already in libvirt is remembered until its
-attempt window ends or its event arrives, and a caller who asks again
-meanwhile joins it instead of sending another.
+a cancellation), a request already in libvirt is remembered through its
+attempt window and for one more ``timeout`` after it (``IDLE``), with the
+attempts used so far; a caller who asks again meanwhile carries on from
+there instead of starting over.  Nothing is ever sent for nobody.
 
 Phases (``Phase``) and what moves them::
 
@@ -20,6 +21,9 @@ Phases (``Phase``) and what moves them::
     WAITING ──window over──▶ RECHECKING ──paused──▶ PAUSED ──runs again──▶ WAITING
                                  │ still attached: an attempt used
                                  └──────────────▶ QUEUED (re-send) or DetachTimeout
+
+    a step due with no caller ──▶ IDLE ──a caller joins──▶ that step
+                                   └──── ``timeout`` later, nobody came: dropped
 
 Inputs that are not the driver's own I/O land in :meth:`Unplug.decide`
 (libvirt events, the domain stopping), :meth:`Unplug.wake` (resumed,
@@ -73,6 +77,7 @@ class Phase(enum.Enum):
     RECHECKING = "rechecking"  # the window ran out: reading state and live XML
     PAUSED = "paused"  # the domain is paused: no clock runs
     BACKING_OFF = "backing-off"  # "guest is busy" before any request of ours was accepted
+    IDLE = "idle"  # nobody waits and the next step is due: kept a while for a caller to return
     DONE = "done"
 
 
@@ -94,7 +99,7 @@ class LiveDone:
 
 
 class Abandoned(Exception):
-    """Nobody waits for this unplug any more and nothing of ours is pending."""
+    """Nobody waits for this unplug any more, and nobody came back for it."""
 
 
 class Unplug:
@@ -112,8 +117,11 @@ class Unplug:
         "early",
         "generation",
         "handed",
+        "idle_until",
         "key",
+        "persistent_done",
         "phase",
+        "resume",
         "sent",
         "task",
         "used",
@@ -140,6 +148,9 @@ class Unplug:
         self.generation = 0  # of the connection the last request went out on
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[LiveDone] | None = None
+        self.persistent_done = False  # a caller removed the device from the persistent definition
+        self.resume: Phase | None = None  # what IDLE goes on with (None: DetachTimeout is due)
+        self.idle_until = 0.0
 
     # ------------------------------------------------------------- inputs
     def decide(self, verdict: Decision) -> None:
@@ -153,6 +164,12 @@ class Unplug:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def join(self) -> None:
+        """A caller waits for this unplug (the first, or one asking again)."""
+        self.callers += 1
+        if self.phase is Phase.IDLE:
+            self.wake()
 
     def leave(self) -> None:
         """A caller stopped waiting (its result, its error or its cancellation)."""
@@ -181,6 +198,8 @@ class Unplug:
                     await self._wait_paused()
                 elif phase is Phase.BACKING_OFF:
                     await self._back_off()
+                elif phase is Phase.IDLE:
+                    await self._linger()
                 else:  # pragma: no cover - SENDING/DONE never reach here
                     raise AssertionError(f"unplug {self.key} in phase {phase}")
         finally:
@@ -189,7 +208,10 @@ class Unplug:
 
     async def _send(self) -> None:
         if self.callers == 0:
-            raise Abandoned
+            if not self.accepted:
+                raise Abandoned  # nothing of ours ever reached the guest: nothing to keep
+            self._idle(Phase.QUEUED)  # a re-send is due, for nobody
+            return
         conn, settings = self._registry.conn, self._registry.settings
         self.phase = Phase.SENDING
         self.sent += 1
@@ -282,8 +304,9 @@ class Unplug:
             if await self._sleep(self.deadline):
                 if self.verdict is None:
                     if self.callers == 0:
-                        raise Abandoned  # the window is over and nobody waits
-                    self.phase = Phase.RECHECKING
+                        self._idle(Phase.RECHECKING)  # the window is over and nobody waits
+                    else:
+                        self.phase = Phase.RECHECKING
                 return
 
     async def _ride_out_reconnect(self) -> None:
@@ -327,9 +350,12 @@ class Unplug:
             self.verdict, self.early = Verdict.GONE, False
             return
         self.used += 1
-        if self.used >= settings.attempts:
+        if self.used < settings.attempts:
+            self.phase = Phase.QUEUED
+        elif self.callers == 0:
+            self._idle(None)  # the attempts are used up: the next caller learns it at once
+        else:
             raise self._timeout()
-        self.phase = Phase.QUEUED
 
     async def _wait_paused(self) -> None:
         """No clock runs while paused.  Woken by libvirt's RESUMED; looks again
@@ -374,6 +400,28 @@ class Unplug:
         if self.phase is Phase.BACKING_OFF:
             self.phase = Phase.QUEUED
 
+    def _idle(self, resume: Phase | None) -> None:
+        self.resume = resume
+        self.idle_until = self._loop.time() + self._registry.settings.timeout
+        self.phase = Phase.IDLE
+
+    async def _linger(self) -> None:
+        """Nobody waits and the next step is due.  The device's unplug, its
+        attempts used so far and any request of ours still in the guest are
+        kept for one more ``timeout``: a caller who asks again (after its own
+        deadline, say) carries on from here instead of starting over, so a
+        retry loop can neither re-send early nor send more than ``attempts``."""
+        expired = await self._sleep(self.idle_until)
+        if self.verdict is not None:
+            return
+        if self.callers == 0:
+            if expired:
+                raise Abandoned
+            return  # woken for something else: keep lingering
+        if self.resume is None:
+            raise self._timeout()
+        self.phase = self.resume
+
     async def _confirm_early(self) -> None:
         """A verdict arrived before any request of ours was in libvirt."""
         verdict = self.verdict
@@ -414,7 +462,9 @@ class Unplug:
                 err, domain=self.domain, alias=self.key[1], action="domain lookup"
             ) from None
         if not current.state.is_active:
-            raise self._stopped("stopped")
+            # libvirt's STOPPED event may have landed during the read: its detail is better.
+            reason = self.verdict[1] if isinstance(self.verdict, tuple) else "stopped"
+            raise self._stopped(reason)
         return current.state
 
     async def _live_xml(self) -> str:

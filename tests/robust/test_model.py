@@ -1,300 +1,711 @@
 """Item 5: a hypothesis state machine against a reference model of the live protocol.
 
 The machine owns an event loop whose clock is *virtual* (``loop.time()`` only
-moves when the ``time_passes`` rule says), so timeouts happen exactly when the
-model expects them, and drives the fake hypervisor (one device, ``manual``
-unplug) through arbitrary orders of: callers arriving, a request held in its
-worker thread and released, the guest releasing the device with or without an
-event, rejecting it, late events, timeouts, cancellations, and the domain
-paused and resumed (with or without libvirt's RESUMED event).  After every
-step each caller's state (pending or its exact outcome) must match the model,
-and at most one request per device is ever inside a worker thread.
+moves when a time rule says), so timeouts and busy back-offs happen exactly
+when the model expects them, and drives the fake hypervisor (one device,
+``manual`` unplug, optionally refusing its first requests as "guest is busy")
+through arbitrary orders of: callers arriving, leaving and coming back; the
+service's own worker-thread calls held where the model says they happen (a
+request waiting for a free thread, a request inside libvirt, the re-check's
+state read and live-XML read) and released; the guest releasing the device
+with or without an event, rejecting it; late events; timeouts; the domain
+paused and resumed (with or without libvirt's RESUMED event); and the service
+closed at any of those points.
+
+The model (``_Model*`` and the ``_m_*`` methods) is written from the rules of
+the protocol (``aiodetach._unplug``'s module docstring), not from its code.
+After every step: each caller's state (pending, or its exact outcome) matches
+the model, ``svc.pending()`` matches it (orphans included), the requests that
+reached the fake match it, the calls held in worker threads are exactly the
+ones the model says are under way, and at most one request per device is
+ever inside a worker thread.
+
+Known disagreements between the implementation and those rules are pinned by
+the ``test_disagreement_*`` tests at the bottom (strict xfail: each fails for
+as long as the implementation disagrees); the random machine does not
+generate those few step combinations (:attr:`DetachMachine.known`), and
+everything else it checks strictly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from aiodetach import DetachResult, DetachService, DetachSettings
-from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound
+from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
 TIMEOUT = 10.0
 ATTEMPTS = 3
 ALIAS = "ua-d"
+BUSY_BASE = min(1.0, TIMEOUT / 4)
+BUSY_CAP = 5.0
+
+# What a rule may hold in a worker thread (the next such call of the service's own):
+QUEUE = "queue"  # a request waiting for a free worker thread (not yet handed to it)
+REQUEST = "detach_live"  # a request inside libvirt's call
+STATE = "lookup"  # the re-check's (or a paused domain's) state read
+XML = "domain_xml"  # the re-check's live-XML read
+
+_thread = threading.local()
+"""Per worker thread: ``own`` (a call of the service's own tasks, not of a
+caller's front) and ``queued`` (it waited at the "no free thread" gate)."""
+
+
+class _Holds:
+    """Worker-thread calls the test holds, one at a time, until it releases them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.armed: str | None = None
+        self.skip = 0
+        self.held: dict[str, threading.Event] = {}
+        self.closed = False
+
+    def arm(self, kind: str | None, skip: int = 0) -> None:
+        with self.lock:
+            self.armed, self.skip = kind, skip
+
+    def take(self, kind: str) -> threading.Event | None:
+        """The gate to wait at, if this call is the one armed (after ``skip`` others)."""
+        with self.lock:
+            if self.armed != kind or self.closed:
+                return None
+            if self.skip:
+                self.skip -= 1
+                return None
+            self.armed = None
+            gate = self.held[kind] = threading.Event()
+            return gate
+
+    def release(self, kind: str) -> None:
+        with self.lock:
+            gate = self.held.pop(kind)
+        gate.set()
+
+    def release_all(self) -> None:
+        with self.lock:
+            self.closed = True
+            gates = list(self.held.values())
+            self.held.clear()
+        for gate in gates:
+            gate.set()
+
+    def kinds(self) -> set[str]:
+        with self.lock:
+            return set(self.held)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.held)
 
 
 class _VirtualClockLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
+    """A loop whose clock moves only when told, and which sees every thread call."""
+
+    def __init__(self, holds: _Holds) -> None:
         super().__init__()
         self.now = 1000.0
+        self.holds = holds
+        self.outstanding = 0
+        """Worker-thread calls submitted and not yet returned in their thread."""
+        self.count_lock = threading.Lock()
+        self.callers: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        self.after_close: list[str] = []
+        """Calls handed to the service's worker threads after closing began."""
 
     def time(self) -> float:
         return self.now
 
-    outstanding = 0
-    """Worker-thread calls submitted and not yet returned in their thread."""
-    _count = threading.Lock()
-
     def run_in_executor(self, executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:  # type: ignore[override]
-        with self._count:
+        own = asyncio.current_task(self) not in self.callers
+        if executor is not None and self.closing:
+            self.after_close.append(repr(func))
+        # "No free thread": the call waits before it runs (the gate is counted
+        # as held from now on, as it cannot run before it is released).
+        gate = self.holds.take(QUEUE) if own and executor is not None else None
+        with self.count_lock:
             self.outstanding += 1
 
         def counted() -> Any:
+            _thread.own, _thread.queued = own, gate is not None
             try:
+                if gate is not None:
+                    gate.wait(30)
                 return func(*args)
             finally:
-                with self._count:
+                _thread.own = _thread.queued = False
+                with self.count_lock:
                     self.outstanding -= 1
 
         return super().run_in_executor(executor, counted)
 
 
 class _TrackedFake(FakeHypervisor):
-    """The fake, plus: calls in worker threads counted, and a request that can be held."""
+    """The fake, plus: the service's own calls recorded and holdable."""
 
-    def __init__(self) -> None:
+    def __init__(self, holds: _Holds) -> None:
         super().__init__()
+        self.holds = holds
         self.track = threading.Lock()
-        self.active = 0
-        self.held = 0
-        self.hold_next = False
-        self.gate: threading.Event | None = None
         self.live_in_thread = 0
         self.max_live_in_thread = 0
+        self.own_calls: list[str] = []
+        self.queued_calls: list[str] = []
 
-    def _tracked(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _own(self, kind: str) -> None:
+        if not getattr(_thread, "own", False):
+            return  # a caller's front: never held
         with self.track:
-            self.active += 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            with self.track:
-                self.active -= 1
+            self.own_calls.append(kind)
+            if getattr(_thread, "queued", False):
+                self.queued_calls.append(kind)
+        gate = self.holds.take(kind)
+        if gate is not None:
+            gate.wait(30)
 
     def lookup(self, ref: str) -> Any:
-        return self._tracked(super().lookup, ref)
+        self._own(STATE)
+        return super().lookup(ref)
 
     def domain_xml(self, uuid: str, *, inactive: bool) -> str:
-        return str(self._tracked(super().domain_xml, uuid, inactive=inactive))
+        self._own(XML)
+        return super().domain_xml(uuid, inactive=inactive)
 
     def detach_live(self, uuid: str, alias: str) -> None:
-        gate = None
         with self.track:
-            self.active += 1
             self.live_in_thread += 1
             self.max_live_in_thread = max(self.max_live_in_thread, self.live_in_thread)
-            if self.hold_next:
-                self.hold_next = False
-                gate = self.gate = threading.Event()
-                self.held += 1
         try:
-            if gate is not None:
-                gate.wait(30)
+            self._own(REQUEST)
             super().detach_live(uuid, alias)
         finally:
             with self.track:
-                self.active -= 1
                 self.live_in_thread -= 1
-                if gate is not None:
-                    self.held -= 1
+
+    def close(self) -> None:
+        super().close()
+        self.holds.release_all()  # a closed connection unblocks the calls in flight
+
+
+# ---------------------------------------------------------------- the model
+class P(enum.Enum):
+    """Where the model's unplug is (only the I/O phases that the test holds)."""
+
+    QUEUED = "its request waits for a worker thread (held)"
+    IN_THREAD = "its request is inside libvirt (held)"
+    WAITING = "accepted: the attempt's window runs until deadline"
+    READING = "a re-check or paused-domain read is in its thread (held)"
+    PAUSED = "the window ran out on a paused domain: looks again at deadline"
+    BACKING_OFF = "refused as busy with nothing pending: sends again at deadline"
+
+
+TIMED = (P.WAITING, P.PAUSED, P.BACKING_OFF)
 
 
 @dataclass
 class _ModelUnplug:
-    sent: int
-    deadline: float
-    callers: set[int] = field(default_factory=set)
-    held: bool = False
-    outcome: str | None = None  # "event" | "failed" (delivered, not yet acted on)
-    in_pause: bool = False  # an attempt ran out on a paused domain: waiting for it to run
+    callers: set[int]
+    phase: P = P.QUEUED
+    deadline: float = 0.0
+    sent: int = 0  # requests that count (not refused as busy)
+    used: int = 0  # attempts used up
+    handed: bool = False  # a request of ours reached libvirt (none refused as busy since)
+    accepted: bool = False  # libvirt accepted a request of this unplug
+    verdict: str | None = None  # "removed" / "failed", landed while I/O was in a thread
+    tentative: bool = False  # an early REMOVED: counts only once the live XML agrees
+    reading: str = ""  # STATE / XML while READING
+    looking: bool = False  # READING: a paused domain's look, not a re-check
+    busy_refusals: int = 0
+    busy_since: float | None = None
+    early_landed: bool = False  # not the model's: for DetachMachine.known only
 
 
-Expected = tuple[str, int, str | None]  # (kind, attempts, confirmed_by)
+@dataclass
+class _Expected:
+    kind: str  # ok, failed, timeout, not-found, cancelled, closed
+    attempts: int = 0
+    confirmed_by: str | None = None
+    joined: bool = False
+
+
+@dataclass
+class _Known:
+    """Step combinations where the implementation disagrees with the rules
+    (pinned by the ``test_disagreement_*`` tests); the random machine avoids them."""
+
+    wake_while_backing_off: bool = False
+    verdict_while_queued: bool = False
+    real_event_after_early: bool = False
+    busy_with_verdict: bool = False
 
 
 class DetachMachine(RuleBasedStateMachine):
+    known = _Known(True, True, True, True)
+
     def __init__(self) -> None:
         super().__init__()
-        self.loop = _VirtualClockLoop()
-        self.fake = _TrackedFake()
+        self.holds = _Holds()
+        self.loop = _VirtualClockLoop(self.holds)
+        self.fake = _TrackedFake(self.holds)
         self.vm = self.fake.add_domain("vm")
-        self.dev = self.vm.add_disk("vdb", alias=ALIAS, unplug=Unplug.manual())
         conf = DetachSettings(attempts=ATTEMPTS, timeout=TIMEOUT, max_threads=4)
         self.svc = DetachService(backend=self.fake, settings=conf)
         self.loop.run_until_complete(self.svc.open())
+        self.key = (self.vm.uuid, ALIAS)
         self.tasks: dict[int, asyncio.Task[DetachResult]] = {}
-        self.expected: dict[int, Expected | None] = {}  # None: still pending
+        self.expected: dict[int, _Expected | None] = {}  # None: still waiting
+        self.joined: set[int] = set()
         self.unplug: _ModelUnplug | None = None
         self.live = True
         self.paused = False
+        self.busy_left = 0
         self.reached = 0  # requests that reached the fake
+        self.busy_seen = 0  # of which refused as busy
         self.next_id = 0
+        self.closed = False
+        self.want_hold: str | None = None  # what this step may hold, if the model gets there
+        self.armed: str | None = None  # ... and what it will hold
+        self.skip = 0  # QUEUE: the service's own calls of this step before the request
+        self.step_reads = 0  # the service's own reads so far in this step
+        self.quiet = False  # this step must make no call of the service's own
+        self.steps = 0
+        self.busy = 0
+        self.close_after = 0
 
-    # -- driving -------------------------------------------------------------
+    # ------------------------------------------------------------ the model
+    @property
+    def now(self) -> float:
+        return self.loop.now
+
+    def _take(self, kind: str) -> bool:
+        """The model reaches a call of ``kind``: held if this step holds it."""
+        if self.want_hold != kind:
+            return False
+        self.want_hold, self.armed = None, kind
+        self.skip = self.step_reads if kind == QUEUE else 0
+        return True
+
+    def _end(self, u: _ModelUnplug, kind: str, confirmed_by: str | None = None) -> None:
+        for cid in u.callers:
+            self.expected[cid] = _Expected(kind, u.sent, confirmed_by, cid in self.joined)
+        self.unplug = None
+
+    def _drop(self) -> None:
+        """Nobody waits and nothing of ours is pending (or its window is over)."""
+        self.unplug = None
+
+    def _honour(self, u: _ModelUnplug) -> None:
+        if u.verdict == "removed":
+            self._end(u, "ok", "event")
+        else:
+            self._end(u, "failed")
+
+    def _m_due(self, u: _ModelUnplug) -> None:
+        """A request is due: the first, a re-send, or after a busy back-off."""
+        if not u.callers:
+            self._drop()  # nothing is sent that nobody wants
+            return
+        u.phase = P.QUEUED
+        if not self._take(QUEUE):
+            self._m_in_thread(u)
+
+    def _m_in_thread(self, u: _ModelUnplug) -> None:
+        """A worker thread takes the request."""
+        if not u.callers:
+            self._drop()  # all left before it was handed to a thread: not sent
+            return
+        u.handed = True
+        if self._take(REQUEST):
+            u.phase = P.IN_THREAD
+        else:
+            self._m_answered(u)
+
+    def _m_answered(self, u: _ModelUnplug) -> None:
+        """libvirt answers the request (the fake acts on it now)."""
+        u.early_landed = False
+        if u.tentative:
+            # An early REMOVED is checked against the live XML: the device is
+            # either gone (the request below finds it missing: "xml") or
+            # still there (the REMOVED was stale: ignored).
+            u.verdict, u.tentative = None, False
+        if not self.live:  # "no device found with alias": not refused as busy, so it counts
+            u.sent += 1
+            if u.verdict is not None:
+                self._honour(u)
+            else:
+                self._end(u, "ok", "xml")
+            return
+        self.reached += 1
+        if self.busy_left:
+            self.busy_left -= 1
+            self.busy_seen += 1
+            if u.verdict is not None:
+                self._honour(u)
+                return
+            assert not u.accepted  # this fake refuses only its first requests as busy
+            self._m_busy(u)
+            return
+        u.sent += 1
+        u.accepted = True
+        if u.verdict is not None:
+            self._honour(u)
+            return
+        u.phase, u.deadline = P.WAITING, self.now + TIMEOUT  # the window starts at the answer
+
+    def _m_busy(self, u: _ModelUnplug) -> None:
+        """Refused as busy, none of this unplug's requests ever accepted: back off."""
+        u.handed = False  # nothing of ours is pending in the guest
+        if u.busy_since is None:
+            u.busy_since = self.now
+        elif self.now - u.busy_since >= TIMEOUT:  # busy for a whole timeout: an attempt
+            u.used += 1
+            u.busy_since = self.now
+            if u.used >= ATTEMPTS:
+                self._end(u, "timeout")
+                return
+        if not u.callers:
+            self._drop()
+            return
+        delay = min(BUSY_BASE * 1.5**u.busy_refusals, BUSY_CAP, TIMEOUT)
+        u.busy_refusals += 1
+        u.phase, u.deadline = P.BACKING_OFF, self.now + delay
+
+    def _m_window_over(self, u: _ModelUnplug) -> None:
+        if not u.callers:
+            self.quiet = True  # an orphan: dropped silently, no re-check, no re-send
+            self._drop()
+            return
+        self._m_read_state(u, looking=False)
+
+    def _m_read_state(self, u: _ModelUnplug, *, looking: bool) -> None:
+        u.phase, u.reading, u.looking = P.READING, STATE, looking
+        if not self._take(STATE):
+            self.step_reads += 1
+            self._m_state_known(u)
+
+    def _m_state_known(self, u: _ModelUnplug) -> None:
+        if u.verdict is not None:
+            self._honour(u)  # landed during the read: no further request
+        elif self.paused:
+            u.phase, u.deadline = P.PAUSED, self.now + TIMEOUT  # no clock runs while paused
+        elif u.looking:
+            u.phase, u.deadline = P.WAITING, self.now + TIMEOUT  # runs again: a full window
+        else:
+            u.reading = XML
+            if not (u.callers and self._take(XML)):
+                self.step_reads += 1
+                self._m_xml_known(u)
+
+    def _m_xml_known(self, u: _ModelUnplug) -> None:
+        if u.verdict is not None:
+            self._honour(u)  # landed during the read: no further request
+        elif not self.live:
+            self._end(u, "ok", "xml")
+        else:
+            u.used += 1
+            if u.used >= ATTEMPTS:
+                self._end(u, "timeout")
+            else:
+                self._m_due(u)
+
+    def _m_event(self, kind: str) -> None:
+        """DEVICE_REMOVED ("removed") or DEVICE_REMOVAL_FAILED ("failed") arrives."""
+        u = self.unplug
+        if u is None:
+            return
+        if not u.handed:  # early: no request of ours is pending in libvirt
+            assert u.phase in (P.QUEUED, P.BACKING_OFF), u
+            if u.phase is P.QUEUED:
+                u.early_landed = True
+            if kind == "failed":
+                return  # stale: ignored
+            if u.phase is P.BACKING_OFF:
+                if not self.live:
+                    self._end(u, "ok", "xml")
+                return  # still there: ignored, the back-off goes on
+            if u.verdict is None:
+                u.verdict, u.tentative = kind, True
+            return
+        if u.verdict is not None and not u.tentative:
+            return  # the first verdict wins
+        u.verdict, u.tentative = kind, False
+        if u.phase in (P.WAITING, P.PAUSED):
+            self._honour(u)
+        # else: acted on once the call in its thread returns, before any further request
+
+    def _fire(self, u: _ModelUnplug) -> None:
+        if u.phase is P.WAITING:
+            self._m_window_over(u)
+        elif u.phase is P.PAUSED:
+            self._m_read_state(u, looking=True)
+        else:
+            self._m_due(u)  # the back-off is over
+
+    # ----------------------------------------------------------- driving
     def settle(self) -> None:
         stable = 0
         for _ in range(5000):
             self.loop.run_until_complete(asyncio.sleep(0))
-            with self.fake.track, self.loop._count:
-                held, outstanding = self.fake.held, self.loop.outstanding
-            idle = outstanding == held and not self.loop._ready  # type: ignore[attr-defined]
+            with self.loop.count_lock:
+                idle = self.loop.outstanding == self.holds.count()
+            idle = idle and not self.loop._ready  # type: ignore[attr-defined]
             stable = stable + 1 if idle else 0
             if stable >= 3:
                 return
             time.sleep(0.0002)
         raise AssertionError("the service did not settle")
 
-    def _finish(self, kind: str, confirmed_by: str | None) -> None:
-        unplug = self.unplug
-        assert unplug is not None
-        for caller in unplug.callers:
-            self.expected[caller] = (kind, unplug.sent, confirmed_by)
-        self.unplug = None
+    def act(self, action: Callable[[], object]) -> None:
+        """Arm what the model says this step holds, act, settle, disarm."""
+        self.steps += 1
+        self.holds.arm(self.armed, self.skip)
+        self.armed = self.want_hold = None
+        self.skip = self.step_reads = 0
+        before = len(self.fake.own_calls)
+        action()
+        self.settle()
+        self.holds.arm(None)
+        if self.quiet:
+            self.quiet = False
+            assert self.fake.own_calls[before:] == [], self.fake.own_calls[before:]
 
-    def _send(self, unplug: _ModelUnplug) -> None:
-        unplug.sent += 1
-        unplug.deadline = self.loop.now + TIMEOUT
-        if self.fake.hold_next:
-            unplug.held = True
-        else:
-            self.reached += 1
+    def in_phase(self, *phases: P) -> bool:
+        return self.unplug is not None and self.unplug.phase in phases
 
-    def _after_request(self, unplug: _ModelUnplug) -> None:
-        """What the driver does once its request returned (not held)."""
-        if unplug.outcome == "event":
-            self._finish("ok", "event")
-        elif unplug.outcome == "failed":
-            self._finish("failed", None)
-        elif not self.live:
-            # The fake said "no device found with alias": re-checked, gone.
-            self._finish("ok", "xml")
+    # ------------------------------------------------------------- rules
+    @initialize(busy=st.sampled_from([0, 0, 1, 2, 7]), close_after=st.integers(0, 40))
+    def device(self, busy: int, close_after: int) -> None:
+        """The device; its first ``busy`` requests are refused as "guest is busy"
+        (again after each re-plug).  The service may close after ``close_after`` steps."""
+        self.busy = self.busy_left = busy
+        self.close_after = close_after
+        self.dev = self.vm.add_disk("vdb", alias=ALIAS, unplug=Unplug("manual", busy_first=busy))
 
-    # -- rules -----------------------------------------------------------------
-    @precondition(lambda self: self.fake.held == 0 or self.unplug is not None)
-    @rule(hold=st.booleans())
-    def caller_arrives(self, hold: bool) -> None:
+    @precondition(lambda self: not self.closed)
+    @rule(hold=st.sampled_from([None, QUEUE, REQUEST]))
+    def caller_arrives(self, hold: str | None) -> None:
         cid = self.next_id
         self.next_id += 1
         self.expected[cid] = None
+        u = self.unplug
         if not self.live:
-            self.expected[cid] = ("not-found", 0, None)
-        elif self.unplug is None:
-            self.fake.hold_next = hold
-            self.unplug = _ModelUnplug(sent=0, deadline=0.0, callers={cid})
-            self._send(self.unplug)
+            self.expected[cid] = _Expected("not-found")
+        elif u is not None:
+            u.callers.add(cid)  # joins it, orphan or not: no new request
+            self.joined.add(cid)
         else:
-            self.unplug.callers.add(cid)
-        self.tasks[cid] = self.loop.create_task(self.svc.detach("vm", alias=ALIAS, live=True))
-        self.settle()
-        self.fake.hold_next = False
+            self.unplug = u = _ModelUnplug(callers={cid})
+            self.want_hold = hold
+            self._m_due(u)
 
-    @precondition(lambda self: self.fake.held > 0)
+        def start() -> None:
+            task = self.loop.create_task(
+                self.svc.detach("vm", alias=ALIAS, live=True, persistent=False)
+            )
+            self.loop.callers.add(task)
+            self.tasks[cid] = task
+
+        self.act(start)
+
+    @precondition(lambda self: self.in_phase(P.QUEUED))
+    @rule(hold=st.booleans())
+    def thread_frees(self, hold: bool) -> None:
+        """The request that waited for a worker thread gets one."""
+        u = self.unplug
+        assert u is not None
+        if u.verdict is not None and not u.tentative and u.callers:
+            self._honour(u)  # acted on before any further request
+        else:
+            self.want_hold = REQUEST if hold else None
+            self._m_in_thread(u)
+        self.act(lambda: self.holds.release(QUEUE))
+        assert set(self.fake.queued_calls) <= {REQUEST}, self.fake.queued_calls
+
+    @precondition(lambda self: self.in_phase(P.IN_THREAD))
     @rule()
     def request_returns(self) -> None:
-        gate = self.fake.gate
-        assert gate is not None
-        gate.set()
-        self.reached += self.live  # the fake records only requests for a present device
-        unplug = self.unplug
-        self.settle()
-        if unplug is not None and unplug is self.unplug:
-            unplug.held = False
-            self._after_request(unplug)
-            self.settle()
+        u = self.unplug
+        assert u is not None
+        self._m_answered(u)
+        self.act(lambda: self.holds.release(REQUEST))
 
-    @precondition(lambda self: self.live)
-    @rule(emit=st.booleans())
-    def guest_releases(self, emit: bool) -> None:
-        self.fake.complete("vm", ALIAS, emit=emit)
-        self.live = False
-        unplug = self.unplug
-        if unplug is not None and emit and unplug.outcome is None:
-            unplug.outcome = "event"
-            if not unplug.held:
-                self._after_request(unplug)
-        self.settle()
+    @precondition(lambda self: self.in_phase(P.READING))
+    @rule(hold_xml=st.booleans())
+    def read_returns(self, hold_xml: bool) -> None:
+        u = self.unplug
+        assert u is not None
+        kind = u.reading
+        if kind == STATE:
+            self.want_hold = XML if hold_xml else None
+            self._m_state_known(u)
+        else:
+            self._m_xml_known(u)
+        self.act(lambda: self.holds.release(kind))
 
-    @precondition(lambda self: self.live)
+    def _may_decide(self, kind: str, *, gone: bool = False) -> bool:
+        """False where a known disagreement (:attr:`known`) would fail the run."""
+        u, k = self.unplug, self.known
+        if u is None:
+            return True
+        if k.wake_while_backing_off and u.phase is P.BACKING_OFF:
+            return kind == "removed" and (gone or not self.live)  # else: ignored, but wakes
+        if k.verdict_while_queued and u.phase is P.QUEUED and u.handed:
+            return False
+        if k.real_event_after_early and u.phase is P.IN_THREAD and u.early_landed:
+            return False
+        busy = self.busy_left and self.live and not gone
+        return not (k.busy_with_verdict and u.phase is P.IN_THREAD and busy and kind == "removed")
+
+    def guest_events(self) -> list[str]:
+        """What the guest (or libvirt) may do now."""
+        kinds = []
+        if self.live:
+            kinds.append("releases-silently")  # removed, DEVICE_REMOVED lost
+            if self._may_decide("removed", gone=True):
+                kinds.append("releases")
+            if self.unplug is not None and self._may_decide("failed"):
+                kinds.append("rejects")
+        if self._may_decide("removed"):
+            kinds.append("late-removed")  # not sent now: late (of an earlier unplug) or duplicate
+        return kinds
+
+    @precondition(lambda self: not self.closed and self.guest_events())
+    @rule(data=st.data())
+    def guest_event(self, data: st.DataObject) -> None:
+        self.guest(data.draw(st.sampled_from(self.guest_events()), label="event"))
+
+    def guest(self, kind: str) -> None:
+        action: Callable[[], None]
+        if kind in ("releases", "releases-silently"):
+            emit = kind == "releases"
+            self.live = False
+            if emit:
+                self._m_event("removed")
+            action = lambda: self.fake.complete("vm", ALIAS, emit=emit)  # noqa: E731
+        elif kind == "rejects":
+            self._m_event("failed")
+            action = lambda: self.fake.reject("vm", ALIAS)  # noqa: E731
+        else:
+            assert kind == "late-removed", kind
+            self._m_event("removed")
+            action = lambda: self.fake.emit_removed("vm", ALIAS)  # noqa: E731
+        self.act(action)
+
+    @precondition(lambda self: not self.closed and not self.live and self.unplug is None)
     @rule()
-    def guest_rejects(self) -> None:
-        self.fake.reject("vm", ALIAS)
-        unplug = self.unplug
-        if unplug is not None and unplug.outcome is None:
-            unplug.outcome = "failed"
-            if not unplug.held:
-                self._after_request(unplug)
-        self.settle()
+    def device_replugged(self) -> None:
+        """The device is hot-plugged again under the same alias (busy again at first)."""
+        self.live = True
+        self.busy_left = self.busy
 
-    @precondition(lambda self: self.unplug is None or self.unplug.outcome is not None)
-    @rule()
-    def late_or_duplicate_event(self) -> None:
-        """A DEVICE_REMOVED nobody waits for (or already decided) changes nothing."""
-        self.fake.emit_removed("vm", ALIAS)
-        self.settle()
+        def plug() -> None:
+            with self.fake._lock:
+                self.dev.live, self.dev.pending_since, self.dev.requests = True, None, 0
 
-    @precondition(lambda self: not self.paused)
+        self.act(plug)
+
+    @precondition(lambda self: not self.closed and not self.paused)
     @rule()
     def domain_pauses(self) -> None:
-        self.fake.pause_domain("vm")
         self.paused = True
-        self.settle()
+        self.act(lambda: self.fake.pause_domain("vm"))
 
-    @precondition(lambda self: self.paused)
-    @rule(emit=st.booleans())
-    def domain_resumes(self, emit: bool) -> None:
-        self.fake.resume_domain("vm", emit=emit)
-        self.paused = False
-        unplug = self.unplug
-        if emit and unplug is not None and unplug.in_pause and unplug.outcome is None:
-            unplug.in_pause = False  # a full timeout from now, no new request
-            unplug.deadline = self.loop.now + TIMEOUT
-        self.settle()
-
-    @precondition(lambda self: self.fake.held == 0)
+    @precondition(
+        lambda self: not self.closed
+        and self.paused
+        and not (self.known.wake_while_backing_off and self.in_phase(P.BACKING_OFF))
+    )
     @rule()
-    def time_passes(self) -> None:
-        unplug = self.unplug
-        self.loop.now += TIMEOUT
-        if unplug is not None and unplug.outcome is None:
-            if unplug.in_pause:
-                if not self.paused:  # resumed, event lost: the look every TIMEOUT sees it
-                    unplug.in_pause = False
-                    unplug.deadline = self.loop.now + TIMEOUT
-            elif self.loop.now >= unplug.deadline:
-                if self.paused:
-                    unplug.in_pause = True  # no request, no attempt used up
-                elif not self.live:
-                    self._finish("ok", "xml")
-                elif unplug.sent < ATTEMPTS:
-                    self._send(unplug)
-                else:
-                    self._finish("timeout", None)
-        self.settle()
+    def domain_resumes(self) -> None:
+        """The domain runs again, and libvirt says so (RESUMED)."""
+        self.paused = False
+        u = self.unplug
+        if u is not None and u.phase is P.PAUSED:
+            self._m_read_state(u, looking=True)  # a full window from now, no new request
+        self.act(lambda: self.fake.resume_domain("vm"))
+
+    @precondition(lambda self: not self.closed and self.paused)
+    @rule()
+    def domain_resumes_silently(self) -> None:
+        """The domain runs again; the RESUMED event is lost (the next look sees it)."""
+        self.paused = False
+        self.act(lambda: self.fake.resume_domain("vm", emit=False))
+
+    def _pass_time(self, to: float, hold: str | None) -> None:
+        self.loop.now = to
+        u = self.unplug
+        if u is not None and u.phase in TIMED and self.now >= u.deadline:
+            self.want_hold = hold
+            self._fire(u)
+        self.act(lambda: None)
+
+    @precondition(lambda self: not self.closed)
+    @rule(
+        dt=st.sampled_from([1.0, 4.0, TIMEOUT]),
+        hold=st.sampled_from([None, QUEUE, REQUEST, STATE, XML]),
+    )
+    def time_passes(self, dt: float, hold: str | None) -> None:
+        self._pass_time(self.now + dt, hold)
+
+    @precondition(lambda self: not self.closed and self.in_phase(*TIMED))
+    @rule(hold=st.sampled_from([None, QUEUE, REQUEST, STATE, XML]))
+    def time_to_deadline(self, hold: str | None) -> None:
+        """Exactly to the model's next deadline (window, paused look, back-off)."""
+        assert self.unplug is not None
+        self._pass_time(self.unplug.deadline, hold)
 
     @precondition(lambda self: any(v is None for v in self.expected.values()))
     @rule(data=st.data())
     def caller_cancelled(self, data: st.DataObject) -> None:
         waiting = sorted(c for c, v in self.expected.items() if v is None)
-        cid = data.draw(st.sampled_from(waiting))
-        self.tasks[cid].cancel()
-        self.expected[cid] = ("cancelled", 0, None)
-        unplug = self.unplug
-        assert unplug is not None
-        unplug.callers.discard(cid)
-        if not unplug.callers:
-            self.unplug = None  # its request may still be held in the thread
-        self.settle()
+        cid = data.draw(st.sampled_from(waiting), label="caller")
+        self.expected[cid] = _Expected("cancelled")
+        u = self.unplug
+        assert u is not None
+        u.callers.discard(cid)
+        if not u.callers and u.phase is P.BACKING_OFF:
+            self._drop()  # nothing of ours pending: nothing remembered
+        self.act(self.tasks[cid].cancel)
 
-    # -- checks ----------------------------------------------------------------
+    @precondition(lambda self: not self.closed and self.steps >= self.close_after)
+    @rule()
+    def service_closes(self) -> None:
+        """``aclose()`` at whatever point the unplug is: the callers get ServiceClosed."""
+        for cid, want in self.expected.items():
+            if want is None:
+                self.expected[cid] = _Expected("closed")
+        self.unplug = None
+        self.closed = True
+        self.loop.closing = True
+        self.act(lambda: self.loop.run_until_complete(self.svc.aclose()))
+        assert self.svc.pending() == []
+        assert self.loop.after_close == [], self.loop.after_close
+        assert not self.fake.connected
+
+    @precondition(lambda self: self.closed)
+    @rule()
+    def service_closes_again(self) -> None:
+        self.act(lambda: self.loop.run_until_complete(self.svc.aclose()))  # idempotent
+
+    # ------------------------------------------------------------ checks
     @invariant()
     def callers_match_the_model(self) -> None:
         for cid, want in self.expected.items():
@@ -303,39 +714,49 @@ class DetachMachine(RuleBasedStateMachine):
                 assert not task.done(), (cid, task)
                 continue
             assert task.done(), (cid, want)
-            kind, attempts, confirmed_by = want
-            if kind == "cancelled":
-                assert task.cancelled()
+            if want.kind == "cancelled":
+                assert task.cancelled(), (cid, want, task)
                 continue
+            assert not task.cancelled(), (cid, want)
             exc = task.exception()
-            if kind == "ok":
+            if want.kind == "ok":
                 assert exc is None, (cid, want, exc)
                 result = task.result()
-                assert (result.attempts, result.confirmed_by) == (attempts, confirmed_by), (
-                    cid,
-                    want,
-                    result,
-                )
-            else:
-                cls = {
-                    "failed": DetachFailed,
-                    "timeout": DetachTimeout,
-                    "not-found": DeviceNotFound,
-                }[kind]
-                assert isinstance(exc, cls), (cid, want, exc)
-                if isinstance(exc, DetachTimeout):
-                    assert exc.attempts == attempts == ATTEMPTS
+                got = (result.attempts, result.confirmed_by, result.joined)
+                assert got == (want.attempts, want.confirmed_by, want.joined), (cid, want, result)
+                continue
+            cls = {
+                "failed": DetachFailed,
+                "timeout": DetachTimeout,
+                "not-found": DeviceNotFound,
+                "closed": ServiceClosed,
+            }[want.kind]
+            assert isinstance(exc, cls), (cid, want, exc)
+            if isinstance(exc, DetachTimeout):
+                assert exc.attempts == want.attempts, (cid, want, exc.attempts)
 
     @invariant()
     def one_unplug_and_one_request_at_a_time(self) -> None:
-        want = [(self.vm.uuid, ALIAS)] if self.unplug is not None else []
+        want = [self.key] if self.unplug is not None else []
         assert self.svc.pending() == want
         assert self.fake.max_live_in_thread <= 1
         assert len(self.fake.requests) == self.reached
+        assert self.fake.busy_refusals == self.busy_seen
+
+    @invariant()
+    def held_calls_match_the_model(self) -> None:
+        u = self.unplug
+        want: set[str] = set()
+        if u is not None and u.phase is P.QUEUED:
+            want = {QUEUE}
+        elif u is not None and u.phase is P.IN_THREAD:
+            want = {REQUEST}
+        elif u is not None and u.phase is P.READING:
+            want = {u.reading}
+        assert self.holds.kinds() == want, (self.holds.kinds(), u)
 
     def teardown(self) -> None:
-        if self.fake.gate is not None:
-            self.fake.gate.set()
+        self.holds.release_all()
         try:
             self.loop.run_until_complete(self.svc.aclose())
             for task in self.tasks.values():
@@ -351,8 +772,8 @@ class DetachMachine(RuleBasedStateMachine):
 
 
 DetachMachine.TestCase.settings = settings(
-    max_examples=200,
-    stateful_step_count=30,
+    max_examples=300,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
