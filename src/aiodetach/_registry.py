@@ -15,7 +15,7 @@ import structlog
 
 from ._connection import Connection
 from ._settings import DetachSettings
-from ._unplug import Key, LiveDone, Unplug, retrieve
+from ._unplug import Key, Unplug, retrieve
 
 __all__ = ["Unplugs"]
 
@@ -45,15 +45,6 @@ class Unplugs:
             _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
         unplug.join()
         return unplug, joined
-
-    async def wait(self, unplug: Unplug) -> LiveDone:
-        """A caller's wait; leaving (however it ends) counts the caller out."""
-        task = unplug.task
-        assert task is not None
-        try:
-            return await asyncio.shield(task)
-        finally:
-            unplug.leave()
 
     def forget(self, unplug: Unplug) -> None:
         if self.by_key.get(unplug.key) is unplug:

@@ -317,7 +317,12 @@ class DetachService:
                 unplug.persistent_done = True
             elif do_persistent and plan.persistent is None and unplug.persistent_done:
                 progress.persistent_done = True
-            live_done = await self._unplugs.wait(unplug)
+            task = unplug.task
+            assert task is not None
+            try:
+                live_done = await asyncio.shield(task)
+            finally:
+                unplug.leave()  # whatever ended the wait: result, error, cancellation
 
         result = DetachResult(
             domain_uuid=info.uuid,
