@@ -156,10 +156,15 @@ class Unplug:
 
     # ------------------------------------------------------------- inputs
     def decide(self, verdict: Decision) -> None:
-        """An event about this device or its domain (loop thread).  The first wins."""
-        if self.verdict is None:
-            self.verdict = verdict
-            self.early = not self.handed and isinstance(verdict, Verdict)
+        """An event about this device or its domain (loop thread).
+
+        The first wins, except that a verdict that counts at once replaces an
+        early one still to be checked: a stale event must never hide the real
+        answer to our request.
+        """
+        early = not self.handed and isinstance(verdict, Verdict)
+        if self.verdict is None or (self.early and not early):
+            self.verdict, self.early = verdict, early
         self.wake()
 
     def wake(self) -> None:
@@ -232,8 +237,9 @@ class Unplug:
 
         def request() -> bool:
             # In the worker thread.  A request whose callers all left while it
-            # waited for this thread is not sent: nobody wants it.
-            if self.callers == 0:
+            # waited for this thread is not sent (nobody wants it), nor one
+            # whose unplug an event decided meanwhile.
+            if self.callers == 0 or (self.verdict is not None and not self.early):
                 return False
             # From here on an event for this alias can be our request's own.
             self.handed = True
@@ -248,11 +254,9 @@ class Unplug:
         except BackendError as err:
             await self._refused(err)
             return
-        if not sent:  # its callers had all left when its thread was free
-            if self.callers == 0:
-                raise Abandoned
-            self.sent -= 1  # someone joined since: it is due after all
-            self.phase = Phase.QUEUED
+        if not sent:  # decided meanwhile, or nobody waited when its thread was free
+            self.sent -= 1
+            self.phase = Phase.QUEUED  # run() acts on a verdict first
             return
         self.accepted = True
         self.busy_since = None
@@ -260,13 +264,16 @@ class Unplug:
 
     async def _refused(self, err: BackendError) -> None:
         """libvirt did not take the request: what does that mean?"""
+        busy = is_busy(err) and not self.accepted
+        if busy:  # not taken: it does not count, and nothing of ours is pending
+            self.sent -= 1
+            self.handed = False
         if self.verdict is not None and not self.early:
+            self.phase = Phase.QUEUED
             return  # an event decided it meanwhile (run() reports it)
         alias = self.key[1]
-        if is_busy(err) and not self.accepted:
-            self.sent -= 1
-            self.handed = False  # nothing of ours is pending in the guest
-            self.phase = Phase.BACKING_OFF
+        if busy:
+            self._start_back_off()
             return
         if is_in_progress(err):
             # An unplug (ours, or someone else's) is pending: wait for it.
@@ -375,10 +382,8 @@ class Unplug:
                 self._start_window()
                 return
 
-    async def _back_off(self) -> None:
+    def _start_back_off(self) -> None:
         """QEMU refused with "guest is busy" and nothing of ours is pending."""
-        if self.callers == 0:
-            raise Abandoned
         settings = self._registry.settings
         now = self._loop.time()
         if self.busy_since is None:
@@ -400,9 +405,18 @@ class Unplug:
             refusals=self.busy_refusals,
             delay=round(delay, 3),
         )
-        await self._sleep(now + delay)
-        if self.phase is Phase.BACKING_OFF:
-            self.phase = Phase.QUEUED
+        self.deadline = now + delay
+        self.phase = Phase.BACKING_OFF
+
+    async def _back_off(self) -> None:
+        """Wait out the back-off; only a verdict or the last caller leaving
+        cuts it short (an event checked and ignored, or RESUMED, does not)."""
+        while self.callers > 0 and self.verdict is None:
+            if await self._sleep(self.deadline):
+                self.phase = Phase.QUEUED
+                return
+        if self.verdict is None:  # the last caller left: nothing of ours is pending
+            raise Abandoned
 
     def _idle(self, resume: Phase | None) -> None:
         self.resume = resume
