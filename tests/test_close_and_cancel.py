@@ -83,9 +83,8 @@ async def test_no_call_reaches_the_threads_once_closing_began(
     assert all(isinstance(r, ServiceClosed) for r in results), results
 
 
-async def test_cancelled_open_leaves_no_connection(fake: FakeHypervisor) -> None:
-    """The connect is still in its thread when open() is cancelled: once it
-    returns, the connection it made is closed (0.1: left open)."""
+def _connects_slowly(fake: FakeHypervisor) -> threading.Event:
+    """Each connect takes 0.2 s in its worker thread; the event says one began."""
     entered = threading.Event()
 
     def slow_open(name: str) -> None:
@@ -94,6 +93,13 @@ async def test_cancelled_open_leaves_no_connection(fake: FakeHypervisor) -> None
             time.sleep(0.2)
 
     fake.before_call = slow_open
+    return entered
+
+
+async def test_cancelled_open_leaves_no_connection(fake: FakeHypervisor) -> None:
+    """The connect is still in its thread when open() is cancelled: once it
+    returns, the connection it made is closed (0.1: left open)."""
+    entered = _connects_slowly(fake)
     svc = DetachService(backend=fake)
     opener = asyncio.create_task(svc.open())
     while not entered.is_set():
@@ -116,14 +122,7 @@ async def test_close_during_a_reconnect_leaves_no_connection(fake: FakeHyperviso
     waiter = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
     while not fake.requests:
         await asyncio.sleep(0.005)
-    entered = threading.Event()
-
-    def slow_open(name: str) -> None:
-        if name == "open":
-            entered.set()
-            time.sleep(0.2)
-
-    fake.before_call = slow_open
+    entered = _connects_slowly(fake)
     fake.crash()
     fake.restart()
     while not entered.is_set():
