@@ -2,10 +2,11 @@
 
 What is timed
     The *dispatch path*: a loop on the event-loop thread that delivers all
-    10,000 DEVICE_REMOVED notifications, one ``svc.device_removed(uuid, name,
-    alias)`` call each (this is how :mod:`aiodetach._libvirt` hands libvirt's
-    callback to the service; with libvirtaio the callback runs on the loop
-    thread).  When that loop ends every waiter's Future is resolved — aiodetach
+    10,000 DEVICE_REMOVED notifications, one ``sink.device_removed(uuid, name,
+    alias)`` call each on the event sink the service registered (``fake.sink``:
+    what :mod:`aiodetach._libvirt` calls from libvirt's callback; with
+    libvirtaio the callback runs on the loop thread).  When that loop ends
+    every waiter's Future is resolved — aiodetach
     resolves it synchronously inside the call — so "delivering all events
     until all 10,000 futures are resolved" and "the dispatch path" are the
     same interval here.  The wake-ups it schedules (each waiting task resumes

@@ -4,16 +4,16 @@ In-process part (no libvirt): 1,000 detaches are pending on one loop, on
 :class:`aiodetach.testing.FakeHypervisor` (a fake).  Their DEVICE_REMOVED
 events are then delivered one per loop callback, 0.5 ms apart (as libvirtaio
 runs each libvirt callback on the loop), in shuffled order.  Latency = from
-just before ``svc.device_removed(...)`` in the callback to just after
+just before ``sink.device_removed(...)`` in the callback to just after
 ``await svc.detach(...)`` returned in the caller — so it includes everything
-the library does after the event (the driver task finishing, the shielded
-join, building the result, logging).  The reference is the bare minimum: a
+the library does after the event (the unplug's task finishing, the shielded
+wait, building the result, logging).  The reference is the bare minimum: a
 task awaiting a plain Future resolved by the same kind of callback.  Run on
 the default asyncio loop and on uvloop when it is installed.
 
 Real part (optional, needs libvirtd): SCSI disk detaches on an OS-less QEMU
 domain; the timestamp is taken inside libvirt's DEVICE_REMOVED callback (a
-:class:`DetachService` subclass wraps ``device_removed``), the caller stamps
+:class:`LibvirtBackend` subclass wraps the service's sink), the caller stamps
 when its ``detach()`` returns.
 """
 
