@@ -26,20 +26,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
-
-import structlog
 
 from ._errors_map import is_connection_error
 from ._settings import DetachSettings
 from .backend import Backend, BackendError, EventSink
 from .errors import ConnectionLost, ServiceClosed
+from .instrumentation._dispatch import Hooks
+from .instrumentation._records import ConnectionRecord, ConnectionStep
 
 __all__ = ["Connection"]
 
-_log = structlog.get_logger("aiodetach")
 _T = TypeVar("_T")
 State = Literal["new", "open", "closing", "closed"]
 
@@ -47,8 +47,16 @@ State = Literal["new", "open", "closing", "closed"]
 class Connection:
     """The service's libvirt connection and the threads that talk to it."""
 
-    def __init__(self, backend: Backend, settings: DetachSettings, *, read_only: bool) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: DetachSettings,
+        *,
+        read_only: bool,
+        hooks: Hooks | None = None,
+    ) -> None:
         self.backend = backend
+        self.hooks = hooks if hooks is not None else Hooks(())
         self._settings = settings
         self._sink: EventSink | None = None
         self._read_only = read_only
@@ -65,6 +73,19 @@ class Connection:
     @property
     def uri(self) -> str:
         return self.backend.uri
+
+    def record(self, kind: ConnectionStep, reason: str | None = None) -> None:
+        """Tell the hooks about a step of the connection (loop thread)."""
+        if self.hooks:
+            self.hooks.emit(
+                ConnectionRecord(
+                    kind=kind,
+                    uri=self.uri,
+                    time=time.monotonic(),
+                    reason=reason,
+                    reconnects=self.reconnects,
+                )
+            )
 
     @property
     def is_up(self) -> bool:
@@ -159,7 +180,7 @@ class Connection:
         """
         if self.state != "open" or not self._up.is_set() or self._dead is not None:
             return False
-        _log.warning("aiodetach.connection_lost", uri=self.uri, reason=reason)
+        self.record("lost", reason)
         self._up.clear()
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
         return True
@@ -172,7 +193,7 @@ class Connection:
             return
         self._dead = None
         self._up.clear()
-        _log.info("aiodetach.reconnecting", uri=self.uri)
+        self.record("reconnecting")
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def wait_up(self) -> None:
@@ -201,7 +222,7 @@ class Connection:
                         f"{settings.reconnect_timeout:g} s: {err.message}",
                         libvirt_code=err.code,
                     )
-                    _log.error("aiodetach.connection_dead", uri=self.uri, error=err.message)
+                    self.record("dead", err.message)
                     self._up.set()  # wake waiters; they find the connection dead
                     return
             await asyncio.sleep(delay)
@@ -209,4 +230,4 @@ class Connection:
         self.reconnects += 1
         self.generation += 1
         self._up.set()
-        _log.info("aiodetach.reconnected", uri=self.uri, reconnects=self.reconnects)
+        self.record("reconnected")

@@ -20,6 +20,7 @@ from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
 from .errors import InvalidRequest, ServiceClosed
+from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
 
@@ -37,6 +38,8 @@ class DetachFleet:
             ])
 
     ``backend_factory(uri)`` replaces libvirt (tests use fake hypervisors).
+    ``hooks`` and ``log`` are given to every service (see
+    :class:`DetachService`); records carry their ``uri``.
     """
 
     def __init__(
@@ -45,8 +48,12 @@ class DetachFleet:
         settings: DetachSettings | None = None,
         backend_factory: Callable[[str], Backend] | None = None,
         default_uri: str = "qemu:///system",
+        hooks: Iterable[Hook] = (),
+        log: bool = True,
     ) -> None:
         self._settings = settings
+        self._hooks = tuple(hooks)
+        self._log = log
         self._factory = backend_factory
         self._default_uri = default_uri
         self._services: dict[str, DetachService] = {}
@@ -90,7 +97,9 @@ class DetachFleet:
 
     async def _open(self, uri: str) -> DetachService:
         backend = self._factory(uri) if self._factory is not None else None
-        svc = DetachService(uri, settings=self._settings, backend=backend)
+        svc = DetachService(
+            uri, settings=self._settings, backend=backend, hooks=self._hooks, log=self._log
+        )
         await svc.open()
         if self._closed:
             await svc.aclose()

@@ -20,8 +20,7 @@ import functools
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Hashable
-
-import structlog
+from typing import Literal
 
 from ._connection import Connection
 from ._errors_map import is_connection_error, map_error
@@ -30,10 +29,13 @@ from ._xml import DeviceRef, Selector, find_device, find_same_device
 from .backend import BackendError, DomainInfo
 from .errors import DeviceNotFound
 
-__all__ = ["PersistentStep"]
+__all__ = ["PersistentOutcome", "PersistentStep"]
 
-_log = structlog.get_logger("aiodetach")
 Key = tuple[str, Hashable]
+PersistentOutcome = Literal[
+    "persistent_detached", "persistent_joined", "persistent_missing_ignored"
+]
+"""What the config step did for a caller (named as the caller's record step)."""
 
 
 class PersistentStep:
@@ -87,19 +89,19 @@ class PersistentStep:
         self,
         info: DomainInfo,
         dev: DeviceRef,
-        alias: str | None,
         ticket: int,
         *,
         live_follows: bool,
-    ) -> bool:
-        """Remove ``dev`` from the persistent definition.  False: "not found",
-        ignored because a live detach follows."""
+    ) -> PersistentOutcome:
+        """Remove ``dev`` from the persistent definition.
+        ``persistent_missing_ignored``: "not found", ignored because a live
+        detach follows.  The caller reports the step (its record names the call)."""
         key: Key = (info.uuid, dev.identity if dev.identity is not None else dev.xml)
         op = self._ops.get(key)
         done = self._completed.get(key)
         if op is None and done is not None and done[0] > ticket:
-            _log.info("aiodetach.persistent_joined", domain=info.name, alias=alias)
-            return True  # another caller's config detach of this device, since we began
+            # Another caller's config detach of this device, since we began.
+            return "persistent_joined"
         if op is None:
             task = asyncio.get_running_loop().create_task(self._config_detach(info, dev))
             self._ops[key] = (task, dev)
@@ -110,11 +112,9 @@ class PersistentStep:
             await asyncio.shield(task)
         except DeviceNotFound:
             if live_follows:
-                _log.info("aiodetach.persistent_missing_ignored", domain=info.name, alias=alias)
-                return False
+                return "persistent_missing_ignored"
             raise
-        _log.info("aiodetach.persistent_detached", domain=info.name, alias=alias)
-        return True
+        return "persistent_detached"
 
     def _done(self, key: Key, dev: DeviceRef, task: asyncio.Task[None]) -> None:
         self._ops.pop(key, None)

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
 from ._connection import Connection
 from ._settings import DetachSettings
-from ._unplug import Key, Unplug, retrieve
+from ._unplug import Key, Unplug
+from .instrumentation._dispatch import Hooks
 
 __all__ = ["Unplugs"]
-
-_log = structlog.get_logger("aiodetach")
 
 
 class Unplugs:
     """Every live unplug of one service, keyed by (domain UUID, alias)."""
 
-    def __init__(self, conn: Connection, settings: DetachSettings) -> None:
+    def __init__(self, conn: Connection, settings: DetachSettings, hooks: Hooks) -> None:
         self.conn = conn
         self.settings = settings
+        self.hooks = hooks
         self.by_key: dict[Key, Unplug] = {}
         """Read by the event intake's hot path: one lookup per event."""
 
@@ -40,10 +38,11 @@ class Unplugs:
             unplug = Unplug(self, key, domain)
             self.by_key[key] = unplug
             unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-            task.add_done_callback(retrieve)
+            task.add_done_callback(unplug.ended)  # "ended" pairs with "started", always
+            unplug.join()
+            unplug.record("started")
         else:
-            _log.info("aiodetach.detach_joined", domain=domain, alias=alias, sent=unplug.sent)
-        unplug.join()
+            unplug.join()
         return unplug, joined
 
     def forget(self, unplug: Unplug) -> None:

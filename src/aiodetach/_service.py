@@ -24,8 +24,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import structlog
-
 from ._connection import Connection
 from ._errors_map import map_error
 from ._eventloop import install_event_loop
@@ -49,10 +47,11 @@ from .errors import (
     ReadOnlyConnection,
     ServiceClosed,
 )
+from .instrumentation._dispatch import Hooks, next_detach_id
+from .instrumentation._logging import log_hook
+from .instrumentation._records import DetachRecord, DetachStep, Hook, outcome_of
 
 __all__ = ["DetachService", "DeviceEvent", "DomainRef"]
-
-_log = structlog.get_logger("aiodetach")
 
 
 class DetachService:
@@ -67,6 +66,11 @@ class DetachService:
     :class:`aiodetach.testing.FakeHypervisor`).  ``read_only=True`` opens a
     read-only connection, good for :meth:`events` only: detaching through it
     raises :class:`ReadOnlyConnection`.
+
+    ``hooks`` are called with a record of every step of every detach (see
+    :mod:`aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
+    there).  The library's structlog logging is itself a hook, called first;
+    ``log=False`` leaves it out (the CLI does, to print its own lines).
     """
 
     def __init__(
@@ -76,9 +80,12 @@ class DetachService:
         settings: DetachSettings | None = None,
         backend: Backend | None = None,
         read_only: bool = False,
+        hooks: Iterable[Hook] = (),
+        log: bool = True,
     ) -> None:
         if not isinstance(uri, str) or not uri.strip():
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
+        self._hooks = Hooks([log_hook, *hooks] if log else hooks)
         self._settings = settings if settings is not None else DetachSettings()
         self._backend: Backend = backend if backend is not None else LibvirtBackend(uri)
         self._read_only = read_only
@@ -122,8 +129,10 @@ class DetachService:
         self._loop = loop = asyncio.get_running_loop()
         if self._backend.uses_libvirt_events:
             install_event_loop()
-        conn = self._conn = Connection(self._backend, self._settings, read_only=self._read_only)
-        self._unplugs = Unplugs(conn, self._settings)
+        conn = self._conn = Connection(
+            self._backend, self._settings, read_only=self._read_only, hooks=self._hooks
+        )
+        self._unplugs = Unplugs(conn, self._settings, self._hooks)
         self._intake = EventIntake(self._unplugs)
         self._intake.bind(loop)
         self._persistent = PersistentStep(conn, self._unplugs)
@@ -135,7 +144,7 @@ class DetachService:
         except BaseException:
             await self.aclose()
             raise
-        _log.debug("aiodetach.connected", uri=self.uri)
+        conn.record("connected")
 
     async def aclose(self) -> None:
         """Cancel what is in flight, close the connection, stop the threads.
@@ -173,7 +182,7 @@ class DetachService:
         await conn.close()
         if self._backend.uses_libvirt_events:
             await install_event_loop().settle()
-        _log.debug("aiodetach.closed", uri=self.uri)
+        conn.record("closed")
 
     @property
     def _closing(self) -> bool:
@@ -216,7 +225,55 @@ class DetachService:
         Raises a :class:`~aiodetach.errors.DetachError` subclass naming the
         domain and alias on every failure; one raised after the persistent
         half was done says so (``err.persistent_done``).
+
+        Every call, whatever ends it, gives the hooks a ``started`` and a
+        ``finished`` record with its ``detach_id``.
         """
+        call = _Progress(
+            _shown(domain),
+            alias if isinstance(alias, str) else None,
+            detach_id=next_detach_id(),
+            started=time.monotonic(),
+        )
+        self._record(call, "started")
+        try:
+            result = await self._detach_call(
+                call, domain, alias, target, mac, xml, live=live, persistent=persistent
+            )
+        except BaseException as exc:
+            self._record(call, "finished", error=exc, outcome=outcome_of(exc))
+            raise
+        self._record(call, "finished", result=result, outcome="removed")
+        return result
+
+    def _record(self, call: _Progress, kind: DetachStep, **fields: Any) -> None:
+        if self._hooks:
+            now = time.monotonic()
+            self._hooks.emit(
+                DetachRecord(
+                    kind=kind,
+                    detach_id=call.detach_id,
+                    uri=self.uri,
+                    domain=call.domain,
+                    alias=call.alias,
+                    time=now,
+                    elapsed=now - call.started,
+                    **fields,
+                )
+            )
+
+    async def _detach_call(
+        self,
+        progress: _Progress,
+        domain: DomainRef,
+        alias: str | None,
+        target: str | None,
+        mac: str | None,
+        xml: str | None,
+        *,
+        live: bool | None,
+        persistent: bool | None,
+    ) -> DetachResult:
         ref = domain_ref(domain)
         try:
             selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
@@ -231,7 +288,8 @@ class DetachService:
                 domain=ref,
                 alias=selector.value if selector.kind == "alias" else None,
             )
-        progress = _Progress(ref, selector.value if selector.kind == "alias" else None)
+        progress.domain = ref
+        progress.alias = selector.value if selector.kind == "alias" else None
         try:
             return await self._detach(conn, progress, selector, live, persistent)
         except asyncio.CancelledError:
@@ -265,7 +323,6 @@ class DetachService:
     ) -> DetachResult:
         assert self._persistent is not None
         assert self._unplugs is not None
-        started = time.monotonic()
         persistent_step = self._persistent
         ticket = persistent_step.ticket()
         try:
@@ -293,9 +350,11 @@ class DetachService:
             shown = plan.found.alias or progress.alias
             progress.alias = (plan.live.alias if plan.live else None) or shown
             if plan.persistent is not None:
-                progress.persistent_done = await persistent_step.detach(
-                    info, plan.persistent, shown, ticket, live_follows=plan.live is not None
+                step = await persistent_step.detach(
+                    info, plan.persistent, ticket, live_follows=plan.live is not None
                 )
+                progress.persistent_done = step != "persistent_missing_ignored"
+                self._record(progress, step)
         finally:
             persistent_step.release(ticket)
 
@@ -310,6 +369,9 @@ class DetachService:
                 )
             self._usable()
             unplug, joined = self._unplugs.join(info.uuid, info.name, plan.live.alias)
+            self._record(
+                progress, "unplug_joined" if joined else "unplug_started", unplug_id=unplug.id
+            )
             # The persistent half is the device's, like its unplug: a caller who
             # joins after another caller removed the device from the persistent
             # definition (so did not find it there) shares that outcome.
@@ -332,19 +394,9 @@ class DetachService:
             live=live_done is not None,
             persistent=progress.persistent_done,
             attempts=live_done.sent if live_done else 0,
-            elapsed=time.monotonic() - started,
+            elapsed=time.monotonic() - progress.started,
             confirmed_by=live_done.confirmed_by if live_done else None,
             joined=joined,
-        )
-        _log.info(
-            "aiodetach.detached",
-            domain=info.name,
-            alias=result.alias,
-            live=result.live,
-            persistent=result.persistent,
-            attempts=result.attempts,
-            elapsed=round(result.elapsed, 3),
-            confirmed_by=result.confirmed_by,
         )
         return result
 
@@ -436,12 +488,22 @@ class DetachService:
 _E = TypeVar("_E", bound=DetachError)
 
 
+def _shown(domain: object) -> str:
+    """The domain as records name it before it is looked up (even an invalid one)."""
+    try:
+        return domain_ref(domain)
+    except InvalidRequest:
+        return repr(domain)
+
+
 @dataclass(slots=True)
 class _Progress:
     """What one detach call has learnt and done so far, for its errors."""
 
     domain: str  # as the caller named it, then the domain's name
     alias: str | None  # as the caller named it, then the live alias
+    detach_id: int = 0  # names the call in the hooks' records
+    started: float = 0.0  # time.monotonic() when the call began
     persistent_done: bool = False
 
     def complete(self, err: _E) -> _E:

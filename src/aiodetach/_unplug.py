@@ -49,10 +49,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
-
-import structlog
 
 from ._connection import Connection
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
@@ -60,10 +59,11 @@ from ._settings import DetachSettings
 from ._xml import has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import DetachFailed, DetachTimeout, DomainStopped
+from .instrumentation._dispatch import Hooks, next_unplug_id
+from .instrumentation._records import UnplugOutcome, UnplugRecord, UnplugStep, outcome_of
 
 __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
-_log = structlog.get_logger("aiodetach")
 Key = tuple[str, str]
 
 BUSY_BACKOFF_MAX = 5.0
@@ -117,12 +117,14 @@ class Unplug:
         "early",
         "generation",
         "handed",
+        "id",
         "idle_until",
         "key",
         "persistent_done",
         "phase",
         "resume",
         "sent",
+        "started",
         "task",
         "timer",
         "used",
@@ -135,6 +137,8 @@ class Unplug:
         self._loop = asyncio.get_running_loop()
         self.key = key
         self.domain = domain  # the name, for errors and logs
+        self.id = next_unplug_id()  # names it in the hooks' records
+        self.started = time.monotonic()
         self.phase = Phase.QUEUED
         self.verdict: Decision | None = None
         self.early = False  # the verdict arrived before any request of ours reached libvirt
@@ -184,6 +188,51 @@ class Unplug:
         if self.callers == 0 and self.phase is Phase.BACKING_OFF:
             self.wake()  # nothing of ours is pending: stop now
 
+    # ------------------------------------------------------------ records
+    def record(self, kind: UnplugStep, **fields: Any) -> None:
+        """Tell the hooks about a step (loop thread).  Steps, not events: the
+        event intake's hot path never comes here."""
+        hooks = self._registry.hooks
+        if not hooks:
+            return
+        now = time.monotonic()
+        hooks.emit(
+            UnplugRecord(
+                kind=kind,
+                unplug_id=self.id,
+                uri=self._registry.conn.uri,
+                domain=self.domain,
+                domain_uuid=self.key[0],
+                alias=self.key[1],
+                attempt=self.used + 1,
+                attempts=self._registry.settings.attempts,
+                sent=self.sent,
+                callers=self.callers,
+                busy_refusals=self.busy_refusals,
+                time=now,
+                elapsed=now - self.started,
+                **fields,
+            )
+        )
+
+    def ended(self, task: asyncio.Task[LiveDone]) -> None:
+        """Done callback of the driver task: the unplug is over, however it ended
+        (even cancelled before its first step), so a pending-unplugs gauge
+        fed by ``started`` / ``ended`` stays exact."""
+        retrieve(task)
+        error: BaseException | None
+        if task.cancelled():
+            outcome: UnplugOutcome = "abandoned"
+            error = None
+        else:
+            error = task.exception()
+            if isinstance(error, Abandoned):
+                outcome, error = "abandoned", None
+            else:
+                found = outcome_of(error)
+                outcome = "error" if found == "cancelled" else found
+        self.record("ended", outcome=outcome, error=error)
+
     # ------------------------------------------------------------- driver
     async def run(self) -> LiveDone:
         """Drive the unplug to its end.  The one place where verdicts are acted on."""
@@ -221,17 +270,10 @@ class Unplug:
                 raise Abandoned  # nothing of ours ever reached the guest: nothing to keep
             self._idle(Phase.QUEUED)  # a re-send is due, for nobody
             return
-        conn, settings = self._registry.conn, self._registry.settings
+        conn = self._registry.conn
         self.phase = Phase.SENDING
         self.sent += 1
         self.generation = conn.generation
-        _log.info(
-            "aiodetach.detach_sent",
-            domain=self.domain,
-            alias=self.key[1],
-            attempt=self.used + 1,
-            attempts=settings.attempts,
-        )
         backend = conn.backend
         uuid, alias = self.key
 
@@ -252,9 +294,12 @@ class Unplug:
             # Shielded: a request inside libvirt is always seen to its answer.
             sent = await asyncio.shield(future)
         except BackendError as err:
+            self.record("request_sent")  # libvirt had it, and said no
             await self._refused(err)
             return
-        if not sent:  # decided meanwhile, or nobody waited when its thread was free
+        if sent:
+            self.record("request_sent")
+        else:  # decided meanwhile, or nobody waited when its thread was free
             self.sent -= 1
             self.phase = Phase.QUEUED  # run() acts on a verdict first
             return
@@ -277,9 +322,7 @@ class Unplug:
             return
         if is_in_progress(err):
             # An unplug (ours, or someone else's) is pending: wait for it.
-            _log.info(
-                "aiodetach.unplug_in_progress", domain=self.domain, alias=alias, message=err.message
-            )
+            self.record("in_progress", reason=err.message)
             self.accepted = True
             self._start_window()
             return
@@ -326,7 +369,7 @@ class Unplug:
         there (no new request)."""
         conn = self._registry.conn
         if not conn.is_up:
-            _log.info("aiodetach.waiting_for_reconnect", domain=self.domain, alias=self.key[1])
+            self.record("waiting_for_reconnect")
         await conn.wait_up()
         self.generation = conn.generation
         if self.verdict is None and not await self._still_there() and self.verdict is None:
@@ -342,22 +385,14 @@ class Unplug:
             # A paused guest cannot answer: this attempt has not really been
             # tried.  No new request (ours is still queued in QEMU); once the
             # vCPUs run again the guest gets a full timeout.
-            _log.info("aiodetach.waiting_while_paused", domain=self.domain, alias=alias)
+            self.record("paused")
             self.phase = Phase.PAUSED
             return
-        _log.info(
-            "aiodetach.attempt_timed_out",
-            domain=self.domain,
-            alias=alias,
-            attempt=self.used + 1,
-            attempts=settings.attempts,
-            timeout=settings.timeout,
-        )
+        self.record("attempt_timed_out", timeout=settings.timeout)
         xml = await self._live_xml()
         if self.verdict is not None:
             return  # e.g. DEVICE_REMOVAL_FAILED during the read: never re-send on top of it
         if not has_alias(xml, alias):
-            _log.info("aiodetach.removed_without_event", domain=self.domain, alias=alias)
             self.verdict, self.early = Verdict.GONE, False
             return
         self.used += 1
@@ -379,6 +414,7 @@ class Unplug:
             if self.verdict is not None:
                 return
             if state is not DomainState.PAUSED:
+                self.record("resumed")
                 self._start_window()
                 return
 
@@ -398,13 +434,7 @@ class Unplug:
         base = min(1.0, settings.timeout / 4)
         delay = min(base * 1.5**self.busy_refusals, BUSY_BACKOFF_MAX, settings.timeout)
         self.busy_refusals += 1
-        _log.info(
-            "aiodetach.busy_backoff",
-            domain=self.domain,
-            alias=self.key[1],
-            refusals=self.busy_refusals,
-            delay=round(delay, 3),
-        )
+        self.record("busy_backoff", delay=delay)
         self.deadline = now + delay
         self.phase = Phase.BACKING_OFF
 
@@ -444,15 +474,12 @@ class Unplug:
         """A verdict arrived before any request of ours was in libvirt."""
         verdict = self.verdict
         self.verdict, self.early = None, False  # an event during the read is recorded anew
-        alias = self.key[1]
         if verdict is Verdict.REMOVED and not await self._still_there():
             self.verdict, self.early = Verdict.GONE, False
             return
-        _log.info(
-            "aiodetach.stale_event_ignored",
-            domain=self.domain,
-            alias=alias,
-            kind=verdict.value if isinstance(verdict, Verdict) else str(verdict),
+        self.record(
+            "stale_event_ignored",
+            reason=verdict.value if isinstance(verdict, Verdict) else str(verdict),
         )
 
     # ------------------------------------------------------------ helpers
@@ -501,25 +528,24 @@ class Unplug:
         return has_alias(await self._live_xml(), self.key[1])
 
     def _finish(self, decision: Decision) -> LiveDone:
-        alias = self.key[1]
-        if decision is Verdict.REMOVED:
-            return LiveDone(self.sent, "event")
-        if decision is Verdict.GONE:
-            return LiveDone(self.sent, "xml")
+        if decision is Verdict.REMOVED or decision is Verdict.GONE:
+            confirmed_by: Literal["event", "xml"] = (
+                "event" if decision is Verdict.REMOVED else "xml"
+            )
+            self.record("removed", confirmed_by=confirmed_by)
+            return LiveDone(self.sent, confirmed_by)
         if decision is Verdict.FAILED:
-            _log.warning("aiodetach.removal_failed", domain=self.domain, alias=alias)
+            self.record("removal_failed")
             raise DetachFailed(
                 "the guest rejected the unplug (DEVICE_REMOVAL_FAILED); not retried",
                 domain=self.domain,
-                alias=alias,
+                alias=self.key[1],
             )
         assert isinstance(decision, tuple)
         raise self._stopped(decision[1])
 
     def _stopped(self, reason: str) -> DomainStopped:
-        _log.warning(
-            "aiodetach.domain_stopped", domain=self.domain, alias=self.key[1], reason=reason
-        )
+        self.record("domain_stopped", reason=reason)
         what = "disappeared" if reason == "undefined" else f"stopped ({reason})"
         return DomainStopped(
             f"the domain {what} before the guest released the device",
@@ -530,12 +556,7 @@ class Unplug:
 
     def _timeout(self) -> DetachTimeout:
         settings = self._registry.settings
-        _log.warning(
-            "aiodetach.detach_timeout",
-            domain=self.domain,
-            alias=self.key[1],
-            attempts=settings.attempts,
-        )
+        self.record("timed_out")
         busy = f", {self.busy_refusals} refused as busy" if self.busy_refusals else ""
         return DetachTimeout(
             f"the guest did not release the device after {self.sent} request(s) of "
@@ -552,6 +573,7 @@ class Registry(Protocol):
 
     conn: Connection
     settings: DetachSettings
+    hooks: Hooks
 
     def forget(self, unplug: Unplug) -> None: ...
 

@@ -1,0 +1,64 @@
+"""Handing records to hooks: each hook isolated from the detach and from the others.
+
+A hook runs on the event loop thread, inside the step that produced the
+record.  Whatever it raises is caught here, so a broken dashboard exporter
+can never change what a detach does; it is logged once per hook and step
+(the same fault would otherwise repeat for every device of a mass detach).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import structlog
+
+from ._records import Hook, Record
+
+__all__ = ["Hooks", "next_detach_id", "next_unplug_id"]
+
+_log = structlog.get_logger("aiodetach")
+
+# Per process, not per service: a hook shared by a fleet's services needs ids
+# that do not collide.
+next_detach_id = itertools.count(1).__next__
+next_unplug_id = itertools.count(1).__next__
+
+
+class Hooks:
+    """The hooks of one service, called in order."""
+
+    __slots__ = ("_failed", "_hooks")
+
+    def __init__(self, hooks: Iterable[Hook]) -> None:
+        self._hooks = tuple(hooks)
+        for hook in self._hooks:
+            if not callable(hook):
+                raise TypeError(f"a hook must be callable, not {type(hook).__name__}")
+        self._failed: set[tuple[int, str, str]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def emit(self, record: Record) -> None:
+        for index, hook in enumerate(self._hooks):
+            try:
+                hook(record)
+            except Exception:
+                self._report(index, hook, record)
+
+    def _report(self, index: int, hook: Hook, record: Record) -> None:
+        key = (index, type(record).__name__, record.kind)
+        if key in self._failed:
+            return
+        self._failed.add(key)
+        _log.warning(
+            "aiodetach.hook_failed",
+            hook=getattr(hook, "__qualname__", None) or repr(hook),
+            record=type(record).__name__,
+            kind=record.kind,
+            exc_info=True,
+        )

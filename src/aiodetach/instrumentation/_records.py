@@ -1,0 +1,191 @@
+"""What aiodetach tells its hooks: one frozen record per step.
+
+Three record types, because a detach has three owners of steps:
+
+- :class:`DetachRecord`: one caller's ``detach()`` call, from its start to its
+  result or error.  Identified by ``detach_id``.
+- :class:`UnplugRecord`: a device's live unplug.  One unplug exists per
+  device at a time and every caller of that device is *joined* to it, so its
+  steps (a request sent, an attempt timed out, the device removed) belong to
+  all of them.  Identified by ``unplug_id``; a caller's ``unplug_started`` /
+  ``unplug_joined`` record names the unplug it waits on, which is how a hook
+  relates the two (the OpenTelemetry hook puts an unplug's steps on the span
+  of every caller joined at that moment).
+- :class:`ConnectionRecord`: the service's libvirt connection (lost,
+  reconnected, …), for every detach on that URI.
+
+Times are ``time.monotonic()`` seconds; ``elapsed`` counts from the start of
+the record's owner (the call, the unplug).  Records are built on the event
+loop thread only, and handed to hooks there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from .._result import DetachResult
+from ..errors import DetachFailed, DetachTimeout, DomainStopped
+
+__all__ = [
+    "ConnectionRecord",
+    "ConnectionStep",
+    "DetachRecord",
+    "DetachStep",
+    "Hook",
+    "Outcome",
+    "Record",
+    "UnplugOutcome",
+    "UnplugRecord",
+    "UnplugStep",
+    "outcome_of",
+]
+
+DetachStep = Literal[
+    "started",  # the call was accepted (arguments checked, service open)
+    "persistent_detached",  # removed from the persistent definition
+    "persistent_joined",  # another caller's config detach of this device counts as ours
+    "persistent_missing_ignored",  # not in the persistent definition; a live detach follows
+    "unplug_started",  # this call started the device's live unplug (unplug_id)
+    "unplug_joined",  # this call joined the device's live unplug in flight (unplug_id)
+    "finished",  # result or error (outcome)
+]
+
+UnplugStep = Literal[
+    "started",  # a new unplug of the device (pending unplugs + 1)
+    "request_sent",  # a live detach request reached libvirt (accepted or refused)
+    "in_progress",  # libvirt refused it: an unplug is already in progress (waiting for it)
+    "busy_backoff",  # "guest is busy" before any request was accepted: sending again later
+    "stale_event_ignored",  # an event from before our request: the device is still there
+    "attempt_timed_out",  # no DEVICE_REMOVED within timeout: re-reading the live XML
+    "paused",  # the window ran out on a paused domain: waiting for it to run again
+    "resumed",  # the domain runs again: the guest gets a full timeout
+    "waiting_for_reconnect",  # libvirtd went away while waiting
+    "removed",  # the device is gone (confirmed_by "event" or "xml")
+    "removal_failed",  # DEVICE_REMOVAL_FAILED: the guest said no
+    "domain_stopped",  # the domain stopped (reason)
+    "timed_out",  # still attached after every attempt
+    "ended",  # the unplug is over (outcome; pending unplugs - 1)
+]
+
+ConnectionStep = Literal[
+    "connected",  # the service opened its connection
+    "lost",  # the connection dropped (reason)
+    "reconnecting",  # a new request after the daemon was given up on
+    "reconnected",  # back, events subscribed again (reconnects)
+    "dead",  # the daemon stayed away longer than reconnect_timeout (reason)
+    "closed",  # the service closed
+]
+
+Outcome = Literal["removed", "failed", "timeout", "stopped", "error", "cancelled"]
+"""How a detach call ended: ``removed`` (a result), ``failed``
+(:class:`~aiodetach.errors.DetachFailed`), ``timeout``
+(:class:`~aiodetach.errors.DetachTimeout`), ``stopped``
+(:class:`~aiodetach.errors.DomainStopped`), ``cancelled`` (the caller's own
+cancellation or deadline) or ``error`` (any other error)."""
+
+UnplugOutcome = Literal["removed", "failed", "timeout", "stopped", "error", "abandoned"]
+"""How an unplug ended; ``abandoned``: every caller left and none came back
+(or the service closed under it)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetachRecord:
+    """A step of one ``detach()`` call."""
+
+    kind: DetachStep
+    detach_id: int
+    """Unique in the process (a fleet's services share the counter)."""
+    uri: str
+    domain: str
+    """As the caller named it until the domain was looked up, then its name."""
+    alias: str | None
+    """The live alias once known, else what the caller named (or None)."""
+    time: float
+    elapsed: float
+    """Seconds since the call started."""
+    unplug_id: int | None = None
+    """``unplug_started`` / ``unplug_joined``: the live unplug this call waits on."""
+    result: DetachResult | None = None
+    """``finished``: the result of a successful call."""
+    error: BaseException | None = None
+    """``finished``: what the call raised (a ``DetachError``, or ``CancelledError``)."""
+    outcome: Outcome | None = None
+    """``finished``: the outcome, as the Prometheus hook labels it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnplugRecord:
+    """A step of a device's live unplug, shared by every caller joined to it."""
+
+    kind: UnplugStep
+    unplug_id: int
+    uri: str
+    domain: str
+    domain_uuid: str
+    alias: str
+    attempt: int
+    """The attempt under way, from 1 (busy refusals use none up)."""
+    attempts: int
+    """Attempts allowed (``DetachSettings.attempts``)."""
+    sent: int
+    """Requests that counted so far (what ``DetachResult.attempts`` reports)."""
+    callers: int
+    """Callers joined to the unplug now (0: it waits for one to come back)."""
+    time: float
+    elapsed: float
+    """Seconds since the unplug started."""
+    confirmed_by: Literal["event", "xml"] | None = None
+    """``removed``: libvirt's event, or the live XML re-read (the event was lost)."""
+    reason: str | None = None
+    """``domain_stopped``: libvirt's detail; ``in_progress``: libvirt's message;
+    ``stale_event_ignored``: the event's kind."""
+    timeout: float | None = None
+    """``attempt_timed_out``: the window that ran out, in seconds."""
+    delay: float | None = None
+    """``busy_backoff``: seconds until the request is sent again."""
+    busy_refusals: int = 0
+    """"guest is busy" refusals so far."""
+    outcome: UnplugOutcome | None = None
+    """``ended``: how the unplug ended."""
+    error: BaseException | None = None
+    """``ended``: the error it ended with, if any."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionRecord:
+    """A step of the service's libvirt connection."""
+
+    kind: ConnectionStep
+    uri: str
+    time: float
+    reason: str | None = None
+    reconnects: int = 0
+    """Re-opens after a loss so far."""
+
+
+Record: TypeAlias = DetachRecord | UnplugRecord | ConnectionRecord
+Hook: TypeAlias = Callable[[Record], object]
+"""A hook is any callable taking a record; what it returns is ignored.
+
+It is called synchronously on the event loop thread, so it must be quick and
+must not block; one that raises is logged (once per hook and step) and
+ignored: it never changes a detach's outcome."""
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """The :data:`Outcome` of a call that raised ``error`` (None: success)."""
+    if error is None:
+        return "removed"
+    if isinstance(error, DetachFailed):
+        return "failed"
+    if isinstance(error, DetachTimeout):
+        return "timeout"
+    if isinstance(error, DomainStopped):
+        return "stopped"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "error"
+    if not isinstance(error, Exception):  # CancelledError
+        return "cancelled"
+    return "error"
