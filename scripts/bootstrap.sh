@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what aiodetach's demo, tests and benchmarks need on a Debian/Ubuntu
 # machine: libvirt + QEMU + build tools (apt), and a virtualenv in .venv with
-# the package (editable) and its dev dependency group.  Idempotent and quick
+# the package (editable, with its prometheus and otel extras) and its dev
+# dependency group (which also has what the tests of those extras need: the
+# OpenTelemetry SDK's in-memory exporter).  Idempotent and quick
 # when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +29,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U "pip>=25.1"
 # PEP 735 dependency groups need pip >= 25.1.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e . --group dev
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[prometheus,otel]" --group dev

@@ -289,23 +289,35 @@ class Unplug:
             return True
 
         future = conn.submit(request)
-        future.add_done_callback(retrieve)
+        future.add_done_callback(self._answered)
         try:
             # Shielded: a request inside libvirt is always seen to its answer.
             sent = await asyncio.shield(future)
         except BackendError as err:
-            self.record("request_sent")  # libvirt had it, and said no
             await self._refused(err)
             return
-        if sent:
-            self.record("request_sent")
-        else:  # decided meanwhile, or nobody waited when its thread was free
+        if not sent:  # decided meanwhile, or nobody waited when its thread was free
             self.sent -= 1
             self.phase = Phase.QUEUED  # run() acts on a verdict first
             return
         self.accepted = True
         self.busy_since = None
         self._start_window()
+
+    def _answered(self, future: asyncio.Future[bool]) -> None:
+        """libvirt answered a request (loop thread, before the driver resumes).
+
+        A callback rather than a step of the driver so that a request is
+        counted even when the driver was cancelled meanwhile (a service
+        closing while the request is inside libvirt): a request counts once
+        it was handed to libvirt, accepted or refused.
+        """
+        retrieve(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if (error is None and future.result()) or isinstance(error, BackendError):
+            self.record("request_sent")
 
     async def _refused(self, err: BackendError) -> None:
         """libvirt did not take the request: what does that mean?"""

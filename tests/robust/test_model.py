@@ -46,7 +46,11 @@ rules, not from the implementation's code:
 
 After every step: each caller's state (waiting, or its exact outcome:
 attempts, confirmed_by, joined) matches the model, ``svc.pending()`` matches
-it (orphans included), the requests (and busy refusals) that reached the
+it (orphans included) and so does the Prometheus hook's
+``aiodetach_pending_unplugs`` gauge, ``aiodetach_requests_total`` counts the
+requests that the fake answered (accepted or refused) and ``aiodetach_detaches_total`` the callers
+that finished; a hook that raises at every step is installed too, and changes
+none of this; every record is handed to the hooks on the loop thread, the requests (and busy refusals) that reached the
 fake match it, the calls held in worker threads are exactly the ones the
 model says are under way, and at most one request is ever inside a worker
 thread.
@@ -80,9 +84,11 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from prometheus_client import CollectorRegistry
 
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound, ServiceClosed
+from aiodetach.instrumentation import Record, prometheus_hook
 from aiodetach.testing import FakeHypervisor, Unplug
 
 TIMEOUT = 10.0
@@ -211,6 +217,7 @@ class _TrackedFake(FakeHypervisor):
         self.max_live_in_thread = 0
         self.own_calls: list[str] = []
         self.queued_calls: list[str] = []
+        self.answered = 0  # live requests libvirt answered, accepted or refused
 
     def _own(self, kind: str) -> None:
         if not getattr(_thread, "own", False):
@@ -241,6 +248,7 @@ class _TrackedFake(FakeHypervisor):
         finally:
             with self.track:
                 self.live_in_thread -= 1
+                self.answered += 1
 
     def close(self) -> None:
         super().close()
@@ -311,7 +319,23 @@ class DetachMachine(RuleBasedStateMachine):
         self.fake = _TrackedFake(self.holds)
         self.vm = self.fake.add_domain("vm")
         conf = DetachSettings(attempts=ATTEMPTS, timeout=TIMEOUT, max_threads=4)
-        self.svc = DetachService(backend=self.fake, settings=conf)
+        self.registry = CollectorRegistry()
+        self.off_loop: list[Record] = []
+        loop_thread = threading.get_ident()
+
+        def on_loop_thread(record: Record) -> None:
+            if threading.get_ident() != loop_thread:
+                self.off_loop.append(record)
+
+        def broken(record: Record) -> None:
+            raise RuntimeError(f"a broken hook ({record.kind})")
+
+        self.svc = DetachService(
+            backend=self.fake,
+            settings=conf,
+            hooks=[broken, prometheus_hook(self.registry), on_loop_thread],
+            log=False,
+        )
         self.loop.run_until_complete(self.svc.open())
         self.key = (self.vm.uuid, ALIAS)
         self.tasks: dict[int, asyncio.Task[DetachResult]] = {}
@@ -817,6 +841,18 @@ class DetachMachine(RuleBasedStateMachine):
         assert self.fake.busy_refusals == self.busy_seen
 
     @invariant()
+    def metrics_match_the_model(self) -> None:
+        sample = self.registry.get_sample_value
+        assert sample("aiodetach_pending_unplugs") == len(self.svc.pending())
+        assert sample("aiodetach_requests_total") == self.fake.answered
+        finished = sum(
+            sample("aiodetach_detaches_total", {"outcome": o}) or 0.0
+            for o in ("removed", "failed", "timeout", "stopped", "error", "cancelled")
+        )
+        assert finished == sum(task.done() for task in self.tasks.values())
+        assert self.off_loop == []
+
+    @invariant()
     def held_calls_match_the_model(self) -> None:
         u = self.unplug
         want: set[str] = set()
@@ -867,6 +903,7 @@ def _replay(*steps: Step) -> None:
             getattr(machine, name)(**kwargs)
             machine.callers_match_the_model()
             machine.one_unplug_and_one_request_at_a_time()
+            machine.metrics_match_the_model()
             machine.held_calls_match_the_model()
     finally:
         machine.teardown()

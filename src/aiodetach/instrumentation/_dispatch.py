@@ -58,6 +58,7 @@ class Hooks:
         _log.warning(
             "aiodetach.hook_failed",
             hook=getattr(hook, "__qualname__", None) or repr(hook),
+            hook_index=index,
             record=type(record).__name__,
             kind=record.kind,
             exc_info=True,
