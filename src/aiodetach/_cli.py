@@ -1,9 +1,13 @@
 """The ``aiodetach`` command.
 
-The only place in the package that configures structlog: the library logs
-namespaced events; here they become progress lines ("attempt 2 of 8…") on
-stderr, or JSON lines with ``--json``.  Results go to stdout.  Each error
-class has its own exit status so scripts can branch on it.
+The only place in the package that configures structlog.  Progress lines
+("attempt 2 of 8…") on stderr are drawn from hook records
+(:mod:`aiodetach._progress`), not from log event names, so renaming a log
+call cannot break them; ``detach-many`` draws a progress bar on a terminal;
+with ``--json`` the library's log events go to stderr as JSON lines.
+Results go to stdout.  Each error class has its own exit status so scripts
+can branch on it.  ``--metrics-port`` serves Prometheus metrics while
+``detach-many`` or ``watch`` runs.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import structlog
 from pydantic import ValidationError
 
 from . import __version__
-from ._many import DetachOutcome
+from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
 from ._settings import DetachSettings
@@ -37,6 +41,7 @@ from .errors import (
     InvalidRequest,
     ReadOnlyConnection,
 )
+from .instrumentation import Hook
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -64,56 +69,19 @@ def exit_code_for(exc: DetachError) -> int:
     return 11
 
 
-# -- logging -------------------------------------------------------------------------
-
-_PROGRESS: dict[str, Callable[[MutableMapping[str, Any]], str]] = {
-    "aiodetach.persistent_detached": lambda e: "removed from the persistent definition",
-    "aiodetach.persistent_missing_ignored": lambda e: (
-        "not in the persistent definition (live only): ignored"
-    ),
-    "aiodetach.detach_sent": lambda e: (
-        f"attempt {e['attempt']} of {e['attempts']}: live detach request sent"
-    ),
-    "aiodetach.detach_joined": lambda e: "joined a detach of this device already in flight",
-    "aiodetach.unplug_in_progress": lambda e: "an unplug is already in progress: waiting for it",
-    "aiodetach.busy_backoff": lambda e: (
-        f"the guest is busy (slot still settling): sending again in {e['delay']:g} s"
-    ),
-    "aiodetach.stale_event_ignored": lambda e: (
-        "ignored an event from before our request: the device is still attached"
-    ),
-    "aiodetach.attempt_timed_out": lambda e: (
-        f"attempt {e['attempt']} of {e['attempts']}: no DEVICE_REMOVED within "
-        f"{e['timeout']:g} s; re-reading the live XML"
-    ),
-    "aiodetach.removed_without_event": lambda e: (
-        "the live XML shows the device gone (its event was lost)"
-    ),
-    "aiodetach.detach_timeout": lambda e: (
-        f"gave up: the device is still attached after {e['attempts']} attempt(s)"
-    ),
-    "aiodetach.removal_failed": lambda e: "DEVICE_REMOVAL_FAILED: the guest rejected the unplug",
-    "aiodetach.domain_stopped": lambda e: f"the domain stopped ({e.get('reason')})",
-    "aiodetach.connection_lost": lambda e: f"lost the connection to libvirtd ({e.get('reason')})",
-    "aiodetach.reconnected": lambda e: "reconnected to libvirtd",
-    "aiodetach.detached": lambda e: (
-        f"detached in {e['elapsed']:.3f} s after {e['attempts']} request(s)"
-    ),
-}
-
-
-def _progress_renderer(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
-    name = str(event.get("event"))
-    fmt = _PROGRESS.get(name)
-    where = f"{event.get('domain', '')}/{event.get('alias') or event.get('device', '')}"
-    text = fmt(event) if fmt else name
-    return f"[{where}] {text}"
+# -- output --------------------------------------------------------------------------
 
 
 def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> None:
-    """Progress lines (or JSON lines) on stderr; debug events only with -v."""
-    level = 10 if verbose else 20
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else _progress_renderer
+    """The library's structlog events on stderr: JSON lines with ``--json``
+    (info and up, debug with -v); otherwise key=value lines, warnings only
+    unless -v (progress comes from the hooks, see :mod:`aiodetach._progress`)."""
+    level = 10 if verbose else (20 if as_json else 30)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -124,6 +92,63 @@ def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> No
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _service(
+    args: argparse.Namespace,
+    hooks: list[Hook],
+    *,
+    read_only: bool = False,
+) -> DetachService:
+    """The service of a command.  Progress: the hooks' lines, or with
+    ``--json`` the library's log events as JSON lines (the logging hook)."""
+    as_json = bool(getattr(args, "json", False))
+    return DetachService(
+        args.uri,
+        settings=None if read_only else _settings(args),
+        read_only=read_only,
+        hooks=hooks,
+        log=as_json or args.verbose,
+    )
+
+
+class _Metrics:
+    """``--metrics-port``: Prometheus metrics served over HTTP while a command runs."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.hooks: list[Hook] = []
+        self.registry: Any = None
+        self._server: Any = None
+        self._port: int | None = args.metrics_port
+        self._addr: str = args.metrics_addr
+
+    def __enter__(self) -> _Metrics:
+        if self._port is None:
+            return self
+        try:
+            import prometheus_client
+        except ImportError:
+            raise InvalidRequest(
+                "--metrics-port needs prometheus-client: pip install 'aiodetach[prometheus]'"
+            ) from None
+        from .instrumentation import prometheus_hook
+
+        self.registry = registry = prometheus_client.CollectorRegistry()
+        prometheus_client.ProcessCollector(registry=registry)
+        prometheus_client.PlatformCollector(registry=registry)
+        prometheus_client.GCCollector(registry=registry)
+        self.hooks.append(prometheus_hook(registry))
+        self._server, _thread = prometheus_client.start_http_server(
+            self._port, addr=self._addr, registry=registry
+        )
+        host, port = self._server.server_address[:2]
+        print(f"serving Prometheus metrics on http://{host}:{port}/metrics", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
 
 
 # -- commands ------------------------------------------------------------------------
@@ -172,7 +197,8 @@ def _print_error(exc: DetachError, as_json: bool) -> None:
 
 
 async def _detach(args: argparse.Namespace, xml: str | None) -> int:
-    async with DetachService(args.uri, settings=_settings(args)) as svc:
+    hooks: list[Hook] = [] if args.json else [ProgressLines(sys.stderr)]
+    async with _service(args, hooks) as svc:
         result = await svc.detach(
             args.domain,
             alias=args.alias,
@@ -222,40 +248,24 @@ def parse_batch(text: str) -> list[dict[str, Any]]:
     return requests
 
 
-class _ProgressBar:
-    """One redrawn stderr line: [#####-----] 37/100 ok=35 failed=2."""
-
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.ok = self.failed = 0
-
-    def update(self, outcome: DetachOutcome, done: int, total: int) -> None:
-        if outcome.ok:
-            self.ok += 1
-        else:
-            self.failed += 1
-        if self.enabled:
-            width = 30
-            filled = width * done // max(total, 1)
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r[{bar}] {done}/{total} ok={self.ok} failed={self.failed}")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 async def _detach_many(args: argparse.Namespace, text: str) -> int:
     requests = parse_batch(text)
-    bar = _ProgressBar(
-        len(requests), enabled=(not args.json and sys.stderr.isatty()) or args.progress
-    )
-    async with DetachService(args.uri, settings=_settings(args)) as svc:
-        outcomes = await svc.detach_many(
-            requests,
-            concurrency=args.concurrency,
-            per_domain=args.per_domain,
-            on_progress=bar.update,
-        )
+    bar: ProgressBar | None = None
+    hooks: list[Hook] = []
+    if args.progress or (not args.json and sys.stderr.isatty()):
+        bar = ProgressBar(len(requests), sys.stderr)
+        hooks.append(bar)
+    elif not args.json:
+        hooks.append(ProgressLines(sys.stderr))
+    with _Metrics(args) as metrics:
+        try:
+            async with _service(args, hooks + metrics.hooks) as svc:
+                outcomes = await svc.detach_many(
+                    requests, concurrency=args.concurrency, per_domain=args.per_domain
+                )
+        finally:
+            if bar is not None:
+                bar.close()
     for outcome in outcomes:
         if args.json:
             payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
@@ -285,10 +295,30 @@ async def _detach_many(args: argparse.Namespace, text: str) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    async with DetachService(args.uri, read_only=True) as svc:
+    with _Metrics(args) as metrics:
+        return await _watch_events(args, metrics)
+
+
+async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
+    seen: Any = None
+    if metrics.registry is not None:
+        from prometheus_client import Counter
+
+        seen = Counter(
+            "aiodetach_watched_events",
+            "Device events seen by aiodetach watch, by kind.",
+            ["kind"],
+            registry=metrics.registry,
+        )
+        for kind in ("device-removed", "device-removal-failed", "domain-stopped"):
+            seen.labels(kind)
+    hooks: list[Hook] = [] if args.json else [ProgressLines(sys.stderr)]
+    async with _service(args, hooks + metrics.hooks, read_only=True) as svc:
         if not args.json:
             print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
         async for event in svc.events(args.domain):
+            if seen is not None:
+                seen.labels(event.kind).inc()
             if args.json:
                 print(
                     json.dumps(
@@ -310,6 +340,21 @@ async def _watch(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     return 0
+
+
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while running (needs aiodetach[prometheus])",
+    )
+    parser.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics server binds (default 127.0.0.1)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,11 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
     many.add_argument("--json", action="store_true", help="one JSON line per device")
     many.add_argument("--progress", action="store_true", help="progress bar even if not a tty")
+    _metrics_options(many)
 
     watch = sub.add_parser("watch", help="stream device-removed / removal-failed events")
     watch.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
     watch.add_argument("--uri", default="qemu:///system")
     watch.add_argument("--json", action="store_true")
+    _metrics_options(watch)
 
     demo = sub.add_parser(
         "demo", help="a real detach demo on a throwaway QEMU guest (sets up libvirtd)"

@@ -19,9 +19,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import _lab
+from ._progress import describe
 from ._service import DetachService, DeviceEvent
 from ._settings import DetachSettings
 from .errors import DetachError, DetachTimeout
+from .instrumentation import Record
 
 __all__ = ["run_demo"]
 
@@ -30,6 +32,13 @@ _T0 = time.monotonic()
 
 def _say(text: str) -> None:
     print(f"{time.monotonic() - _T0:7.2f}s  {text}", flush=True)
+
+
+def _narrate(record: Record) -> None:
+    """A hook: each step of the protocol as it happens."""
+    line = describe(record)
+    if line is not None:
+        _say("  " + line)
 
 
 async def _print_events(svc: DetachService, domain: str) -> None:
@@ -84,7 +93,7 @@ async def _part_booted(uri: str) -> None:
         waited = await _guest.async_wait_for_ready(dom.workdir / "serial.log", timeout=180)
         _say(f"guest userspace is up ({waited:.1f} s after start)")
         settings = DetachSettings(attempts=4, timeout=15)
-        async with DetachService(uri, settings=settings) as svc:
+        async with DetachService(uri, settings=settings, hooks=[_narrate], log=False) as svc:
             watcher = asyncio.create_task(_print_events(svc, dom.name))
             await asyncio.sleep(0)
             for kwargs, what in (
@@ -113,7 +122,7 @@ async def _part_osless(uri: str) -> None:
     with _lab.throwaway_domain(uri, disks=disks) as dom:
         _say(f"started {dom.name} (SeaBIOS only)")
         settings = DetachSettings(attempts=3, timeout=3)
-        async with DetachService(uri, settings=settings) as svc:
+        async with DetachService(uri, settings=settings, hooks=[_narrate], log=False) as svc:
             watcher = asyncio.create_task(_print_events(svc, dom.name))
             await asyncio.sleep(0)
             _say("detaching SCSI disk ua-scsi1: QEMU completes this one without the guest")
