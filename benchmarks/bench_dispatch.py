@@ -58,6 +58,7 @@ from _common import (
     median,
     met,
     parse_args,
+    skipped,
 )
 
 from aiodetach import DetachResult, DetachService, DetachSettings, DeviceEvent
@@ -302,6 +303,8 @@ async def measure(sizes: Sizes, *, with_baselines: bool) -> dict[str, Any]:
         "drain": [],
         "bare": [],
         "linear": [],
+        "prom": [],
+        "prom_drain": [],
     }
     async with DetachService(backend=fake, settings=settings) as svc:
         for r in range(sizes.rounds):
@@ -323,7 +326,32 @@ async def measure(sizes: Sizes, *, with_baselines: bool) -> dict[str, Any]:
             )
         if with_baselines:
             out["profile"] = await profile_dispatch(svc, fake, events[:2000])
+    hook = prometheus() if with_baselines else None
+    if hook is not None:
+        # The same, with the Prometheus hook installed: hooks fire on the
+        # unplugs' state changes (after the dispatch), never in the lookup.
+        async with DetachService(backend=fake, settings=settings, hooks=[hook]) as svc:
+            for r in range(sizes.rounds):
+                out["bare"].append(await round_bare(events, order))
+                dispatch, drain = await round_aiodetach(svc, fake, events, order)
+                out["prom"].append(dispatch)
+                out["prom_drain"].append(drain)
+                eprint(
+                    f"  dispatch round {r + 1}/{sizes.rounds}, Prometheus hook: "
+                    f"aiodetach {fmt_s(dispatch)}, bare {fmt_s(out['bare'][-1])}"
+                )
     return out
+
+
+def prometheus() -> Any:
+    """The Prometheus hook on a registry of its own (None without prometheus-client)."""
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        return None
+    from aiodetach.instrumentation import prometheus_hook
+
+    return prometheus_hook(CollectorRegistry())
 
 
 def default_logging_child(sizes: Sizes, quick: bool) -> float | None:
@@ -402,6 +430,21 @@ def main() -> None:
                 "info: structlog's defaults print every debug line",
             )
         )
+    label = "dispatch with the Prometheus hook vs bare limit"
+    if out["prom"]:
+        prom = median(out["prom"])
+        rows.append(
+            Row(
+                label,
+                f"{fmt_s(prom)} ({fmt_s(prom / n)}/event)",
+                f"bare: {fmt_s(bare)}; no extra hook: {fmt_s(ours)}",
+                fmt_ratio(prom / bare),
+                "≤ 3x the bare limit",
+                met(prom / bare <= 3),
+            )
+        )
+    else:
+        rows.append(skipped(label, "prometheus-client not installed", "≤ 3x the bare limit"))
     lines = [
         f"Medians of {sizes.rounds} rounds (linear scan: {len(out['linear'])}); "
         "events delivered on the loop thread in one shuffled order.",
@@ -410,6 +453,10 @@ def main() -> None:
         f"- linear scan rounds: {', '.join(fmt_s(x) for x in out['linear'])}",
         f"- for information: first event delivered → all {n} `detach()` calls returned: "
         f"{fmt_s(drain)} (includes each caller's result building and logging)",
+        f"- with the Prometheus hook: dispatch rounds "
+        f"{', '.join(fmt_s(x) for x in out['prom'])}; first event → all returned: "
+        f"{fmt_s(median(out['prom_drain'])) if out['prom_drain'] else '—'} "
+        "(the hook runs there: each unplug's removed/ended and each caller's finished record)",
         "",
         "Cost of each step of the dispatch path, measured alone (per event):",
         "",

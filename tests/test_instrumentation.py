@@ -387,7 +387,7 @@ async def _detach_all(svc: DetachService) -> None:
 async def test_prometheus_gauge_exact_through_orphans_and_idle(fake: FakeHypervisor) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-disk1", unplug=Unplug.never())
     registry = CollectorRegistry()
-    settings = DetachSettings(attempts=3, timeout=0.2)
+    settings = DetachSettings(attempts=3, timeout=0.6)
     gauge: list[tuple[float | None, int]] = []
 
     async with DetachService(
@@ -406,10 +406,12 @@ async def test_prometheus_gauge_exact_through_orphans_and_idle(fake: FakeHypervi
             await asyncio.sleep(0)
             look()
         # Nobody comes back: its window ends, it idles one timeout, then is dropped.
-        for _ in range(12):
-            await asyncio.sleep(0.05)
-            await asyncio.sleep(0)
+        # The gauge moves in the same step as pending(): equal at any moment.
+        for _ in range(300):
+            await asyncio.sleep(0.01)
             look()
+            if not svc.pending():
+                break
     assert gauge[0] == gauge[1] == (1.0, 1)
     assert gauge[-1] == (0.0, 0)
     assert all(g == float(p) for g, p in gauge), gauge

@@ -38,7 +38,7 @@ class Unplugs:
             unplug = Unplug(self, key, domain)
             self.by_key[key] = unplug
             unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-            task.add_done_callback(unplug.ended)  # "ended" pairs with "started", always
+            task.add_done_callback(unplug.done)  # "ended" pairs with "started", always
             unplug.join()
             unplug.record("started")
         else:

@@ -196,6 +196,7 @@ class Unplug:
         if not hooks:
             return
         now = time.monotonic()
+        attempts = self._registry.settings.attempts
         hooks.emit(
             UnplugRecord(
                 kind=kind,
@@ -204,8 +205,8 @@ class Unplug:
                 domain=self.domain,
                 domain_uuid=self.key[0],
                 alias=self.key[1],
-                attempt=self.used + 1,
-                attempts=self._registry.settings.attempts,
+                attempt=min(self.used + 1, attempts),
+                attempts=attempts,
                 sent=self.sent,
                 callers=self.callers,
                 busy_refusals=self.busy_refusals,
@@ -215,27 +216,32 @@ class Unplug:
             )
         )
 
-    def ended(self, task: asyncio.Task[LiveDone]) -> None:
-        """Done callback of the driver task: the unplug is over, however it ended
-        (even cancelled before its first step), so a pending-unplugs gauge
-        fed by ``started`` / ``ended`` stays exact."""
-        retrieve(task)
-        error: BaseException | None
-        if task.cancelled():
-            outcome: UnplugOutcome = "abandoned"
-            error = None
+    def _ended(self, error: BaseException | None) -> None:
+        """The unplug left the registry: tell the hooks in the same step, so a
+        pending-unplugs gauge fed by ``started`` / ``ended`` always equals
+        ``pending()``."""
+        outcome: UnplugOutcome
+        if error is None:
+            outcome = "removed"
+        elif isinstance(error, (Abandoned, asyncio.CancelledError)):
+            outcome, error = "abandoned", None  # nobody came back, or the service closed
         else:
-            error = task.exception()
-            if isinstance(error, Abandoned):
-                outcome, error = "abandoned", None
-            else:
-                found = outcome_of(error)
-                outcome = "error" if found == "cancelled" else found
+            found = outcome_of(error)
+            outcome = "error" if found == "cancelled" else found
         self.record("ended", outcome=outcome, error=error)
+
+    def done(self, task: asyncio.Task[LiveDone]) -> None:
+        """Done callback of the driver task: an unplug cancelled before its
+        first step (a service closing at once) never ran its ``finally``."""
+        retrieve(task)
+        if self.phase is not Phase.DONE:
+            self.phase = Phase.DONE
+            self._ended(None if not task.cancelled() else asyncio.CancelledError())
 
     # ------------------------------------------------------------- driver
     async def run(self) -> LiveDone:
         """Drive the unplug to its end.  The one place where verdicts are acted on."""
+        error: BaseException | None = None
         try:
             while True:
                 if self.verdict is not None:
@@ -257,12 +263,16 @@ class Unplug:
                 elif phase is Phase.IDLE:
                     await self._linger()
                 else:  # pragma: no cover - SENDING/DONE never reach here
-                    raise AssertionError(f"unplug {self.key} in phase {phase}")
+                    raise AssertionError(f"unplug {self.key} in phase {phase}")  # noqa: TRY301
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             self.phase = Phase.DONE
             if self.timer is not None:
                 self.timer.cancel()
             self._registry.forget(self)
+            self._ended(error)
 
     async def _send(self) -> None:
         if self.callers == 0:

@@ -122,7 +122,6 @@ class _OtelHook:
                 "aiodetach.joined": result.joined,
             }
         span.set_attributes(_attrs(attrs))
-        span.add_event("aiodetach.finished", _attrs({"aiodetach.elapsed": r.elapsed}))
         if error is not None and r.outcome != "cancelled":
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
@@ -132,6 +131,7 @@ class _OtelHook:
             persistent_done = getattr(error, "persistent_done", None)
             if isinstance(persistent_done, bool):
                 span.set_attribute("aiodetach.persistent", persistent_done)
+        span.add_event("aiodetach.finished", _attrs({"aiodetach.elapsed": r.elapsed}))
         span.end()
 
     def _unplug(self, r: UnplugRecord) -> None:

@@ -126,7 +126,7 @@ class UnplugRecord:
     domain_uuid: str
     alias: str
     attempt: int
-    """The attempt under way, from 1 (busy refusals use none up)."""
+    """The attempt under way, from 1 to ``attempts`` (busy refusals use none up)."""
     attempts: int
     """Attempts allowed (``DetachSettings.attempts``)."""
     sent: int
