@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 DetachStep = Literal[
-    "started",  # the call was accepted (arguments checked, service open)
+    "started",  # the call began (every call, even one with invalid arguments)
     "persistent_detached",  # removed from the persistent definition
     "persistent_joined",  # another caller's config detach of this device counts as ours
     "persistent_missing_ignored",  # not in the persistent definition; a live detach follows
