@@ -55,8 +55,9 @@ class LibvirtBackend:
     uses_libvirt_events = True
     """The service runs libvirt's event loop on asyncio for backends saying so."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, keepalive: tuple[int, int] = (5, 3)) -> None:
         self._uri = uri
+        self._keepalive = keepalive
         self._lock = threading.Lock()
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
@@ -114,8 +115,10 @@ class LibvirtBackend:
                 ),
             ]
             _wrap(lambda: conn.registerCloseCallback(closed, None))
-            # Notice a hung (not only a dead) daemon: 3 missed 5 s keepalives.
-            _wrap(lambda: conn.setKeepAlive(5, 3))
+            # Notice a hung daemon or a partitioned network, not only a closed
+            # socket: after `count` unanswered keepalives, `interval` s apart.
+            interval, count = self._keepalive
+            _wrap(lambda: conn.setKeepAlive(interval, count))
         except BackendError:
             self._close_conn(conn, [])
             raise

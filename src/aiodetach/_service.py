@@ -80,7 +80,14 @@ class DetachService:
         if not isinstance(uri, str) or not uri.strip():
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
         self._settings = settings if settings is not None else DetachSettings()
-        self._backend: Backend = backend if backend is not None else LibvirtBackend(uri)
+        self._backend: Backend = (
+            backend
+            if backend is not None
+            else LibvirtBackend(
+                uri,
+                keepalive=(self._settings.keepalive_interval, self._settings.keepalive_count),
+            )
+        )
         self._read_only = read_only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._close_task: asyncio.Task[None] | None = None

@@ -43,6 +43,20 @@ class DetachSettings(BaseSettings):
     reconnect_backoff_max: float = Field(
         default=5.0, gt=0, description="Upper bound of the reconnect backoff, in seconds."
     )
+    keepalive_interval: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Seconds between libvirt keepalive probes on an idle connection.",
+    )
+    keepalive_count: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Unanswered keepalive probes after which the connection counts as lost: "
+        "how a network partition (a TCP connection that hangs, never closes) is noticed, "
+        "within about keepalive_interval * (keepalive_count + 1) seconds.",
+    )
     max_threads: int = Field(
         default=16,
         ge=1,
