@@ -34,6 +34,13 @@ class DetachSettings(BaseSettings):
         gt=0,
         description="Seconds to wait for DEVICE_REMOVED after each request.",
     )
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long open() waits for libvirtd to answer before ConnectionLost "
+        "(a TCP connect to a host behind a network partition would otherwise hang for "
+        "minutes).",
+    )
     reconnect_timeout: float = Field(
         default=60.0,
         gt=0,
@@ -64,7 +71,7 @@ class DetachSettings(BaseSettings):
         description="Worker threads for blocking libvirt calls (per service).",
     )
 
-    @field_validator("timeout", "reconnect_timeout", "reconnect_backoff_max")
+    @field_validator("timeout", "connect_timeout", "reconnect_timeout", "reconnect_backoff_max")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
