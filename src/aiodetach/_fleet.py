@@ -134,7 +134,7 @@ class DetachFleet:
         outcomes = iter_outcomes(
             batch,
             self._run_request,
-            identify=self._identities(),
+            identify=self._identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
@@ -161,7 +161,7 @@ class DetachFleet:
         return await collect(
             batch,
             self._run_request,
-            identify=self._identities(),
+            identify=self._identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
             on_progress=on_progress,
@@ -174,7 +174,7 @@ class DetachFleet:
         svc = await self.service(self._uri_of(request))
         return await svc.detach(request.domain, **request.detach_kwargs())
 
-    def _identities(self) -> Callable[[DetachRequest], Awaitable[Hashable]]:
+    def _identities(self, look_up: bool) -> Callable[[DetachRequest], Awaitable[Hashable]]:
         """Connect to the request's host (shared attempt), then look its domain
         up once per name: the key of the per-domain bound is (URI, UUID)."""
         per_uri: dict[str, Callable[[DetachRequest], Awaitable[Hashable]]] = {}
@@ -191,7 +191,7 @@ class DetachFleet:
                 raise exc from exc.__cause__
             of = per_uri.get(uri)
             if of is None:
-                of = per_uri[uri] = svc.batch_identities()
+                of = per_uri[uri] = svc.batch_identities(look_up)
             return (uri, await of(request))
 
         return identify

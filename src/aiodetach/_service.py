@@ -417,7 +417,7 @@ class DetachService:
         outcomes = iter_outcomes(
             batch,
             self._run_request,
-            identify=_Identities(self).of,
+            identify=self.batch_identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
@@ -448,15 +448,16 @@ class DetachService:
         return await collect(
             batch,
             self._run_request,
-            identify=_Identities(self).of,
+            identify=self.batch_identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
             on_progress=on_progress,
         )
 
-    def batch_identities(self) -> Callable[[DetachRequest], Awaitable[Hashable]]:
-        """For :class:`DetachFleet`: a per-batch ``request -> domain UUID`` lookup."""
-        return _Identities(self).of
+    def batch_identities(self, look_up: bool) -> Callable[[DetachRequest], Awaitable[Hashable]]:
+        """A per-batch ``request -> domain UUID`` lookup (also for :class:`DetachFleet`);
+        without a per-domain bound nothing needs looking up."""
+        return _Identities(self).of if look_up else _no_identity
 
     async def _run_request(self, request: DetachRequest) -> DetachResult:
         return await self.detach(request.domain, **request.detach_kwargs())
@@ -503,6 +504,10 @@ class DetachService:
 
 
 _E = TypeVar("_E", bound=DetachError)
+
+
+async def _no_identity(_request: DetachRequest) -> Hashable:
+    return None
 
 
 class _Identities:
