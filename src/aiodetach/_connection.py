@@ -135,18 +135,20 @@ class Connection:
             await asyncio.gather(task, return_exceptions=True)
         executor = self._executor
         if executor is not None:
-            await self._off_loop(self.backend.close, "close")
+            deadline = asyncio.get_running_loop().time() + CLOSE_GRACE
+            await self._off_loop(self.backend.close, "close", deadline)
 
             def join_then_close() -> None:
                 executor.shutdown(wait=True)
                 with contextlib.suppress(Exception):
                     self.backend.close()
 
-            await self._off_loop(join_then_close, "join worker threads")
+            await self._off_loop(join_then_close, "join worker threads", deadline)
         self.state = "closed"
 
-    async def _off_loop(self, fn: Callable[[], object], what: str) -> None:
-        """Run ``fn`` in a thread of its own; wait for it at most CLOSE_GRACE s.
+    async def _off_loop(self, fn: Callable[[], object], what: str, deadline: float) -> None:
+        """Run ``fn`` in a thread of its own; wait for it until ``deadline`` (both
+        steps of a close share one CLOSE_GRACE).
 
         Not the loop's default executor: ``asyncio.run`` joins that one when
         it returns, so a stuck call there would hang the caller's exit.
@@ -170,7 +172,7 @@ class Connection:
         thread = threading.Thread(target=run, name=f"aiodetach-close-{self.uri}", daemon=True)
         thread.start()
         try:
-            await asyncio.wait_for(asyncio.shield(done), CLOSE_GRACE)
+            await asyncio.wait_for(asyncio.shield(done), max(deadline - loop.time(), 0.01))
         except TimeoutError:
             _log.warning(
                 "aiodetach.close_left_running",
