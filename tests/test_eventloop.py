@@ -183,3 +183,106 @@ def test_install_twice_in_a_row_and_across_loops() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+async def test_a_failing_hook_call_does_not_strand_the_ones_queued_after_it(
+    pipe: tuple[int, int],
+) -> None:
+    """A connect that fails in its worker thread closes its socket before the
+    loop applies the watch libvirt added for it: that add fails (EBADF).  The
+    timer and the watch queued behind it (the next connection's) must still
+    be applied, and the dead fd must keep no callback behind."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    impl = _ThreadSafeImpl(loop)
+    dead_r, dead_w = os.pipe()
+    r, w = pipe
+    ticked = asyncio.Event()
+    readable = asyncio.Event()
+
+    def burst() -> tuple[int, int, int]:
+        dead = impl._add_handle(dead_r, READABLE, lambda *a: None, None)
+        os.close(dead_r)
+        os.close(dead_w)
+        timer = impl._add_timeout(5, lambda _t, _o: loop.call_soon(ticked.set), None)
+        watch = impl._add_handle(r, READABLE, lambda *a: loop.call_soon(readable.set), None)
+        return dead, timer, watch
+
+    # All three are queued before the loop gets to any of them: the loop
+    # thread blocks (on purpose) until the burst is done.
+    out: list[tuple[int, int, int]] = []
+    thread = threading.Thread(target=lambda: out.append(burst()))
+    thread.start()
+    thread.join()
+    dead, timer, watch = out[0]
+    os.write(w, b"x")
+    await asyncio.wait_for(ticked.wait(), 2)
+    await asyncio.wait_for(readable.wait(), 2)
+    assert dead_r not in dict(impl.descriptors), "the failed add left a callback behind"
+    assert await _in_thread(impl._remove_handle, dead) == 0
+    assert await _in_thread(impl._remove_timeout, timer) == 0
+    assert await _in_thread(impl._remove_handle, watch) == 0
+    await impl.settle()
+    assert impl.is_idle()
+
+
+async def test_a_failing_hook_call_made_on_the_loop_thread_is_contained() -> None:
+    loop = asyncio.get_running_loop()
+    impl = _ThreadSafeImpl(loop)
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    # On the loop thread the call is applied at once; it must not raise into
+    # libvirt (which called us from C) nor leave libvirtaio's books wrong.
+    watch = impl._add_handle(r, READABLE, lambda *a: None, None)
+    assert r not in dict(impl.descriptors)
+    assert impl._remove_handle(watch) == 0
+    await impl.settle()
+    assert impl.is_idle()
+
+
+def test_removals_queued_without_a_loop_are_applied_before_watches_move() -> None:
+    """A libvirt connection closed after its loop ended: its watches' removals
+    wait in the queue and its fds are closed.  The next loop must apply the
+    removals first (re-watching a closed fd raises EBADF) and then work."""
+    code = textwrap.dedent(
+        """
+        import asyncio, os, libvirt, aiodetach
+        R = libvirt.VIR_EVENT_HANDLE_READABLE
+        libvirt.virEventInvokeFreeCallback = lambda opaque: None
+        state = {}
+        async def first():
+            aiodetach.install_event_loop()
+            r, w = os.pipe()
+            state["fds"] = (r, w)
+            state["watch"] = libvirt.virEventAddHandle(r, R, lambda *a: None, None)
+            state["timer"] = libvirt.virEventAddTimeout(1000, lambda *a: None, None)
+            await asyncio.sleep(0.05)
+        asyncio.run(first())
+        # Closed with no loop running, as conn.close() after asyncio.run would.
+        libvirt.virEventRemoveHandle(state["watch"])
+        libvirt.virEventRemoveTimeout(state["timer"])
+        for fd in state["fds"]:
+            os.close(fd)
+        async def second():
+            aiodetach.install_event_loop()
+            r, w = os.pipe()
+            got = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            libvirt.virEventAddHandle(r, R, lambda *a: loop.call_soon(got.set), None)
+            os.write(w, b"x")
+            await asyncio.wait_for(got.wait(), 2)
+            print("ok")
+        asyncio.run(second())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    assert "event_hook_failed" not in out.stdout + out.stderr

@@ -26,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
+
+import structlog
 
 from ._errors_map import is_connection_error
 from ._settings import DetachSettings
@@ -39,6 +42,18 @@ from .instrumentation._dispatch import Hooks
 from .instrumentation._records import ConnectionRecord, ConnectionStep
 
 __all__ = ["Connection"]
+
+_log = structlog.get_logger("aiodetach")
+
+CLOSE_GRACE = 2.0
+"""Seconds a close waits for a stuck libvirt call before leaving it to a helper thread."""
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a dropped call's outcome (no 'exception never retrieved')."""
+    if not future.cancelled():
+        future.exception()
+
 
 _T = TypeVar("_T")
 State = Literal["new", "open", "closing", "closed"]
@@ -94,7 +109,10 @@ class Connection:
 
     # ------------------------------------------------------------ life
     async def open(self, sink: EventSink) -> None:
-        """Start the worker threads and connect (raises :class:`BackendError`).
+        """Start the worker threads and connect (raises :class:`BackendError`,
+        or :class:`ConnectionLost` when the daemon does not answer within
+        ``connect_timeout``: a TCP connect to a host behind a partition hangs
+        for minutes, and nothing else would end it).
 
         ``sink`` receives libvirt's notifications, on this connection and on
         every one re-opened after it.
@@ -104,7 +122,13 @@ class Connection:
             max_workers=self._settings.max_threads, thread_name_prefix="aiodetach"
         )
         self.state = "open"
-        await self.call(self.backend.open, self._sink, read_only=self._read_only)
+        timeout = self._settings.connect_timeout
+        try:
+            await self._bounded(self.backend.open, timeout, self._sink, read_only=self._read_only)
+        except TimeoutError:
+            raise ConnectionLost(
+                f"libvirtd at {self.uri} did not answer within {timeout:g} s (connect_timeout)"
+            ) from None
         self._up.set()
 
     def begin_close(self) -> None:
@@ -120,20 +144,84 @@ class Connection:
         calls stuck on a dead daemon), and once more after every worker
         thread has returned, in case an ``open`` that was still running in
         one of them connected after the first close.
+
+        Neither may hold the close up for long: a connect to a host behind a
+        network partition sits in its thread until the kernel gives up on
+        it (about two minutes), and no libvirt call interrupts it.  So the
+        close waits at most :data:`CLOSE_GRACE` seconds for each step; what
+        is still running then is finished by a helper thread of its own
+        (which closes the late connection), and logged.
         """
         self.begin_close()
         task = self._reconnect_task
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        if self._executor is not None:
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(None, self.backend.close)
-            await loop.run_in_executor(None, functools.partial(self._executor.shutdown, True))
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(None, self.backend.close)
+        executor = self._executor
+        if executor is not None:
+            deadline = asyncio.get_running_loop().time() + CLOSE_GRACE
+            await self._off_loop(self.backend.close, "close", deadline)
+
+            def join_then_close() -> None:
+                executor.shutdown(wait=True)
+                with contextlib.suppress(Exception):
+                    self.backend.close()
+
+            await self._off_loop(join_then_close, "join worker threads", deadline)
         self.state = "closed"
+
+    async def _off_loop(self, fn: Callable[[], object], what: str, deadline: float) -> None:
+        """Run ``fn`` in a thread of its own; wait for it until ``deadline`` (both
+        steps of a close share one CLOSE_GRACE).
+
+        Not the loop's default executor: ``asyncio.run`` joins that one when
+        it returns, so a stuck call there would hang the caller's exit.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:  # noqa: S110 - best effort: the connection is going away
+                pass
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone by now
+                    loop.call_soon_threadsafe(settle)
+
+        thread = threading.Thread(target=run, name=f"aiodetach-close-{self.uri}", daemon=True)
+        thread.start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), max(deadline - loop.time(), 0.01))
+        except TimeoutError:
+            _log.warning(
+                "aiodetach.close_left_running",
+                uri=self.uri,
+                step=what,
+                grace=CLOSE_GRACE,
+                note="a libvirt call is stuck (unreachable host?); it is finished and "
+                "its connection closed in the background",
+            )
+            return
+        thread.join(1.0)  # it has only to return
+
+    async def _bounded(self, fn: Callable[..., _T], limit: float, *args: Any, **kwargs: Any) -> _T:
+        """:meth:`call`, waiting at most ``limit`` s (TimeoutError); the call
+        itself goes on in its thread and its result is dropped."""
+        self._check_open()
+        async with self._slots:
+            executor = self._check_open()
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), limit)
+            except TimeoutError:
+                future.add_done_callback(_consume)
+                raise
 
     # ----------------------------------------------------------- calls
     def _check_open(self) -> ThreadPoolExecutor:
@@ -205,29 +293,62 @@ class Connection:
             raise ConnectionLost(self._dead.message, libvirt_code=self._dead.libvirt_code)
 
     async def _reconnect(self) -> None:
+        """Re-open with backoff until ``reconnect_timeout``.
+
+        Every attempt is bounded by the time left: a connect into a network
+        partition hangs in the kernel for minutes, and the callers waiting
+        for us must get :class:`ConnectionLost` at the bound they configured.
+        An attempt still hanging when time is up is not abandoned: if it
+        connects after all, the connection is taken up again (as a
+        reconnect), so the next request need not wait for a fresh one.
+        """
         loop = asyncio.get_running_loop()
         settings = self._settings
         deadline = loop.time() + settings.reconnect_timeout
         delay = 0.05
+        sink = self._sink
+        assert sink is not None
         with contextlib.suppress(Exception):
-            await self.call(self.backend.close)
-        while True:
-            try:
-                await self.call(self.backend.open, self._sink, read_only=self._read_only)
-                break
-            except BackendError as err:
-                if loop.time() + delay > deadline:
-                    self._dead = ConnectionLost(
-                        f"libvirtd at {self.uri} did not come back within "
-                        f"{settings.reconnect_timeout:g} s: {err.message}",
-                        libvirt_code=err.code,
+            await self._bounded(self.backend.close, max(deadline - loop.time(), 0.1))
+        try:
+            while True:
+                attempt = self.submit(
+                    functools.partial(self.backend.open, sink, read_only=self._read_only)
+                )
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(attempt), max(deadline - loop.time(), 0.05)
                     )
-                    self.record("dead", err.message)
-                    self._up.set()  # wake waiters; they find the connection dead
-                    return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, settings.reconnect_backoff_max)
+                    break
+                except TimeoutError:
+                    self._give_up(f"no answer within {settings.reconnect_timeout:g} s", None)
+                    # The attempt goes on in its thread; see the docstring.
+                    try:
+                        await attempt
+                    except BackendError:
+                        return
+                    if self.state != "open":
+                        return  # closing: close() closes the late connection
+                    break
+                except BackendError as err:
+                    if loop.time() + delay > deadline:
+                        self._give_up(err.message, err.code)
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, settings.reconnect_backoff_max)
+        except ServiceClosed:
+            return
+        self._dead = None
         self.reconnects += 1
         self.generation += 1
         self._up.set()
         self.record("reconnected")
+
+    def _give_up(self, reason: str, code: int | None) -> None:
+        self._dead = ConnectionLost(
+            f"libvirtd at {self.uri} did not come back within "
+            f"{self._settings.reconnect_timeout:g} s: {reason}",
+            libvirt_code=code,
+        )
+        self.record("dead", reason)
+        self._up.set()  # wake waiters; they find the connection dead

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import threading
 from collections import deque
@@ -35,11 +36,13 @@ from typing import Any
 
 import libvirt
 import libvirtaio
+import structlog
 
 from .errors import EventLoopConflict
 
 __all__ = ["install_event_loop"]
 
+_log = structlog.get_logger("aiodetach")
 _registry_lock = threading.Lock()
 _impl: _ThreadSafeImpl | None = None
 
@@ -62,7 +65,7 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
     def _submit(self, op: Callable[[], None]) -> None:
         if self._direct_ok():
             self.flush()
-            op()
+            self._apply(op)
             return
         with self._ops_lock:
             self._ops.append(op)
@@ -73,13 +76,53 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                 self.loop.call_soon_threadsafe(self.flush)
 
     def flush(self) -> None:
-        """Apply queued hook calls, in order (loop thread only)."""
+        """Apply queued hook calls, in order (loop thread only).
+
+        Each call is applied on its own: one that fails (an add for a file
+        descriptor that was closed before the loop got to it, as a connect
+        failing in its worker thread leaves behind) is logged and skipped,
+        and every call queued after it is still applied.  A failure must not
+        strand the next connection's watches and keepalive timer.
+        """
         while True:
             with self._ops_lock:
                 if not self._ops:
                     return
                 op = self._ops.popleft()
+            self._apply(op)
+
+    @staticmethod
+    def _apply(op: Callable[[], None]) -> None:
+        try:
             op()
+        except Exception as exc:  # isolate one hook call; see flush()
+            _log.warning(
+                "aiodetach.event_hook_failed",
+                hook=getattr(op, "__qualname__", repr(op)),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+
+    def _forget_failed_add(self, fd: int) -> None:
+        """Undo what libvirtaio recorded for an add that raised.
+
+        libvirtaio registers the callback before it asks the loop to watch the
+        fd, so an add that raised (EBADF) leaves a callback behind on a dead fd
+        number.  The next connection is likely to get that number again, and
+        its events would then also be dispatched to the dead callback.
+        """
+        known = set(self._to_libvirtaio.values())
+        descriptor = dict.get(self.descriptors, fd)
+        if descriptor is None:
+            return
+        for iden in list(descriptor.callbacks):
+            if iden not in known:
+                descriptor.callbacks.pop(iden, None)
+                self.callbacks.pop(iden, None)
+        if not descriptor.callbacks:
+            dict.pop(self.descriptors, fd, None)
+            for remove in (self.loop.remove_reader, self.loop.remove_writer):
+                with contextlib.suppress(RuntimeError, ValueError, OSError):
+                    remove(fd)
 
     # -- libvirt hooks -----------------------------------------------------
     def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
@@ -91,7 +134,11 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
             cb(hid, fd_, events, opaque_)  # libvirt knows our id, not libvirtaio's
 
         def op() -> None:
-            self._to_libvirtaio[hid] = base(fd, event, relay, opaque)
+            try:
+                self._to_libvirtaio[hid] = base(fd, event, relay, opaque)
+            except Exception:
+                self._forget_failed_add(fd)
+                raise
 
         self._submit(op)
         return hid
@@ -179,29 +226,36 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                 "libvirt events are bound to an event loop that is still running in another "
                 "thread; aiodetach supports one loop at a time (one after another is fine)"
             )
-        self.loop = loop
-        self._thread_id = threading.get_ident()
-        # Move what the previous loop was watching.  Its timer tasks die with it.
-        for descriptor in list(self.descriptors.values()):
-            if not old.is_closed():
+        # Stop the previous loop watching anything (harmless if it is closed).
+        if not old.is_closed():
+            for descriptor in list(self.descriptors.values()):
                 for remove in (old.remove_reader, old.remove_writer):
                     with contextlib.suppress(RuntimeError, ValueError, OSError):
                         remove(descriptor.fd)
-            descriptor.update()
+        self.loop = loop
+        self._thread_id = threading.get_ident()
+        # Apply what libvirt asked for while no loop ran *before* moving the
+        # watches: a connection closed after its loop ended queued removals of
+        # fds that are closed now, and re-watching those would raise EBADF.
+        self.flush()
+        for descriptor in list(self.descriptors.values()):
+            self._apply(descriptor.update)
+        # The previous loop's timer tasks die with it: start them again here.
         for callback in list(self.callbacks.values()):
             if isinstance(callback, libvirtaio.TimeoutCallback):
                 task = callback._task
+                if task is not None and task.get_loop() is loop:
+                    continue  # added by the flush above: already on this loop
                 callback._task = None
                 if task is not None and not old.is_closed():
                     with contextlib.suppress(RuntimeError):
                         task.cancel()
                 if callback.timeout >= 0:
-                    callback.update(callback.timeout)
+                    self._apply(functools.partial(callback.update, callback.timeout))
         # ff callbacks scheduled on a dead loop never ran: forget them.
         self._pending = len(self.callbacks)
         self._ff_inflight = 0
         self._finished = None
-        self.flush()
 
     async def settle(self, max_iterations: int = 100) -> None:
         """Let queued hook calls and free-callbacks run (after a connection closed)."""

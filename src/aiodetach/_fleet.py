@@ -10,16 +10,25 @@ reached fails only the requests routed to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+import contextlib
+import copy
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
+from ._many import (
+    DetachOutcome,
+    DetachRequest,
+    check_bounds,
+    collect,
+    iter_outcomes,
+    prepare_batch,
+)
 from ._result import DetachResult
 from ._rules import DomainRef
 from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
-from .errors import InvalidRequest, ServiceClosed
+from .errors import DetachError, InvalidRequest, ServiceClosed
 from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
@@ -120,17 +129,28 @@ class DetachFleet:
         per_domain: int | None = 4,
     ) -> AsyncGenerator[DetachOutcome, None]:
         """Detach across hosts (``request.uri``, else the default URI); yield
-        outcomes as they complete.  An unreachable host yields
-        :class:`~aiodetach.errors.ConnectionLost` outcomes for its requests."""
+        outcomes as they complete.
 
-        async def run(request: DetachRequest) -> DetachResult:
-            svc = await self.service(request.uri or self._default_uri)
-            return await svc.detach(request.domain, **request.detach_kwargs())
-
-        async for outcome in iter_outcomes(
-            requests, run, concurrency=concurrency, per_domain=per_domain
-        ):
-            yield outcome
+        A host is connected to before any of its requests takes a global
+        slot, with one connection attempt shared by all of them: an
+        unreachable host yields :class:`~aiodetach.errors.ConnectionLost`
+        outcomes for its own requests, quickly, and holds up no other host.
+        """
+        batch = prepare_batch(requests)
+        check_bounds(concurrency, per_domain)
+        if self._closed:
+            raise ServiceClosed("the fleet is closed")
+        outcomes = iter_outcomes(
+            batch,
+            self._run_request,
+            identify=self._identities(per_domain is not None),
+            concurrency=concurrency,
+            per_domain=per_domain,
+        )
+        # Closing this iterator closes the batch's, which cancels what runs.
+        async with contextlib.aclosing(outcomes) as stream:
+            async for outcome in stream:
+                yield outcome
 
     async def detach_many(
         self,
@@ -140,10 +160,50 @@ class DetachFleet:
         per_domain: int | None = 4,
         on_progress: Callable[[DetachOutcome, int, int], None] | None = None,
     ) -> list[DetachOutcome]:
-        """:meth:`detach_iter`, collected in request order."""
-        batch = [as_request(item) for item in requests]
-        stream = self.detach_iter(batch, concurrency=concurrency, per_domain=per_domain)
-        return await collect(stream, len(batch), on_progress)
+        """:meth:`detach_iter`, collected in request order (``on_progress`` as
+        in :meth:`DetachService.detach_many`, including
+        :class:`~aiodetach.errors.BatchAborted` if it raises)."""
+        batch = prepare_batch(requests)
+        check_bounds(concurrency, per_domain)
+        if self._closed:
+            raise ServiceClosed("the fleet is closed")
+        return await collect(
+            batch,
+            self._run_request,
+            identify=self._identities(per_domain is not None),
+            concurrency=concurrency,
+            per_domain=per_domain,
+            on_progress=on_progress,
+        )
+
+    def _uri_of(self, request: DetachRequest) -> str:
+        return request.uri or self._default_uri
+
+    async def _run_request(self, request: DetachRequest) -> DetachResult:
+        svc = await self.service(self._uri_of(request))
+        return await svc.detach(request.domain, **request.detach_kwargs())
+
+    def _identities(self, look_up: bool) -> Callable[[DetachRequest], Awaitable[Hashable]]:
+        """Connect to the request's host (shared attempt), then look its domain
+        up once per name: the key of the per-domain bound is (URI, UUID)."""
+        per_uri: dict[str, Callable[[DetachRequest], Awaitable[Hashable]]] = {}
+
+        async def identify(request: DetachRequest) -> Hashable:
+            uri = self._uri_of(request)
+            try:
+                svc = await self.service(uri)
+            except DetachError as exc:
+                if exc.domain is None:
+                    exc = copy.copy(exc)
+                    exc.domain = request.domain
+                    exc.alias = exc.alias or request.alias
+                raise exc from exc.__cause__
+            of = per_uri.get(uri)
+            if of is None:
+                of = per_uri[uri] = svc.batch_identities(look_up)
+            return (uri, await of(request))
+
+        return identify
 
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""

@@ -8,20 +8,31 @@ domain only queues the requests inside libvirtd (and, with ``detachDeviceFlags``
 for up to 5 s each) while other domains sit idle.  One failure never aborts
 the rest: every request ends as a :class:`DetachOutcome` with its result or
 its typed error.
+
+The order of the gates matters.  A request first learns which domain it is
+for (its *identity*: the UUID, so a domain named once by name and once by
+UUID has one bound, not two; for a fleet this is also where the host is
+connected to), then waits for a slot of that domain, and only then for a
+global slot.  A request that waits for its domain, or for its host to
+answer, holds no global slot, so a slow domain or a dead host cannot starve
+the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._result import DetachResult
-from .errors import DetachError, InvalidRequest
+from ._rules import check_flags, domain_ref
+from ._xml import selector_from
+from .errors import BatchAborted, DetachError, InvalidRequest
 
-__all__ = ["DetachOutcome", "DetachRequest", "collect", "iter_outcomes"]
+__all__ = ["DetachOutcome", "DetachRequest", "collect", "iter_outcomes", "prepare_batch"]
 
 
 class DetachRequest(BaseModel):
@@ -74,77 +85,205 @@ class DetachOutcome(BaseModel):
         return self.error is None
 
 
-def as_request(item: DetachRequest | Mapping[str, Any]) -> DetachRequest:
+def as_request(item: object) -> DetachRequest:
+    """One batch item as a :class:`DetachRequest`, checked as ``detach()`` would."""
     if isinstance(item, DetachRequest):
-        return item
+        request = item
+    elif isinstance(item, Mapping):
+        try:
+            request = DetachRequest.model_validate(dict(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise InvalidRequest(f"invalid detach request {dict(item)!r}: {problems}") from None
+    else:
+        raise InvalidRequest(
+            f"a batch item must be a DetachRequest or a mapping, not {type(item).__name__}"
+        )
+    # The same checks detach() makes, made now: a typo anywhere in a batch
+    # must fail the batch before its first request is sent.
+    ref = domain_ref(request.domain)
     try:
-        return DetachRequest.model_validate(item)
-    except ValueError as exc:
-        raise InvalidRequest(f"invalid detach request {dict(item)!r}: {exc}") from None
+        selector_from(alias=request.alias, target=request.target, mac=request.mac, xml=request.xml)
+    except InvalidRequest as exc:
+        exc.domain = ref
+        raise
+    check_flags(ref, request.live, request.persistent)
+    if request.uri is not None and not request.uri.strip():
+        raise InvalidRequest("uri must not be empty", domain=ref)
+    return request
+
+
+def prepare_batch(requests: Iterable[object]) -> list[DetachRequest]:
+    """Check a whole batch; raise :class:`InvalidRequest` naming the first bad
+    item's index (``err.index``) before anything is sent."""
+    if isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Iterable):
+        raise InvalidRequest(
+            f"requests must be an iterable of requests, not {type(requests).__name__}"
+        )
+    batch: list[DetachRequest] = []
+    for index, item in enumerate(requests):
+        try:
+            batch.append(as_request(item))
+        except InvalidRequest as exc:
+            exc.message = f"batch request at index {index}: {exc.message}"
+            exc.args = (exc.message,)
+            exc.index = index
+            raise
+    return batch
+
+
+def check_bounds(concurrency: object, per_domain: object) -> None:
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise InvalidRequest(f"concurrency must be an integer of at least 1, not {concurrency!r}")
+    if per_domain is not None and (
+        isinstance(per_domain, bool) or not isinstance(per_domain, int) or per_domain < 1
+    ):
+        raise InvalidRequest(
+            f"per_domain must be an integer of at least 1 (or None for no limit), "
+            f"not {per_domain!r}"
+        )
+
+
+Identify = Callable[[DetachRequest], Awaitable[Hashable]]
+"""Which domain a request is for (its per-domain bound's key).  Awaited before
+any slot is taken; a :class:`DetachError` it raises is the request's outcome."""
+
+
+class _Batch:
+    """One batch in flight: its tasks, and every outcome known so far."""
+
+    def __init__(
+        self,
+        batch: list[DetachRequest],
+        run: Callable[[DetachRequest], Awaitable[DetachResult]],
+        identify: Identify,
+        concurrency: int,
+        per_domain: int | None,
+    ) -> None:
+        self.batch = batch
+        self.outcomes: dict[int, DetachOutcome] = {}
+        self._run = run
+        self._identify = identify
+        self._overall = asyncio.Semaphore(concurrency)
+        self._per_domain = per_domain
+        self._gates: dict[Hashable, asyncio.Semaphore] = {}
+        self._done: asyncio.Queue[DetachOutcome | BaseException] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def stream(self) -> AsyncGenerator[DetachOutcome, None]:
+        # Start in round-robin order of domains, so a domain with many devices
+        # does not take every global slot in turn.
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._one(i)) for i in _interleave_by_domain(self.batch)]
+        try:
+            for _ in range(len(self._tasks)):
+                item = await self._done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Cancel what still runs and wait for it: nothing is left unowned."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _one(self, index: int) -> None:
+        try:
+            outcome = await self._guarded(index, self.batch[index])
+        except Exception as exc:  # a bug, not a detach failure: stop the batch
+            self._done.put_nowait(exc)
+            return
+        self.outcomes[index] = outcome
+        self._done.put_nowait(outcome)
+
+    async def _guarded(self, index: int, request: DetachRequest) -> DetachOutcome:
+        try:
+            key = await self._identify(request)
+            gate = contextlib.nullcontext() if self._per_domain is None else self._gate(key)
+            async with gate, self._overall:
+                result = await self._run(request)
+        except DetachError as exc:
+            return DetachOutcome(index=index, request=request, error=exc)
+        return DetachOutcome(index=index, request=request, result=result)
+
+    def _gate(self, key: Hashable) -> asyncio.Semaphore:
+        gate = self._gates.get(key)
+        if gate is None:
+            assert self._per_domain is not None
+            gate = self._gates[key] = asyncio.Semaphore(self._per_domain)
+        return gate
 
 
 async def iter_outcomes(
-    requests: Iterable[DetachRequest | Mapping[str, Any]],
+    batch: list[DetachRequest],
     run: Callable[[DetachRequest], Awaitable[DetachResult]],
     *,
+    identify: Identify,
     concurrency: int,
     per_domain: int | None,
 ) -> AsyncGenerator[DetachOutcome, None]:
-    """Run ``run`` over ``requests``; yield outcomes as they complete.
+    """Run ``run`` over a checked ``batch``; yield outcomes as they complete.
 
-    All requests are validated before the first one starts, so a typo in a
-    batch file fails the batch up front instead of half way.  Closing the
-    iterator early cancels what is still running.
+    Closing the iterator early cancels, and waits for, what is still running.
     """
-    batch = [as_request(item) for item in requests]
-    if concurrency < 1:
-        raise InvalidRequest("concurrency must be at least 1")
-    if per_domain is not None and per_domain < 1:
-        raise InvalidRequest("per_domain must be at least 1 (or None for no limit)")
     if not batch:
         return
-    overall = asyncio.Semaphore(concurrency)
-    domains: dict[tuple[str | None, str], asyncio.Semaphore] = {}
-    done: asyncio.Queue[DetachOutcome | Exception] = asyncio.Queue()
+    async with contextlib.aclosing(
+        _Batch(batch, run, identify, concurrency, per_domain).stream()
+    ) as stream:
+        async for outcome in stream:
+            yield outcome
 
-    async def one(index: int, request: DetachRequest) -> None:
-        try:
-            done.put_nowait(await guarded(index, request))
-        except Exception as exc:  # a bug, not a detach failure: stop the batch
-            done.put_nowait(exc)
 
-    async def guarded(index: int, request: DetachRequest) -> DetachOutcome:
-        gate = None
-        if per_domain is not None:
-            key = (request.uri, request.domain)
-            gate = domains.setdefault(key, asyncio.Semaphore(per_domain))
-        async with overall:
-            if gate is not None:
-                await gate.acquire()
+async def collect(
+    batch: list[DetachRequest],
+    run: Callable[[DetachRequest], Awaitable[DetachResult]],
+    *,
+    identify: Identify,
+    concurrency: int,
+    per_domain: int | None,
+    on_progress: Callable[[DetachOutcome, int, int], None] | None,
+) -> list[DetachOutcome]:
+    """Run a checked batch to the end; its outcomes in request order.
+
+    ``on_progress(outcome, done, total)`` is called as each one completes.  If
+    it raises, the batch stops: what still runs is cancelled and awaited, and
+    :class:`BatchAborted` (caused by the callback's exception) carries every
+    outcome known by then and the indexes of the requests left unfinished.
+    """
+    if not batch:
+        return []
+    run_ = _Batch(batch, run, identify, concurrency, per_domain)
+    reported = 0
+    failure: Exception | None = None
+    async with contextlib.aclosing(run_.stream()) as stream:
+        async for outcome in stream:
+            reported += 1
+            if on_progress is None:
+                continue
             try:
-                result = await run(request)
-                outcome = DetachOutcome(index=index, request=request, result=result)
-            except DetachError as exc:
-                outcome = DetachOutcome(index=index, request=request, error=exc)
-            finally:
-                if gate is not None:
-                    gate.release()
-        return outcome
-
-    # Start the per-domain waiters in round-robin order of domains, so a
-    # domain with many devices does not hold every global slot in turn.
-    order = _interleave_by_domain(batch)
-    tasks = [asyncio.create_task(one(i, batch[i])) for i in order]
-    try:
-        for _ in range(len(tasks)):
-            item = await done.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+                on_progress(outcome, reported, len(batch))
+            except Exception as exc:  # the caller's bug: stop, but lose nothing
+                failure = exc
+                break
+    # Leaving the block above cancelled and awaited every task still running.
+    known = sorted(run_.outcomes.values(), key=lambda o: o.index)
+    if failure is not None:
+        unfinished = [i for i in range(len(batch)) if i not in run_.outcomes]
+        raise BatchAborted(
+            f"the batch was stopped because on_progress raised {type(failure).__name__}: "
+            f"{failure}; {len(known)} of {len(batch)} requests had an outcome, "
+            f"{len(unfinished)} were cancelled",
+            outcomes=list(known),
+            unfinished=unfinished,
+        ) from failure
+    return known
 
 
 def _interleave_by_domain(batch: list[DetachRequest]) -> list[int]:
@@ -158,17 +297,3 @@ def _interleave_by_domain(batch: list[DetachRequest]) -> list[int]:
             order.append(lane.pop())
         lanes = [lane for lane in lanes if lane]
     return order
-
-
-async def collect(
-    outcomes: AsyncGenerator[DetachOutcome, None],
-    total: int,
-    on_progress: Callable[[DetachOutcome, int, int], None] | None,
-) -> list[DetachOutcome]:
-    """Gather a batch's outcomes in request order, reporting progress."""
-    done: list[DetachOutcome] = []
-    async for outcome in outcomes:
-        done.append(outcome)
-        if on_progress is not None:
-            on_progress(outcome, len(done), total)
-    return sorted(done, key=lambda o: o.index)

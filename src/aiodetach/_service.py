@@ -18,9 +18,18 @@ hands over; the connection's threads and reconnects are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,7 +38,14 @@ from ._errors_map import map_error
 from ._eventloop import install_event_loop
 from ._intake import CLOSED, DeviceEvent, EventIntake
 from ._libvirt import LibvirtBackend
-from ._many import DetachOutcome, DetachRequest, as_request, collect, iter_outcomes
+from ._many import (
+    DetachOutcome,
+    DetachRequest,
+    check_bounds,
+    collect,
+    iter_outcomes,
+    prepare_batch,
+)
 from ._persistent import PersistentStep
 from ._registry import Unplugs
 from ._result import DetachResult
@@ -87,7 +103,14 @@ class DetachService:
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
         self._hooks = Hooks([log_hook, *hooks] if log else hooks)
         self._settings = settings if settings is not None else DetachSettings()
-        self._backend: Backend = backend if backend is not None else LibvirtBackend(uri)
+        self._backend: Backend = (
+            backend
+            if backend is not None
+            else LibvirtBackend(
+                uri,
+                keepalive=(self._settings.keepalive_interval, self._settings.keepalive_count),
+            )
+        )
         self._read_only = read_only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -432,19 +455,28 @@ class DetachService:
 
         At most ``concurrency`` detaches run at once, and at most
         ``per_domain`` on one domain (libvirt serialises a domain's detaches
-        in its job, so more only queues inside libvirtd).  A failure is an
-        outcome, never an exception: the rest go on.  Requests are validated
-        up front (:class:`InvalidRequest` before anything is sent).
+        in its job, so more only queues inside libvirtd); a domain named by
+        name in one request and by UUID in another is one domain.  A request
+        waiting for its domain's turn holds no global slot.  A failure is an
+        outcome, never an exception: the rest go on.  The whole batch is
+        checked before anything is sent (:class:`InvalidRequest` with the
+        bad item's ``index``).  Close the iterator (``contextlib.aclosing``)
+        to stop early: what still runs is cancelled and awaited.
         """
+        batch = prepare_batch(requests)
+        check_bounds(concurrency, per_domain)
         self._usable()
-
-        async def run(request: DetachRequest) -> DetachResult:
-            return await self.detach(request.domain, **request.detach_kwargs())
-
-        async for outcome in iter_outcomes(
-            requests, run, concurrency=concurrency, per_domain=per_domain
-        ):
-            yield outcome
+        outcomes = iter_outcomes(
+            batch,
+            self._run_request,
+            identify=self.batch_identities(per_domain is not None),
+            concurrency=concurrency,
+            per_domain=per_domain,
+        )
+        # Closing this iterator closes the batch's, which cancels what runs.
+        async with contextlib.aclosing(outcomes) as stream:
+            async for outcome in stream:
+                yield outcome
 
     async def detach_many(
         self,
@@ -457,10 +489,30 @@ class DetachService:
         """Like :meth:`detach_iter`, collected in request order.
 
         ``on_progress(outcome, done, total)`` is called as each one completes.
+        If it raises, the batch stops (what still runs is cancelled and
+        awaited) and :class:`~aiodetach.errors.BatchAborted` is raised from
+        that exception, carrying every outcome known and the indexes left
+        unfinished.
         """
-        batch = [as_request(item) for item in requests]
-        stream = self.detach_iter(batch, concurrency=concurrency, per_domain=per_domain)
-        return await collect(stream, len(batch), on_progress)
+        batch = prepare_batch(requests)
+        check_bounds(concurrency, per_domain)
+        self._usable()
+        return await collect(
+            batch,
+            self._run_request,
+            identify=self.batch_identities(per_domain is not None),
+            concurrency=concurrency,
+            per_domain=per_domain,
+            on_progress=on_progress,
+        )
+
+    def batch_identities(self, look_up: bool) -> Callable[[DetachRequest], Awaitable[Hashable]]:
+        """A per-batch ``request -> domain UUID`` lookup (also for :class:`DetachFleet`);
+        without a per-domain bound nothing needs looking up."""
+        return _Identities(self).of if look_up else _no_identity
+
+    async def _run_request(self, request: DetachRequest) -> DetachResult:
+        return await self.detach(request.domain, **request.detach_kwargs())
 
     def pending(self) -> list[tuple[str, str]]:
         """(domain UUID, alias) of every live unplug in flight.
@@ -472,6 +524,24 @@ class DetachService:
         return list(self._unplugs.by_key) if self._unplugs is not None else []
 
     # ---------------------------------------------------------- lookups
+    async def _uuid_of(self, ref: str, alias: str | None) -> str:
+        """The UUID of ``ref`` for a batch's per-domain bound (errors named as
+        :meth:`detach` names them)."""
+        progress = _Progress(ref, alias)
+        conn = self._usable()
+        try:
+            conn.revive()
+            await conn.wait_up()
+            return (await self._lookup(conn, ref)).uuid
+        except (ConnectionLost, HypervisorError, ServiceClosed, RuntimeError) as exc:
+            if self._closing:
+                raise self._closed_under(progress) from exc
+            if isinstance(exc, DetachError):
+                raise progress.complete(exc) from exc.__cause__
+            raise
+        except DetachError as exc:
+            raise progress.complete(exc) from exc.__cause__
+
     async def _lookup(self, conn: Connection, ref: str) -> DomainInfo:
         try:
             return await conn.read(self._backend.lookup, ref)
@@ -494,6 +564,34 @@ def _shown(domain: object) -> str:
         return domain_ref(domain)
     except InvalidRequest:
         return repr(domain)
+
+
+async def _no_identity(_request: DetachRequest) -> Hashable:
+    return None
+
+
+class _Identities:
+    """Which domain each request of one batch is for: its UUID, looked up once
+    per name the batch uses (the per-domain bound is per domain, not per
+    spelling of it)."""
+
+    def __init__(self, svc: DetachService) -> None:
+        self._svc = svc
+        self._known: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def of(self, request: DetachRequest) -> Hashable:
+        ref = domain_ref(request.domain)
+        known = self._known.get(ref)
+        if known is not None:
+            return known
+        # One lookup per name; a caller cancelled while looking up hands the
+        # lookup to the next one (no task is left behind).
+        async with self._locks.setdefault(ref, asyncio.Lock()):
+            known = self._known.get(ref)
+            if known is None:
+                known = self._known[ref] = await self._svc._uuid_of(ref, request.alias)
+        return known
 
 
 @dataclass(slots=True)

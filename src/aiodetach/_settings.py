@@ -34,6 +34,13 @@ class DetachSettings(BaseSettings):
         gt=0,
         description="Seconds to wait for DEVICE_REMOVED after each request.",
     )
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long open() waits for libvirtd to answer before ConnectionLost "
+        "(a TCP connect to a host behind a network partition would otherwise hang for "
+        "minutes).",
+    )
     reconnect_timeout: float = Field(
         default=60.0,
         gt=0,
@@ -43,6 +50,20 @@ class DetachSettings(BaseSettings):
     reconnect_backoff_max: float = Field(
         default=5.0, gt=0, description="Upper bound of the reconnect backoff, in seconds."
     )
+    keepalive_interval: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Seconds between libvirt keepalive probes on an idle connection.",
+    )
+    keepalive_count: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Unanswered keepalive probes after which the connection counts as lost: "
+        "how a network partition (a TCP connection that hangs, never closes) is noticed, "
+        "within about keepalive_interval * (keepalive_count + 1) seconds.",
+    )
     max_threads: int = Field(
         default=16,
         ge=1,
@@ -50,7 +71,7 @@ class DetachSettings(BaseSettings):
         description="Worker threads for blocking libvirt calls (per service).",
     )
 
-    @field_validator("timeout", "reconnect_timeout", "reconnect_backoff_max")
+    @field_validator("timeout", "connect_timeout", "reconnect_timeout", "reconnect_backoff_max")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

@@ -11,6 +11,7 @@ original message, because operators search for those in libvirt's logs.
 from __future__ import annotations
 
 __all__ = [
+    "BatchAborted",
     "ConnectionLost",
     "DetachError",
     "DetachFailed",
@@ -84,7 +85,14 @@ def _rebuild(cls: type[DetachError], message: str, state: dict[str, object]) -> 
 
 class InvalidRequest(DetachError, ValueError):
     """The request itself is wrong: no or several device selectors, an empty
-    identifier, malformed device XML, ``live=False, persistent=False``…"""
+    identifier, malformed device XML, ``live=False, persistent=False``…
+
+    ``index`` is the position of the offending request when it came in a
+    batch (``detach_many``/``detach_iter``, which check every request before
+    sending any), else ``None``.
+    """
+
+    index: int | None = None
 
 
 class DomainNotFound(DetachError, LookupError):
@@ -175,6 +183,34 @@ class ConnectionLost(DetachError, ConnectionError):
 class ServiceClosed(DetachError):
     """The service was closed (``aclose()``) while this detach was in flight.
     The unplug may still complete in the guest; nobody is waiting for it."""
+
+
+class BatchAborted(DetachError):
+    """A batch (``detach_many``) stopped early because the caller's
+    ``on_progress`` callback raised; that exception is the ``__cause__``.
+
+    Nothing of the batch is left running: the detaches still in flight were
+    cancelled and awaited.  As with any cancelled :meth:`DetachService.detach`,
+    a live unplug already requested goes on in the guest and is remembered for
+    its window, so asking again joins it rather than re-sending.
+
+    Attributes:
+        outcomes: every :class:`~aiodetach.DetachOutcome` that was known, in
+            request order (including the one whose callback raised).
+        unfinished: the indexes (in the batch) of the requests that were
+            cancelled before they had an outcome.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        outcomes: list[object] | None = None,
+        unfinished: list[int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes if outcomes is not None else []
+        self.unfinished = unfinished if unfinished is not None else []
 
 
 class HypervisorError(DetachError):

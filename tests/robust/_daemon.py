@@ -10,6 +10,8 @@ socket, domain state, QEMU monitors and logs are its own.  Connect with
 remote driver's TCP transport with :attr:`PrivateLibvirtd.tcp_uri`
 (``qemu+tcp://127.0.0.1:PORT/session``: it listens on loopback only, without
 authentication, which is acceptable for a throwaway test daemon and nothing else).
+The partition tests (tests/robust/_netns.py) start it inside a network namespace
+of their own (``netns``), listening on that namespace's address (``listen_addr``).
 
 QEMU guests run as the same user under TCG (``type='qemu'``), so disk images
 must be readable and writable by it: :meth:`PrivateLibvirtd.define` writes
@@ -56,8 +58,16 @@ class PrivateLibvirtd:
         gid: int = 65534,
         tcp_port: int | None = None,
         host_uuid: str | None = None,
+        listen_addr: str = "127.0.0.1",
+        netns: str | None = None,
+        extra_conf: str = "",
     ) -> None:
         self.root = root
+        self.listen_addr = listen_addr
+        # Started with ``nsenter --net=/run/netns/NETNS``: its TCP socket and its
+        # QEMU processes live in that namespace; its UNIX socket and files do not.
+        self.netns = netns
+        self.extra_conf = extra_conf
         # libvirt refuses a migration between daemons that report the same host
         # UUID (by default the machine's): a second daemon needs its own.
         self.host_uuid = host_uuid
@@ -84,7 +94,7 @@ class PrivateLibvirtd:
 
     @property
     def tcp_uri(self) -> str:
-        return f"qemu+tcp://127.0.0.1:{self.tcp_port}/session"
+        return f"qemu+tcp://{self.listen_addr}:{self.tcp_port}/session"
 
     @property
     def pid(self) -> int | None:
@@ -111,9 +121,11 @@ class PrivateLibvirtd:
         self.conf.write_text(
             "listen_tls = 0\n"
             "listen_tcp = 1\n"
-            'listen_addr = "127.0.0.1"\n'
+            f'listen_addr = "{self.listen_addr}"\n'
             f'tcp_port = "{self.tcp_port}"\n'
-            'auth_tcp = "none"\n' + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else "")
+            'auth_tcp = "none"\n'
+            + (f'host_uuid = "{self.host_uuid}"\n' if self.host_uuid else "")
+            + self.extra_conf
         )
         os.chmod(self.conf, 0o644)
 
@@ -130,9 +142,11 @@ class PrivateLibvirtd:
             "XDG_CONFIG_HOME": str(self.config),
             "XDG_CACHE_HOME": str(self.cache),
         }
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
+                    *enter,
                     "setpriv",
                     f"--reuid={self.uid}",
                     f"--regid={self.gid}",
