@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/aiodetach demo "$@"
+exec "${VENV:-.venv}/bin/aiodetach-lab" demo "$@"

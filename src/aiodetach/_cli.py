@@ -414,24 +414,23 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true")
     _metrics_options(watch)
 
-    demo = sub.add_parser(
-        "demo", help="a real detach demo on a throwaway QEMU guest (sets up libvirtd)"
-    )
-    demo.add_argument("--uri", default="qemu:///system")
-    demo.add_argument(
-        "--no-booted",
-        action="store_true",
-        help="skip the booted Linux guest part (OS-less guest only)",
-    )
+    demo = sub.add_parser("demo", help="how to run the demo (it lives in the repository's lab)")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
+
+
+DEMO_MOVED = (
+    "the demo is part of aiodetach's development lab, not of the library: in a clone of\n"
+    "aiodetach's repository run `bash examples/demo.sh` (it installs libvirt, QEMU and\n"
+    "the lab, then runs `.venv/bin/aiodetach-lab demo`)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
-    stream = sys.stdout if args.command == "demo" else None
-    configure_logging(as_json=as_json, verbose=args.verbose, stream=stream)
+    configure_logging(as_json=as_json, verbose=args.verbose)
     try:
         if args.command == "detach":
             xml = Path(args.xml_file).read_text() if args.xml_file else None
@@ -441,9 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_detach_many(args, text))
         if args.command == "watch":
             return asyncio.run(_watch(args))
-        from ._demo import run_demo
-
-        return asyncio.run(run_demo(args.uri, booted=not args.no_booted))
+        print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
+        return 2
     except DetachError as exc:
         _print_error(exc, as_json)
         return exit_code_for(exc)

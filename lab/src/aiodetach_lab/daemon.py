@@ -10,7 +10,7 @@ socket, domain state, QEMU monitors and logs are its own.  Connect with
 remote driver's TCP transport with :attr:`PrivateLibvirtd.tcp_uri`
 (``qemu+tcp://127.0.0.1:PORT/session``: it listens on loopback only, without
 authentication, which is acceptable for a throwaway test daemon and nothing else).
-The partition tests (tests/robust/_netns.py) start it inside a network namespace
+The partition tests (:mod:`aiodetach_lab.netns`) start it inside a network namespace
 of their own (``netns``), listening on that namespace's address (``listen_addr``).
 
 QEMU guests run as the same user under TCG (``type='qemu'``), so disk images
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import libvirt
 
-from aiodetach import _lab
+from . import domains as _lab
 
 __all__ = ["PrivateLibvirtd", "eject_command", "pci_slots", "qmp"]
 

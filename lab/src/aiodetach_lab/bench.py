@@ -1,4 +1,4 @@
-"""Real-QEMU helpers for the benchmarks, on top of :mod:`aiodetach._lab`.
+"""Real-QEMU helpers for the benchmarks, on top of :mod:`aiodetach_lab.domains`.
 
 Domains are named ``aiodetach-lab-<pid>-bench-…`` and removed by the context
 manager that created them; nothing else on the daemon is touched.
@@ -7,16 +7,18 @@ manager that created them; nothing else on the daemon is touched.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid as _uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 
 import libvirt
-from _common import BENCH_PREFIX, URI
+from . import domains as _lab
+from .domains import LAB_PREFIX, DiskSpec, LabDomain
 
-from aiodetach import _lab
-from aiodetach._lab import DiskSpec, LabDomain
+URI = os.environ.get("AIODETACH_BENCH_URI", "qemu:///system")
+BENCH_PREFIX = f"{LAB_PREFIX}{os.getpid()}-bench-"
 
 
 def unavailable() -> str | None:

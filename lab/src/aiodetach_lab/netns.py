@@ -1,6 +1,6 @@
 """A fleet of "hosts" on a real network that a test can partition.
 
-Each :class:`NetnsHost` is a :class:`~tests.robust._daemon.PrivateLibvirtd`
+Each :class:`NetnsHost` is a :class:`~aiodetach_lab.daemon.PrivateLibvirtd`
 started inside a network namespace of its own, joined to this machine's root
 namespace by a veth pair: ``10.213.B.4i+1/30`` on the root side,
 ``10.213.B.4i+2/30`` inside (``B`` is the first block no address of this
@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._daemon import PrivateLibvirtd
+from .daemon import PrivateLibvirtd
 
 __all__ = ["NetnsHost", "cleanup_leftovers", "netns_fleet"]
 

@@ -1,7 +1,7 @@
 """A throwaway hypervisor lab: a running libvirtd and short-lived QEMU domains.
 
-Used by ``aiodetach demo`` and by the real-QEMU tests, so both exercise the
-same setup a user can reproduce by hand.  Nothing here is needed to *use*
+Used by the demo (``aiodetach-lab demo``), the real-libvirtd tests and the
+benchmarks, so all exercise the same setup a user can reproduce by hand.  Nothing here is needed to *use*
 aiodetach.  Domain XML is built with ElementTree; subprocesses get argument
 lists, never a shell.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import libvirt
 
-from ._guest import GuestImage
+from .guest import GuestImage
 
 __all__ = [
     "APT_PACKAGES",

@@ -1,7 +1,7 @@
 """``aiodetach demo``: the protocol on real QEMU guests, narrated.
 
 Part 1 boots a tiny Linux guest (kernel + busybox initramfs built from
-Debian packages, see :mod:`aiodetach._guest`) and detaches a virtio-blk disk,
+Debian packages, see :mod:`aiodetach_lab.guest`) and detaches a virtio-blk disk,
 a virtio NIC and a SCSI disk from it: the guest releases each asynchronously
 and libvirt's DEVICE_REMOVED completes the detach.  Part 2 uses a guest with
 no OS, which never acknowledges a PCI unplug: the timeout, the XML re-check
@@ -18,12 +18,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import _lab
-from ._progress import describe
-from ._service import DetachService, DeviceEvent
-from ._settings import DetachSettings
-from .errors import DetachError, DetachTimeout
-from .instrumentation import Record
+from aiodetach import DetachService, DetachSettings, DeviceEvent
+from aiodetach._progress import describe
+from aiodetach.errors import DetachError, DetachTimeout
+from aiodetach.instrumentation import Record
+
+from . import domains as _lab
+from . import guest as _guest
 
 __all__ = ["run_demo"]
 
@@ -56,8 +57,6 @@ def _say_event(event: DeviceEvent) -> None:
 
 
 def _booted_xml(name: str, workdir: Path) -> str:
-    from . import _guest
-
     image = _lab.stage_guest_image(_guest.build_guest_image(), workdir)
     disks = [
         _lab.DiskSpec("vdb", "virtio", alias="ua-blk1"),
@@ -82,8 +81,6 @@ def _booted_xml(name: str, workdir: Path) -> str:
 
 
 async def _part_booted(uri: str) -> None:
-    from . import _guest
-
     _say("Part 1: a booted Linux guest releases devices asynchronously")
     _say("building the guest image from Debian packages (cached after the first run)…")
     image = await asyncio.to_thread(_guest.build_guest_image)
