@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import libvirt
+
 from _common import (
     URI,
     Row,
@@ -48,10 +49,9 @@ from _common import (
     proc_cpu_ns,
     skipped,
 )
-
 from aiodetach import DetachService, DetachSettings
-from aiodetach._lab import libvirtd_pid
 from aiodetach.errors import DetachTimeout
+from aiodetach_lab.domains import libvirtd_pid
 
 WAIT = 2.0
 
@@ -93,7 +93,7 @@ def by_polling(
 async def measure(
     rounds: int, disks: int, wait_rounds: int
 ) -> tuple[dict[str, Stats], float, dict[str, float]]:
-    from _labkit import bench_domain, reattach, scsi_disks, virtio_disks
+    from aiodetach_lab.bench import bench_domain, reattach, scsi_disks, virtio_disks
 
     specs = scsi_disks(disks)
     pci = virtio_disks(1)[0]
@@ -182,7 +182,7 @@ async def waiting_cost(
 def main() -> None:
     args = parse_args(__doc__ or "")
     configure_logging(args.structlog_default)
-    from _labkit import unavailable
+    from aiodetach_lab.bench import unavailable
 
     why = unavailable()
     if why is not None:

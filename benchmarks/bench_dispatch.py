@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from _common import (
     Row,
     configure_logging,
@@ -60,7 +61,6 @@ from _common import (
     parse_args,
     skipped,
 )
-
 from aiodetach import DetachResult, DetachService, DetachSettings, DeviceEvent
 from aiodetach.testing import FakeHypervisor, Unplug
 

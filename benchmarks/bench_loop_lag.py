@@ -19,6 +19,7 @@ import contextlib
 import time
 
 import libvirt
+
 from _common import (
     URI,
     Row,
@@ -32,10 +33,9 @@ from _common import (
     parse_args,
     skipped,
 )
-
 from aiodetach import DetachService, DetachSettings
-from aiodetach._lab import LabDomain
 from aiodetach.errors import DetachTimeout
+from aiodetach_lab.domains import LabDomain
 
 TARGET = 0.020
 TICK = 0.001
@@ -94,7 +94,7 @@ async def run_naive(dom: libvirt.virDomain, xmls: list[str]) -> tuple[float, flo
 
 
 async def measure(per_domain: int, domains: int, naive_n: int, reps: int) -> dict[str, list[float]]:
-    from _labkit import bench_domain, disk_device_xml, virtio_disks
+    from aiodetach_lab.bench import bench_domain, disk_device_xml, virtio_disks
 
     out: dict[str, list[float]] = {"ours": [], "ours_wall": [], "naive": [], "naive_wall": []}
     with contextlib.ExitStack() as stack:
@@ -125,7 +125,7 @@ async def measure(per_domain: int, domains: int, naive_n: int, reps: int) -> dic
 def main() -> None:
     args = parse_args(__doc__ or "")
     configure_logging(args.structlog_default)
-    from _labkit import unavailable
+    from aiodetach_lab.bench import unavailable
 
     per_domain, domains, naive_n, reps = (8, 1, 1, 2) if args.quick else (16, 2, 2, 5)
     n = per_domain * domains

@@ -34,10 +34,9 @@ from _common import (
     parse_args,
     rss_bytes,
 )
-from bench_dispatch import Event, Sizes, build_fake, wait_all_sent
-
 from aiodetach import DetachService, DetachSettings
 from aiodetach.testing import FakeHypervisor
+from bench_dispatch import Event, Sizes, build_fake, wait_all_sent
 
 TARGET = 20 * 2**20
 

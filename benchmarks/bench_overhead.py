@@ -15,7 +15,7 @@ freshly hot-plugged device (``attachDeviceFlags`` after every run).
 
 * SCSI disks on an OS-less QEMU domain (QEMU releases them at once; the event
   comes ~50 ms after the request).
-* virtio-blk (PCI) on a booted tiny Linux guest (:mod:`aiodetach._guest`), if
+* virtio-blk (PCI) on a booted tiny Linux guest (:mod:`aiodetach_lab.guest`), if
   its image is built or can be: the guest takes part in the unplug.
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+
 from _common import (
     BENCH_PREFIX,
     URI,
@@ -45,9 +46,8 @@ from _common import (
     parse_args,
     skipped,
 )
-
 from aiodetach import DetachService, DetachSettings
-from aiodetach._lab import DiskSpec, LabDomain, throwaway_domain
+from aiodetach_lab.domains import DiskSpec, LabDomain, throwaway_domain
 
 TARGET = 1.10
 Detacher = Callable[[str, str], Awaitable[None]]
@@ -122,7 +122,7 @@ async def alternate(
 
 
 async def measure_scsi(reps: int) -> dict[str, list[float]]:
-    from _labkit import bench_domain, disk_device_xml, scsi_disks
+    from aiodetach_lab.bench import bench_domain, disk_device_xml, scsi_disks
 
     specs = scsi_disks(2)
     with bench_domain(specs, "overhead") as lab:
@@ -143,8 +143,9 @@ async def measure_scsi(reps: int) -> dict[str, list[float]]:
 
 @contextlib.contextmanager
 def booted_guest(specs: list[DiskSpec]) -> Iterator[tuple[LabDomain, list[str], Path]]:
-    """A transient tiny-Linux guest (``aiodetach._guest``) with ``specs`` as disks."""
-    from aiodetach import _guest, _lab
+    """A transient tiny-Linux guest (``aiodetach_lab.guest``) with ``specs`` as disks."""
+    from aiodetach_lab import domains as _lab
+    from aiodetach_lab import guest as _guest
 
     image = _guest.build_guest_image()
     made: dict[str, Any] = {}
@@ -166,9 +167,8 @@ def booted_guest(specs: list[DiskSpec]) -> Iterator[tuple[LabDomain, list[str], 
 
 
 async def measure_booted(reps: int) -> dict[str, list[float]]:
-    from _labkit import virtio_disks
-
-    from aiodetach import _guest
+    from aiodetach_lab import guest as _guest
+    from aiodetach_lab.bench import virtio_disks
 
     specs = virtio_disks(2)
     with booted_guest(specs) as (lab, xmls, log):
@@ -212,7 +212,7 @@ def _spread(name: str, out: dict[str, list[float]]) -> str:
 def main() -> None:
     args = parse_args(__doc__ or "")
     configure_logging(args.structlog_default)
-    from _labkit import unavailable
+    from aiodetach_lab.bench import unavailable
 
     reps = 6 if args.quick else 30
     why = unavailable()

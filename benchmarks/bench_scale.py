@@ -25,11 +25,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import libvirt
-from _common import URI, Row, configure_logging, eprint, finish, fmt_ratio, fmt_s, met, parse_args
-from _labkit import bench_domain, live_aliases, reattach, scsi_disks, unavailable
 
-from aiodetach import DetachService, DetachSettings, _lab
+from _common import URI, Row, configure_logging, eprint, finish, fmt_ratio, fmt_s, met, parse_args
+from aiodetach import DetachService, DetachSettings
 from aiodetach._libvirt import LibvirtBackend
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.bench import bench_domain, live_aliases, reattach, scsi_disks, unavailable
 
 
 class CountingBackend(LibvirtBackend):

@@ -47,12 +47,14 @@ from pathlib import Path
 
 import libvirt
 import structlog
-from _common import Row, met
 
-from aiodetach import DetachService, DetachSettings, _guest, _lab, install_event_loop
+from _common import Row, met
+from aiodetach import DetachService, DetachSettings, install_event_loop
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.backend import BackendError
 from aiodetach.errors import DetachError
+from aiodetach_lab import domains as _lab
+from aiodetach_lab import guest as _guest
 
 URI = os.environ.get("AIODETACH_BENCH_URI", "qemu:///system")
 BOOT_TIMEOUT = 120.0

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from _common import (
     URI,
     Row,
@@ -40,14 +42,12 @@ from _common import (
     percentile,
     skipped,
 )
-from bench_dispatch import wait_all_sent
-from prometheus_client import CollectorRegistry
-
 from aiodetach import DetachService, DetachSettings
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.backend import EventSink
 from aiodetach.instrumentation import prometheus_hook
 from aiodetach.testing import FakeHypervisor, Unplug
+from bench_dispatch import wait_all_sent
 
 SPACING = 0.0005
 TARGET = 1e-3
@@ -146,7 +146,8 @@ async def bare_latencies(n: int) -> list[float]:
 # ---------------------------------------------------------------- real path
 async def real_latencies(disks: int, rounds: int) -> list[float]:
     import libvirt
-    from _labkit import bench_domain, reattach, scsi_disks
+
+    from aiodetach_lab.bench import bench_domain, reattach, scsi_disks
 
     specs = scsi_disks(disks)
     stamps: dict[str, float] = {}
@@ -245,7 +246,7 @@ def main() -> None:
             f"last caller resumed after {fmt_s(max(burst))}"
         )
 
-    from _labkit import unavailable
+    from aiodetach_lab.bench import unavailable
 
     why = unavailable()
     label = "wake-up, real libvirtd + QEMU (SCSI)"

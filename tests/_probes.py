@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 
 class LoopLag:
@@ -33,3 +34,27 @@ async def loop_lag(tick: float = 0.005) -> AsyncIterator[LoopLag]:
     finally:
         stop.set()
         await task
+
+
+async def until(predicate: Callable[[], bool], limit: float, what: str) -> float:
+    """Poll ``predicate`` on the loop; return the seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        if loop.time() - started > limit:
+            raise AssertionError(f"timed out after {limit:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+def info_and_up(entries: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in entries if e.get("log_level") in {"info", "warning", "error", "critical"}]
+
+
+def check_no_domain_xml(entries: list[MutableMapping[str, Any]]) -> None:
+    for entry in info_and_up(entries):
+        for key, value in entry.items():
+            text = str(value)
+            assert "<domain" not in text, (key, entry)
+            assert "<devices" not in text, (key, entry)
+            assert len(text) < 1000, (key, entry)

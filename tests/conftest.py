@@ -1,20 +1,41 @@
-"""Shared fixtures.
+"""Fixtures shared by every tier.
 
-Unit tests use :class:`aiodetach.testing.FakeHypervisor` (a fake, named so).
-Tests marked ``qemu`` use a real libvirtd + QEMU, started here if none runs.
+The test trees are laid out by what is real:
+
+- ``tests/unit``: the library against :class:`aiodetach.testing.FakeHypervisor`
+  (a fake, named so); no libvirtd, runs in seconds;
+- ``tests/testdriver``: the event-loop bridge and the real backend against
+  libvirt's own ``test:///default`` driver (in-process, no daemon);
+- ``tests/real``: a real libvirtd + QEMU (the lab, :mod:`aiodetach_lab`, starts
+  what is missing); its conftest marks every test there ``qemu``.
+
+``-m "not qemu"`` runs the first two.  With ``AIODETACH_TEST_INSTALLED=1`` the
+session refuses to run unless ``aiodetach`` is imported from an installed
+wheel (site-packages), not from the source tree.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+import aiodetach
 from aiodetach import DetachService, DetachSettings
 from aiodetach.testing import FakeHypervisor
 
-QEMU_URI = os.environ.get("AIODETACH_TEST_URI", "qemu:///system")
+
+def pytest_report_header() -> str:
+    return f"aiodetach {aiodetach.__version__} from {Path(aiodetach.__file__).parent}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("AIODETACH_TEST_INSTALLED") == "1":
+        where = Path(aiodetach.__file__).resolve()
+        if "site-packages" not in where.parts:
+            raise pytest.UsageError(f"aiodetach imported from {where}, not an installed wheel")
 
 
 @pytest.fixture
@@ -43,16 +64,3 @@ def make_svc(fake: FakeHypervisor) -> Callable[..., DetachService]:
         return DetachService(backend=fake, settings=DetachSettings(**settings))  # type: ignore[arg-type]
 
     return make
-
-
-@pytest.fixture(scope="session")
-def libvirtd() -> str:
-    """A real libvirtd answering at QEMU_URI (started when none is running)."""
-    from aiodetach import _lab
-
-    try:
-        _lab.ensure_libvirtd(QEMU_URI)
-    except _lab.LabError as exc:
-        pytest.fail(f"real-QEMU tests need libvirtd: {exc} (deselect them with -m 'not qemu')")
-    _lab.cleanup_leftovers(QEMU_URI)
-    return QEMU_URI

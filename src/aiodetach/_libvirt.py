@@ -44,7 +44,7 @@ def _one_at_a_time(
 ) -> Callable[Concatenate[LibvirtBackend, _P], _T]:
     """Let at most one call of this backend be inside libvirt at a time.
 
-    Measured on libvirt 9.0's client over ``qemu+tcp`` (tests/robust/
+    Measured on libvirt 9.0's client over ``qemu+tcp`` (tests/real/private/
     test_fleet_partition.py, docs/libvirt-behaviour.md): when the network
     to the daemon is cut while two or more calls are in flight on one
     connection, keepalive fails one of them and the others stay blocked

@@ -1,59 +1,39 @@
-"""Helpers of the real-hypervisor robustness tests (no test code, no fixtures)."""
+"""Helpers of the real-libvirtd tests (no test code, no fixtures).
+
+Requests that reach libvirt are recorded with :mod:`aiodetach_lab.requests`
+(re-exported here as ``record_requests``).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 import pytest
 
-from aiodetach._lab import remove_domain
+from _probes import until
 from aiodetach._libvirt import LibvirtBackend
+from aiodetach_lab.daemon import eject_command
+from aiodetach_lab.domains import remove_domain
+from aiodetach_lab.requests import RequestLog, record_requests
 
-from ._daemon import eject_command
+__all__ = [
+    "RequestLog",
+    "domains_removed",
+    "guest_ejects",
+    "live_xml",
+    "quiet",
+    "record_requests",
+    "record_xml_reads",
+    "until",
+]
 
 
 def quiet() -> None:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-
-
-async def until(predicate: Callable[[], bool], limit: float, what: str) -> float:
-    """Poll ``predicate`` on the loop; return the seconds it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while not predicate():
-        if loop.time() - started > limit:
-            raise AssertionError(f"timed out after {limit:g} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - started
-
-
-@dataclass
-class SentLog:
-    """Every live detach request that really reached libvirt, with its time."""
-
-    sent: list[tuple[str, str, float]] = field(default_factory=list)
-
-    def of(self, uuid: str, alias: str) -> list[float]:
-        return [t for u, a, t in self.sent if (u, a) == (uuid, alias)]
-
-
-def record_requests(monkeypatch: pytest.MonkeyPatch) -> SentLog:
-    """Record LibvirtBackend.detach_live calls (the one path to virDomainDetachDeviceAlias)."""
-    log = SentLog()
-    original = LibvirtBackend.detach_live
-
-    def recording(self: LibvirtBackend, uuid: str, alias: str) -> None:
-        log.sent.append((uuid, alias, time.monotonic()))
-        original(self, uuid, alias)
-
-    monkeypatch.setattr(LibvirtBackend, "detach_live", recording)
-    return log
 
 
 def record_xml_reads(monkeypatch: pytest.MonkeyPatch) -> list[float]:

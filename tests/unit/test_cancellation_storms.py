@@ -1,4 +1,4 @@
-"""Item 4: cancellation storms and closing with detaches in flight (fake hypervisor)."""
+"""Cancellation storms and closing with detaches in flight (fake hypervisor)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
+from _probes import until
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachError, ServiceClosed
 from aiodetach.testing import FakeDevice, FakeHypervisor, Unplug
-
-from ._real import until
 
 ROUNDS = 100
 CALLERS = 100

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import aiodetach
 from _pty import run_in_pty_cmd
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
@@ -25,7 +26,8 @@ FAST = ["--attempts", "2", "--timeout", "0.4"]
 
 
 def _env() -> dict[str, str]:
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    # The aiodetach this test imported (the source tree, or an installed wheel).
+    src = str(Path(aiodetach.__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 

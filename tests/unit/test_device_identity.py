@@ -3,7 +3,7 @@
 libvirt-assigned aliases (``virtio-disk1``, ``scsi0-0-0-2``, ``net0``,
 ``hostdev0``, ``pci.1``) exist only in the live XML.  The snippets below are
 shaped like what libvirt 9.0 wrote on a real run (see
-tests/qemu/test_identity_real.py): the live copy has aliases and a few
+tests/real/system/test_device_identity_live_vs_persistent.py): the live copy has aliases and a few
 live-only extras (``<source index>``, ``state=``, a DIMM's ``base``), the
 inactive copy has neither.
 """

@@ -1,9 +1,11 @@
-"""Items 2 and 3 on the fake hypervisor: lost events and domain lifecycle.
+"""Lost events and the domain stopping mid-detach, on the fake hypervisor.
 
 The fake is used where a real QEMU cannot produce the case on demand (an
 event that libvirt loses, a domain gone without a lifecycle event) and to run
-every stop reason quickly; the real counterparts are in test_real_lifecycle.py,
-test_real_migration.py, test_restart.py and tests/guest/.
+every stop reason quickly; the real counterparts are in
+tests/real/system/test_domain_stops_while_pending.py,
+tests/real/private/test_migration_while_pending.py and test_libvirtd_restart.py,
+and tests/real/guest/.
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ import time
 
 import pytest
 
+from _probes import until
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout, DomainStopped, InvalidRequest
 from aiodetach.testing import FakeHypervisor, Unplug
 
-from ._real import until
-
 FAST = DetachSettings(attempts=3, timeout=0.15, reconnect_timeout=2.0)
 
 
-# ------------------------------------------------------------------ item 2
+# ------------------------------------------------------------------ lost events
 async def test_lost_event_after_prompt_unplug_is_success_by_xml(fake: FakeHypervisor) -> None:
     vm = fake.add_domain("vm")
     vm.add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.02, emit_event=False))
@@ -69,7 +70,7 @@ async def test_device_never_released_is_still_a_timeout(fake: FakeHypervisor) ->
     assert len(fake.requests) == 3
 
 
-# ------------------------------------------------------------------ item 3
+# ------------------------------------------------------- the domain stops
 @pytest.mark.parametrize(
     "reason", ["destroyed", "shutdown", "migrated", "crashed", "saved", "failed"]
 )

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 
 import libvirt
+
 from . import domains as _lab
 from .domains import LAB_PREFIX, DiskSpec, LabDomain
 

@@ -1,9 +1,9 @@
 """A throwaway hypervisor lab: a running libvirtd and short-lived QEMU domains.
 
 Used by the demo (``aiodetach-lab demo``), the real-libvirtd tests and the
-benchmarks, so all exercise the same setup a user can reproduce by hand.  Nothing here is needed to *use*
-aiodetach.  Domain XML is built with ElementTree; subprocesses get argument
-lists, never a shell.
+benchmarks, so all exercise the same setup a user can reproduce by hand.
+Nothing here is needed to *use* aiodetach.  Domain XML is built with
+ElementTree; subprocesses get argument lists, never a shell.
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ def _recording(log: RequestLog) -> Any:
             original(self, uuid, alias)
         except BackendError as err:
             log.add(
-                Request(alias, at, err.message, err.code, err.origin, uuid, self.uri, time.monotonic())
+                Request(
+                    alias, at, err.message, err.code, err.origin, uuid, self.uri, time.monotonic()
+                )
             )
             raise
         except Exception as exc:

@@ -1,7 +1,7 @@
-"""Helpers of the booted-guest suite: a recording backend, booted domains, serial logs.
+"""Helpers of the booted-guest suite: a recorded service, booted domains, serial logs.
 
 The guest is aiodetach's tiny Linux (kernel + busybox initramfs, see
-:mod:`aiodetach._guest`), booted under TCG by the real libvirtd.  Its kernel
+:mod:`aiodetach_lab.guest`), booted under TCG by the real libvirtd.  Its kernel
 and initrd are staged into the domain's work directory because QEMU runs as
 ``libvirt-qemu`` and cannot read root's build cache.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import libvirt
 
-from aiodetach import DetachService, DetachSettings, _guest, _lab
-from aiodetach._libvirt import LibvirtBackend
-from aiodetach.backend import BackendError
+from aiodetach import DetachService, DetachSettings
+from aiodetach_lab import domains as _lab
+from aiodetach_lab import guest as _guest
+from aiodetach_lab.requests import RequestLog, recording_requests
 
 BOOT_TIMEOUT = 120.0
 """Seconds a guest may take to print its ready line (~4 s measured; CI machines are slower)."""
@@ -40,52 +40,15 @@ DIMM_XML = (
 )
 
 
-@dataclass(frozen=True)
-class Request:
-    """One live detach request as libvirt answered it."""
-
-    alias: str
-    at: float  # time.monotonic() when it was sent
-    error: str | None  # libvirt's message if it was refused
-    code: int | None = None
-    origin: int | None = None
-
-
-class RecordingBackend(LibvirtBackend):
-    """The real backend, recording every live detach request and libvirt's answer."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.requests: list[Request] = []
-        self._rec_lock = threading.Lock()
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        at = time.monotonic()
-        try:
-            super().detach_live(uuid, alias)
-        except BackendError as err:
-            with self._rec_lock:
-                self.requests.append(Request(alias, at, err.message, err.code, err.origin))
-            raise
-        with self._rec_lock:
-            self.requests.append(Request(alias, at, None))
-
-    def accepted(self, alias: str | None = None) -> list[Request]:
-        return [r for r in self.requests if r.error is None and alias in (None, r.alias)]
-
-    def refused(self, alias: str | None = None) -> list[Request]:
-        return [r for r in self.requests if r.error is not None and alias in (None, r.alias)]
-
-
 @contextlib.asynccontextmanager
 async def recording_service(
     uri: str, settings: DetachSettings
-) -> AsyncIterator[tuple[DetachService, RecordingBackend]]:
-    """A DetachService on a :class:`RecordingBackend` (the service binds
-    libvirt's events to this loop itself, as for its own backend)."""
-    backend = RecordingBackend(uri)
-    async with DetachService(uri, backend=backend, settings=settings) as svc:
-        yield svc, backend
+) -> AsyncIterator[tuple[DetachService, RequestLog]]:
+    """A DetachService on ``uri`` and the record of every live request it
+    sent to libvirt, with libvirt's answer (:mod:`aiodetach_lab.requests`)."""
+    with recording_requests() as log:
+        async with DetachService(uri, settings=settings) as svc:
+            yield svc, log
 
 
 @dataclass

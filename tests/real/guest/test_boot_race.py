@@ -19,11 +19,11 @@ import time
 import pytest
 
 from aiodetach import DetachSettings
-from aiodetach._guest import async_wait_for_ready
+from aiodetach_lab.guest import async_wait_for_ready
 
 from ._support import BOOT_TIMEOUT, connection, guest, recording_service, virtio_disk
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 FIRST_ATTEMPT = 10.0  # > boot-to-ready (~4-5 s, up to ~8 s on a loaded 2-core machine)
 

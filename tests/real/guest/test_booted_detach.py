@@ -19,8 +19,6 @@ from aiodetach import DetachSettings
 
 from ._support import Guest, guest, nic, recording_service, scsi_controller, virtio_disk
 
-pytestmark = pytest.mark.qemu
-
 DEVICES: dict[str, tuple[str, dict[str, Any]]] = {
     # kind: (alias, how the test names the device to detach())
     "virtio-blk disk": ("ua-blk1", {"target": "vdb"}),

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from aiodetach import DetachSettings, _lab
+from aiodetach import DetachSettings
+from aiodetach_lab import domains as _lab
 
 from ._support import (
     NATIVE_PCIE_UNPLUG,
@@ -41,7 +42,7 @@ from ._support import (
     virtio_disk,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SETTINGS = DetachSettings(timeout=20, attempts=8)
 HOT = _lab.DiskSpec("vdc", "virtio", alias="ua-hot1")

@@ -23,11 +23,11 @@ import pytest
 
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachError
+from aiodetach_lab.requests import RequestLog
 
 from ._support import (
     NATIVE_PCIE_UNPLUG,
     Guest,
-    RecordingBackend,
     button_presses,
     cancels,
     guest,
@@ -35,7 +35,7 @@ from ._support import (
     virtio_disk,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 DEADLINE = 1.0
 """The caller's own bound on each call, well under the ~6.3 s unplug."""
@@ -116,7 +116,7 @@ async def _cancel_then_call_again(
     return result
 
 
-def _report(style: str, tries: Tries, backend: RecordingBackend, t0: float, log: str) -> None:
+def _report(style: str, tries: Tries, backend: RequestLog, t0: float, log: str) -> None:
     print(f"\n[{style}] calls:")
     for at, what in tries:
         print(f"  +{at:6.3f} s  {what}")

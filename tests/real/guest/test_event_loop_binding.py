@@ -21,14 +21,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-pytestmark = pytest.mark.qemu
-
 _SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from aiodetach import DetachService, DetachSettings, _lab
+    from aiodetach import DetachService, DetachSettings
+    from aiodetach_lab import domains as _lab
     from aiodetach._libvirt import LibvirtBackend
 
     uri, mode = sys.argv[1], sys.argv[2]

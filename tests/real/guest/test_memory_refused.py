@@ -19,8 +19,8 @@ import libvirt
 import pytest
 
 from aiodetach import DetachSettings
-from aiodetach._guest import MEMORY_PINNED_LINE, wait_for_ready
 from aiodetach.errors import DetachFailed
+from aiodetach_lab.guest import MEMORY_PINNED_LINE, wait_for_ready
 
 from ._support import (
     DIMM_ALIAS,
@@ -39,7 +39,6 @@ def pinned_memory_guest(libvirtd: str) -> Iterator[Guest]:
         yield g
 
 
-@pytest.mark.qemu
 @pytest.mark.slow
 async def test_pinned_dimm_fails_once_and_is_not_retried(pinned_memory_guest: Guest) -> None:
     g = pinned_memory_guest

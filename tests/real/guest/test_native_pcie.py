@@ -31,7 +31,7 @@ from ._support import (
     virtio_disk,
 )
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

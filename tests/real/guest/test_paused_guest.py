@@ -14,13 +14,10 @@ import asyncio
 import time
 
 import libvirt
-import pytest
 
 from aiodetach import DetachSettings
 
 from ._support import connection, guest, recording_service, virtio_disk
-
-pytestmark = pytest.mark.qemu
 
 
 def _set_paused(uri: str, name: str, paused: bool) -> None:

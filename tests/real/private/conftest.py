@@ -1,4 +1,4 @@
-"""Fixtures of the robustness suite (see tests/robust/_daemon.py for the private daemon)."""
+"""Fixtures of the private-daemon tests (see :mod:`aiodetach_lab.daemon`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ._daemon import PrivateLibvirtd
+from aiodetach_lab.daemon import PrivateLibvirtd
 
 PRIVATE_ROOT = Path(os.environ.get("AIODETACH_PRIVATE_LIBVIRTD", "/tmp/robust/daemon"))
 SECOND_ROOT = PRIVATE_ROOT.with_name(PRIVATE_ROOT.name + "-2")

@@ -2,7 +2,7 @@
 
 Eight "hosts", each a private libvirtd in a network namespace of its own,
 reached only over ``qemu+tcp://10.213.B.x:16509/session`` through a veth
-link (tests/robust/_netns.py), each running three OS-less domains with SCSI
+link (:mod:`aiodetach_lab.netns`), each running three OS-less domains with SCSI
 disks; host 1 also runs a booted Linux guest (q35, native PCIe hotplug, so
 its unplugs take ~6 s).  One :class:`DetachFleet` runs two batches of the
 same shape, each over every host:
@@ -49,16 +49,18 @@ import libvirt
 import pytest
 import structlog
 
-from aiodetach import DetachFleet, DetachService, DetachSettings, _guest, _lab
-from aiodetach._libvirt import LibvirtBackend
+from aiodetach import DetachFleet, DetachService, DetachSettings
 from aiodetach._many import DetachOutcome
 from aiodetach.errors import ConnectionLost
+from aiodetach_lab import domains as _lab
+from aiodetach_lab import guest as _guest
+from aiodetach_lab.daemon import pci_slots
+from aiodetach_lab.netns import NetnsHost, netns_fleet
+from aiodetach_lab.requests import RequestLog, record_requests
 
-from ._daemon import pci_slots
-from ._netns import NetnsHost, netns_fleet
-from ._real import guest_ejects, live_xml, quiet
+from .._real import guest_ejects, live_xml, quiet
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.partition]
+pytestmark = [pytest.mark.slow, pytest.mark.partition]
 
 SCRATCH = Path(os.environ.get("AIODETACH_NETNS_SCRATCH", "/tmp/robust/netns-fleet"))
 
@@ -209,36 +211,6 @@ def lab() -> Iterator[Lab]:
 
 
 # -------------------------------------------------------------- recorders
-
-
-@dataclass
-class Sent:
-    """Every live request the services made (client side), with libvirt's answer."""
-
-    calls: list[tuple[str, str, str, float, float, str | None]] = field(default_factory=list)
-
-    def accepted(self, uri: str, alias: str) -> bool:
-        return any(c[0] == uri and c[2] == alias and c[5] is None for c in self.calls)
-
-    def count(self, uri: str, alias: str) -> int:
-        return sum(1 for c in self.calls if c[0] == uri and c[2] == alias)
-
-
-def _record_sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
-    sent = Sent()
-    original = LibvirtBackend.detach_live
-
-    def recording(self: LibvirtBackend, uuid: str, alias: str) -> None:
-        began = time.monotonic()
-        try:
-            original(self, uuid, alias)
-        except Exception as exc:
-            sent.calls.append((self.uri, uuid, alias, began, time.monotonic(), str(exc)))
-            raise
-        sent.calls.append((self.uri, uuid, alias, began, time.monotonic(), None))
-
-    monkeypatch.setattr(LibvirtBackend, "detach_live", recording)
-    return sent
 
 
 @dataclass
@@ -398,7 +370,7 @@ async def _eject(lab: Lab, host: NetnsHost, aliases: list[str]) -> None:
 
 
 async def _batch(
-    fleet: DetachFleet, lab: Lab, s: str, *, partition: bool, sent: Sent, book: Logbook
+    fleet: DetachFleet, lab: Lab, s: str, *, partition: bool, sent: RequestLog, book: Logbook
 ) -> Run:
     dead, back = lab.hosts[DEAD], lab.hosts[BACK]
     requests = _requests(lab, s)
@@ -425,8 +397,10 @@ async def _batch(
         }
         await _until(
             lambda: (
-                all(sent.accepted(dead.tcp_uri, a) for a in pci[DEAD])
-                and all(sent.accepted(back.tcp_uri, a) for a in pci[BACK] + list(GUEST_DISKS[s]))
+                all(sent.accepted(a, uri=dead.tcp_uri) for a in pci[DEAD])
+                and all(
+                    sent.accepted(a, uri=back.tcp_uri) for a in pci[BACK] + list(GUEST_DISKS[s])
+                )
             ),
             60,
             "hosts 0 and 1 to take their PCI requests",
@@ -504,7 +478,7 @@ def _removed_everywhere(lab: Lab, run: Run, hosts: list[NetnsHost]) -> None:
             assert not still, f"{run.name}: {host.tcp_uri} {name} still has {still}"
 
 
-def _one_request_each(run: Run, hosts: list[NetnsHost], sent: Sent) -> list[int]:
+def _one_request_each(run: Run, hosts: list[NetnsHost], sent: RequestLog) -> list[int]:
     """Requests per device, counted at QEMU (device_del) and at the client."""
     per_device: list[int] = []
     for host in hosts:
@@ -514,7 +488,7 @@ def _one_request_each(run: Run, hosts: list[NetnsHost], sent: Sent) -> list[int]
                 continue
             alias = r["alias"]
             assert at_qemu[alias] == 1, f"{run.name}: {alias} on {host.tcp_uri}: {at_qemu[alias]}"
-            assert sent.count(host.tcp_uri, alias) == 1, (run.name, host.tcp_uri, alias)
+            assert len(sent.matching(alias, uri=host.tcp_uri)) == 1, (run.name, host.tcp_uri, alias)
             per_device.append(at_qemu[alias])
     return per_device
 
@@ -550,7 +524,7 @@ async def test_partitioned_fleet(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> N
     hosts = lab.hosts
     dead, back = hosts[DEAD], hosts[BACK]
     healthy = [h for h in hosts if _healthy(h.index)]
-    sent = _record_sent(monkeypatch)
+    sent = record_requests(monkeypatch)
     gauge = _gauge(monkeypatch)
     with _logbook() as book:
         async with DetachFleet(settings=SETTINGS) as fleet:
@@ -630,8 +604,10 @@ async def test_partitioned_fleet(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> N
     ]
     assert max(dead_counts) <= 1
     assert all(dead.device_dels()[a] == 1 for a in pending_dead)
-    client = collections.Counter((c[0], c[2]) for c in sent.calls)
-    twice = {k: [c for c in sent.calls if (c[0], c[2]) == k] for k, n in client.items() if n > 1}
+    client = collections.Counter((r.uri, r.alias) for r in sent.requests)
+    twice = {
+        k: [r for r in sent.requests if (r.uri, r.alias) == k] for k, n in client.items() if n > 1
+    }
 
     # -- the figures -----------------------------------------------------------
     devices = len(base.requests) + len(part.requests)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import uuid as _uuid
 
-import pytest
-
-from aiodetach import DetachFleet, DetachSettings, _lab
+from aiodetach import DetachFleet, DetachSettings
 from aiodetach.errors import ConnectionLost, DeviceNotFound
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.daemon import PrivateLibvirtd
 
-from ._daemon import PrivateLibvirtd
-from ._real import domains_removed
-
-pytestmark = pytest.mark.qemu
+from .._real import domains_removed
 
 SCSI = [_lab.DiskSpec("sda", "scsi", alias="ua-s0"), _lab.DiskSpec("sdb", "scsi", alias="ua-s1")]
 

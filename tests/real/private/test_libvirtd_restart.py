@@ -1,9 +1,9 @@
-"""Item 1: libvirtd SIGKILLed and restarted under pending detaches (real daemon, real QEMU).
+"""libvirtd SIGKILLed and restarted under pending detaches (real daemon, real QEMU).
 
-The daemon is a private one (tests/robust/_daemon.py), never the system's.
+The daemon is a private one (:mod:`aiodetach_lab.daemon`), never the system's.
 Guests have no OS, so PCI (virtio-blk) unplugs stay pending until the test
 acknowledges them the way a guest OS does (ACPI eject register, see
-``_daemon.eject_command``): through libvirt while it is up, or straight on
+``aiodetach_lab.daemon.eject_command``): through libvirt while it is up, or straight on
 QEMU's monitor while libvirtd is dead, an unplug completing "while the daemon
 was down", whose DEVICE_REMOVED nobody ever receives.
 """
@@ -18,13 +18,18 @@ from typing import Any
 import pytest
 
 from aiodetach import DetachResult, DetachService, DetachSettings
-from aiodetach._lab import DiskSpec
 from aiodetach.errors import ConnectionLost, DetachError, DetachTimeout
+from aiodetach_lab.daemon import PrivateLibvirtd, eject_command, pci_slots, qmp
+from aiodetach_lab.domains import DiskSpec
 
-from ._daemon import PrivateLibvirtd, eject_command, pci_slots, qmp
-from ._real import domains_removed, guest_ejects, live_xml, record_requests, record_xml_reads, until
-
-pytestmark = pytest.mark.qemu
+from .._real import (
+    domains_removed,
+    guest_ejects,
+    live_xml,
+    record_requests,
+    record_xml_reads,
+    until,
+)
 
 TIMEOUT = 8.0  # attempts of domains 3-4, which must time out
 LONG_TIMEOUT = 600.0  # attempts of domains 0-2, which must not
@@ -78,7 +83,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
                 for i in range(DOMAINS)
                 for alias in aliases
             }
-            await until(lambda: len(sent.sent) == DOMAINS * DISKS, 20, "50 requests sent")
+            await until(lambda: len(sent.requests) == DOMAINS * DISKS, 20, "50 requests sent")
             await asyncio.sleep(0.2)
             pending_at_kill = sum(len(s.pending()) for s in services)
             assert pending_at_kill == DOMAINS * DISKS
@@ -187,7 +192,7 @@ async def test_daemon_that_stays_down_gives_connection_lost(
         try:
             async with DetachService(daemon.uri, settings=settings) as svc:
                 tasks = [asyncio.create_task(svc.detach(name, alias=d.alias or "")) for d in disks]
-                await until(lambda: len(sent.sent) == 3, 10, "3 requests sent")
+                await until(lambda: len(sent.requests) == 3, 10, "3 requests sent")
                 await asyncio.to_thread(daemon.kill)
                 started = time.monotonic()
                 async with asyncio.timeout(15):
@@ -201,7 +206,7 @@ async def test_daemon_that_stays_down_gives_connection_lost(
                 async with asyncio.timeout(2):
                     with pytest.raises(ConnectionLost):
                         await svc.detach(name, alias="ua-d0")
-            assert len(sent.sent) == 3
+            assert len(sent.requests) == 3
         finally:
             if daemon.pid is None:
                 await asyncio.to_thread(daemon.start)

@@ -1,4 +1,4 @@
-"""Item 3 for real: the domain migrates away while its devices are being unplugged.
+"""The domain migrates away while its devices are being unplugged.
 
 Two private libvirtd daemons on this machine, each with its own host UUID
 (libvirt refuses to migrate to a daemon that reports its own), play source
@@ -21,13 +21,12 @@ import uuid as _uuid
 import libvirt
 import pytest
 
-from aiodetach import DetachService, DetachSettings, _lab
+from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import DomainStopped
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.daemon import PrivateLibvirtd
 
-from ._daemon import PrivateLibvirtd
-from ._real import domains_removed, live_xml, quiet, record_requests, until
-
-pytestmark = pytest.mark.qemu
+from .._real import domains_removed, live_xml, quiet, record_requests, until
 
 ALIASES = ("ua-v0", "ua-v1")
 
@@ -64,7 +63,7 @@ async def test_migrated_away_wakes_every_waiter(
             callers = [
                 asyncio.create_task(svc.detach(name, alias=a)) for a in ALIASES for _ in "ab"
             ]
-            await until(lambda: len(sent.sent) == 2, 20, "2 requests sent")
+            await until(lambda: len(sent.requests) == 2, 20, "2 requests sent")
             await asyncio.sleep(0.3)
             assert not any(c.done() for c in callers)
             took = await asyncio.to_thread(_migrate, source.tcp_uri, target.tcp_uri, uuid)
@@ -77,7 +76,7 @@ async def test_migrated_away_wakes_every_waiter(
         stopped = [o for o in outcomes if isinstance(o, DomainStopped)]
         assert {o.reason for o in stopped} == {"migrated"}
         assert sorted(o.alias or "" for o in stopped) == sorted(ALIASES * 2)
-        assert len(sent.sent) == 2
+        assert len(sent.requests) == 2
         # The unplugs did not travel with the domain.
         dest_xml = await asyncio.to_thread(live_xml, target.uri, uuid)
         assert all(f"'{a}'" in dest_xml for a in ALIASES)

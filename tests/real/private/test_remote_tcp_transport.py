@@ -13,13 +13,19 @@ import uuid as _uuid
 
 import pytest
 
-from aiodetach import DetachFleet, DetachResult, DetachService, DetachSettings, _lab
+from aiodetach import DetachFleet, DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.daemon import PrivateLibvirtd, pci_slots
 
-from ._daemon import PrivateLibvirtd, pci_slots
-from ._real import domains_removed, guest_ejects, live_xml, record_requests, record_xml_reads, until
-
-pytestmark = pytest.mark.qemu
+from .._real import (
+    domains_removed,
+    guest_ejects,
+    live_xml,
+    record_requests,
+    record_xml_reads,
+    until,
+)
 
 DISKS = [
     _lab.DiskSpec("sda", "scsi", alias="ua-s0"),
@@ -71,7 +77,7 @@ async def test_daemon_restart_over_tcp(
             tasks = [
                 asyncio.create_task(svc.detach(name, alias=alias)) for alias in ("ua-v0", "ua-v1")
             ]
-            await until(lambda: len(sent.sent) == 2, 20, "2 requests sent")
+            await until(lambda: len(sent.requests) == 2, 20, "2 requests sent")
             killed_at = time.monotonic()
             await asyncio.to_thread(daemon.kill)
             await asyncio.to_thread(daemon.start)
@@ -93,4 +99,4 @@ async def test_daemon_restart_over_tcp(
         ("ua-v0", 1, "event"),
         ("ua-v1", 1, "event"),
     ]
-    assert len(sent.sent) == 2
+    assert len(sent.requests) == 2

@@ -1,4 +1,4 @@
-"""Item 6: bad input, table-driven, on the real system libvirtd (read-only use of it).
+"""Bad input, table-driven, on the real system libvirtd (read-only use of it).
 
 Each bad input must raise a typed error whose message names what was wrong,
 and leave the domain exactly as it was (live and persistent XML compared).
@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from aiodetach import DetachService, DetachSettings, _lab
+from aiodetach import DetachService, DetachSettings
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.backend import ErrorCode
 from aiodetach.errors import (
@@ -28,10 +28,9 @@ from aiodetach.errors import (
     InvalidRequest,
     ReadOnlyConnection,
 )
+from aiodetach_lab import domains as _lab
 
-from ._real import live_xml
-
-pytestmark = pytest.mark.qemu
+from .._real import live_xml
 
 MAC = "52:54:00:aa:bb:01"
 DISKS = [_lab.DiskSpec("sda", "scsi", "ua-s1"), _lab.DiskSpec("vdb", "virtio", "ua-v1")]

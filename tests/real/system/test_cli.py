@@ -10,9 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiodetach import DetachService, _lab
-
-pytestmark = pytest.mark.qemu
+from aiodetach import DetachService
+from aiodetach_lab import domains as _lab
 
 DISKS = (
     _lab.DiskSpec("sda", "scsi", alias="ua-scsi1"),

@@ -16,8 +16,7 @@ import libvirt
 import pytest
 
 from _probes import loop_lag
-from aiodetach import DetachService, DetachSettings, _lab
-from aiodetach._libvirt import LibvirtBackend
+from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import (
     DetachTimeout,
     DeviceNotFound,
@@ -26,8 +25,8 @@ from aiodetach.errors import (
     DomainStopped,
     InvalidRequest,
 )
-
-pytestmark = pytest.mark.qemu
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.requests import RequestLog
 
 DISKS = (
     _lab.DiskSpec("sda", "scsi", alias="ua-scsi1"),
@@ -36,18 +35,6 @@ DISKS = (
     _lab.DiskSpec("vdc", "virtio"),
 )
 NICS = (_lab.NicSpec("52:54:00:12:34:56", alias="ua-net1"),)
-
-
-class CountingBackend(LibvirtBackend):
-    """The real backend, counting the live detach requests libvirt accepted."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.live_requests: list[str] = []
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        super().detach_live(uuid, alias)
-        self.live_requests.append(alias)
 
 
 @pytest.fixture
@@ -89,16 +76,15 @@ async def test_scsi_by_target_and_uuid_on_a_second_loop(
 
 
 async def test_pci_disk_on_osless_guest_times_out_after_exactly_attempts(
-    libvirtd: str, domain: _lab.LabDomain
+    libvirtd: str, domain: _lab.LabDomain, sent: RequestLog
 ) -> None:
-    backend = CountingBackend(libvirtd)
     settings = DetachSettings(attempts=3, timeout=1.0)
-    async with DetachService(libvirtd, backend=backend, settings=settings) as svc:
+    async with DetachService(libvirtd, settings=settings) as svc:
         started = time.monotonic()
         with pytest.raises(DetachTimeout) as info:
             await svc.detach(domain.name, alias="ua-blk1", persistent=False)
         elapsed = time.monotonic() - started
-    assert backend.live_requests == ["ua-blk1"] * 3
+    assert [r.alias for r in sent.accepted()] == ["ua-blk1"] * 3
     assert info.value.attempts == 3
     assert (info.value.domain, info.value.alias) == (domain.name, "ua-blk1")
     assert 3.0 <= elapsed < 10
@@ -106,30 +92,26 @@ async def test_pci_disk_on_osless_guest_times_out_after_exactly_attempts(
 
 
 async def test_two_concurrent_callers_send_one_request(
-    libvirtd: str, domain: _lab.LabDomain
+    libvirtd: str, domain: _lab.LabDomain, sent: RequestLog
 ) -> None:
-    backend = CountingBackend(libvirtd)
     settings = DetachSettings(attempts=1, timeout=1.0)
-    async with DetachService(libvirtd, backend=backend, settings=settings) as svc:
+    async with DetachService(libvirtd, settings=settings) as svc:
         results = await asyncio.gather(
             svc.detach(domain.name, alias="ua-blk1", persistent=False),
             svc.detach(domain.name, target="vdb", persistent=False),
             return_exceptions=True,
         )
     assert all(isinstance(r, DetachTimeout) for r in results), results
-    assert backend.live_requests == ["ua-blk1"]
+    assert [r.alias for r in sent.accepted()] == ["ua-blk1"]
 
 
 async def test_nic_by_mac_is_sent_and_times_out_without_os(
-    libvirtd: str, domain: _lab.LabDomain
+    libvirtd: str, domain: _lab.LabDomain, sent: RequestLog
 ) -> None:
-    backend = CountingBackend(libvirtd)
-    async with DetachService(
-        libvirtd, backend=backend, settings=DetachSettings(attempts=1, timeout=0.5)
-    ) as svc:
+    async with DetachService(libvirtd, settings=DetachSettings(attempts=1, timeout=0.5)) as svc:
         with pytest.raises(DetachTimeout):
             await svc.detach(domain.name, mac="52:54:00:12:34:56", persistent=False)
-    assert backend.live_requests == ["ua-net1"]
+    assert [r.alias for r in sent.accepted()] == ["ua-net1"]
 
 
 async def test_persistent_only_detach_of_a_shut_off_domain(libvirtd: str) -> None:

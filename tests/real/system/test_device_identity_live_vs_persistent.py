@@ -18,7 +18,6 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from aiodetach import _lab
 from aiodetach._xml import (
     DeviceRef,
     find_device,
@@ -27,8 +26,7 @@ from aiodetach._xml import (
     list_devices,
     selector_from,
 )
-
-pytestmark = [pytest.mark.qemu]
+from aiodetach_lab import domains as _lab
 
 DISKS = (
     _lab.DiskSpec("vda", "virtio"),

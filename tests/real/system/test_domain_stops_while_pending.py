@@ -1,7 +1,8 @@
-"""Item 3 for real: the domain destroyed, its QEMU killed, saved or undefined while
+"""The domain destroyed, its QEMU killed, saved or undefined while
 PCI unplugs are pending (system libvirtd, OS-less guests whose unplugs never
 complete unless the test acknowledges them).  A guest that shuts itself down is
-in tests/guest/test_guest_shutdown.py, a migration in test_real_migration.py."""
+in tests/real/guest/test_guest_shutdown.py, a migration in
+tests/real/private/test_migration_while_pending.py."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from aiodetach import DetachResult, DetachService, DetachSettings, _lab
+from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DomainStopped
+from aiodetach_lab import domains as _lab
+from aiodetach_lab.daemon import pci_slots
 
-from ._daemon import pci_slots
-from ._real import guest_ejects, live_xml, quiet, until
-
-pytestmark = pytest.mark.qemu
+from .._real import guest_ejects, live_xml, quiet, until
 
 
 def _destroy(uri: str, uuid: str) -> None:

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from aiodetach import DetachService, DetachSettings, _lab
+from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout
-
-pytestmark = pytest.mark.qemu
+from aiodetach_lab import domains as _lab
 
 MAC = "52:54:00:5e:a1:01"
 # No user aliases: libvirt names these in the live XML only.

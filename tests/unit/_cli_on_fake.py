@@ -1,6 +1,6 @@
 """Run the ``aiodetach`` command against the fake hypervisor (a test helper).
 
-``python tests/_cli_on_fake.py detach-many FILE …`` is ``aiodetach
+``python tests/unit/_cli_on_fake.py detach-many FILE …`` is ``aiodetach
 detach-many FILE …`` with every service on one :class:`FakeHypervisor` (a
 fake, not libvirt) holding domain ``vm``: ``ua-ok0`` … ``ua-ok5`` released
 after 0.05-0.3 s, ``ua-lost`` released without an event, ``ua-never`` never
