@@ -18,12 +18,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import AsyncIterator
 
 import libvirt
 import libvirtaio
 import pytest
 
-from aiodetach import DetachService, DetachSettings, install_event_loop
+from aiodetach import DetachService, DetachSettings, DeviceEvent, install_event_loop
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.errors import DetachRefused
 
@@ -85,11 +86,15 @@ async def test_handles_and_timers_added_through_libvirt_fire_on_the_loop() -> No
     assert all(thread == loop_thread for _, thread in fired)
 
 
+async def _first(events: AsyncIterator[DeviceEvent]) -> DeviceEvent:
+    return await anext(events)
+
+
 async def _stopped_event_of_a_destroyed_domain(uri: str) -> tuple[str, str | None]:
     backend = LibvirtBackend(uri)
     async with DetachService(uri, backend=backend) as svc:
         events = svc.events("test")
-        first = asyncio.ensure_future(anext(events))
+        first = asyncio.create_task(_first(events))
         await asyncio.sleep(0)
         # Destroy it on the service's own connection (the test driver's state
         # is per connection), from a worker thread as a blocking call would be.
@@ -126,17 +131,22 @@ def test_never_relies_on_asyncio_get_event_loop(test_uri: str) -> None:
     """libvirtaio calls ``asyncio.get_event_loop()`` when it is given no loop,
     which Python 3.14 no longer allows outside a running loop: aiodetach always
     passes the running loop.  In a fresh process (the bridge is installed once
-    per process) with ``get_event_loop`` made to fail, the whole path runs."""
+    per process) with ``get_event_loop`` made to follow 3.14's rule and fail
+    loudly outside a running loop, the whole path runs."""
     script = textwrap.dedent(
         f"""
         import asyncio, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
 
-        def refuse(*args, **kwargs):
-            raise AssertionError("asyncio.get_event_loop() was called")
+        def as_in_python_3_14():
+            # 3.14's rule: the running loop, or an error (never a new loop).
+            try:
+                return asyncio.get_running_loop()
+            except RuntimeError:
+                raise AssertionError("asyncio.get_event_loop() outside a running loop")
 
-        asyncio.get_event_loop = refuse
-        asyncio.events.get_event_loop = refuse
+        asyncio.get_event_loop = as_in_python_3_14
+        asyncio.events.get_event_loop = as_in_python_3_14
         from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
 
         for _ in range(2):

@@ -196,9 +196,12 @@ async def test_cancelling_one_caller_leaves_the_other(
 ) -> None:
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     first = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
-    second = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
     while len(fake.requests) < 1:
         await asyncio.sleep(0.001)
+    # Started once the first caller's unplug is in flight, so it joins that one
+    # (started together, whichever lookup returned first would own the unplug).
+    second = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+    await asyncio.sleep(0.01)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
