@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     _metrics_options(watch)
 
     demo = sub.add_parser("demo", help="how to run the demo (it lives in the repository's lab)")
-    demo.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    demo.add_argument("--uri", help=argparse.SUPPRESS)  # the options it had, still accepted
+    demo.add_argument("--no-booted", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``aiodetach demo``: the protocol on real QEMU guests, narrated.
+"""``aiodetach-lab demo``: the protocol on real QEMU guests, narrated.
 
 Part 1 boots a tiny Linux guest (kernel + busybox initramfs built from
 Debian packages, see :mod:`aiodetach_lab.guest`) and detaches a virtio-blk disk,
