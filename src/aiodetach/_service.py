@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -33,10 +34,13 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import structlog
+
 from ._connection import Connection
 from ._errors_map import map_error
 from ._eventloop import install_event_loop
 from ._intake import CLOSED, DeviceEvent, EventIntake
+from ._journal import Entry, Journal, open_journal
 from ._libvirt import LibvirtBackend
 from ._many import (
     DetachOutcome,
@@ -48,12 +52,12 @@ from ._many import (
 )
 from ._persistent import PersistentStep
 from ._registry import Unplugs
-from ._result import DetachResult
+from ._result import DetachResult, Recovered
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
-from ._unplug import LiveDone
-from ._xml import selector_from
-from .backend import Backend, BackendError, DomainInfo
+from ._unplug import LiveDone, Unplug, Verdict
+from ._xml import Selector, find_device, selector_from
+from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
     DetachError,
@@ -66,6 +70,8 @@ from .errors import (
 from .instrumentation._dispatch import Hooks, next_detach_id
 from .instrumentation._logging import log_hook
 from .instrumentation._records import DetachRecord, DetachStep, Hook, outcome_of
+
+_log = structlog.get_logger("aiodetach")
 
 __all__ = ["DetachService", "DeviceEvent", "DomainRef"]
 
@@ -87,6 +93,11 @@ class DetachService:
     :mod:`aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
     there).  The library's structlog logging is itself a hook, called first;
     ``log=False`` leaves it out (the CLI does, to print its own lines).
+
+    ``journal=PATH`` keeps an SQLite journal of the live requests sent, so
+    that a restart of this process neither re-sends into an unplug still in
+    progress nor loses the outcome of one that finished meanwhile (see
+    :meth:`open`, :meth:`recovered`).  Without it nothing is written.
     """
 
     def __init__(
@@ -98,9 +109,16 @@ class DetachService:
         read_only: bool = False,
         hooks: Iterable[Hook] = (),
         log: bool = True,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(uri, str) or not uri.strip():
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise InvalidRequest(f"journal must be a path, not {journal!r}")
+        self._journal_path = journal
+        self._journal: Journal | None = None
+        self._owns_journal = True
+        self._recovered: list[Recovered] = []
         self._hooks = Hooks([log_hook, *hooks] if log else hooks)
         self._settings = settings if settings is not None else DetachSettings()
         self._backend: Backend = (
@@ -146,16 +164,31 @@ class DetachService:
 
         A cancelled ``open()`` closes what it started, including a connection
         that completes in its worker thread after the cancellation.
+
+        With a journal, it is locked and checked first, before libvirt is
+        contacted (:class:`~aiodetach.errors.JournalError` subclasses); then
+        every unplug it holds unfinished for this URI is reconciled with the
+        live XML: gone → reported detached (``confirmed_by="xml"``); still
+        attached → taken up (``pending()``), with no request sent before its
+        last request's window is over, and a ``detach()`` of it joins it
+        (``result.resumed``); domain gone, shut off or re-started since → the
+        request died with it.  :meth:`recovered` lists what was found.
         """
         if self._loop is not None:
             raise InvalidRequest("service was opened already; create a new one")
         self._loop = loop = asyncio.get_running_loop()
+        if self._journal is None and self._journal_path is not None:
+            self._journal = await open_journal(
+                self._journal_path,
+                synchronous=self._settings.journal_sync,
+                retention=self._settings.journal_retention,
+            )
         if self._backend.uses_libvirt_events:
             install_event_loop()
         conn = self._conn = Connection(
             self._backend, self._settings, read_only=self._read_only, hooks=self._hooks
         )
-        self._unplugs = Unplugs(conn, self._settings, self._hooks)
+        self._unplugs = Unplugs(conn, self._settings, self._hooks, self._journal)
         self._intake = EventIntake(self._unplugs)
         self._intake.bind(loop)
         self._persistent = PersistentStep(conn, self._unplugs)
@@ -168,6 +201,116 @@ class DetachService:
             await self.aclose()
             raise
         conn.record("connected")
+        if self._journal is not None and not self._read_only:
+            try:
+                await self._take_up(conn, self._journal)
+            except BaseException:
+                await self.aclose()
+                raise
+
+    def _share_journal(self, journal: Journal) -> None:
+        """Use a journal opened (and closed) by someone else: a fleet's services
+        share its one journal, rows keyed by URI."""
+        self._journal = journal
+        self._owns_journal = False
+
+    async def _take_up(self, conn: Connection, journal: Journal) -> None:
+        """Reconcile the journal's unfinished unplugs of this URI with the live XML."""
+        assert self._unplugs is not None
+        entries = await journal.call(journal.unfinished, self.uri)
+        by_domain: dict[str, list[Entry]] = {}
+        for entry in entries:
+            by_domain.setdefault(entry.domain_uuid, []).append(entry)
+        found: list[Unplug] = []
+        for uuid, rows in by_domain.items():
+            try:
+                info = await conn.read(self._backend.lookup, uuid)
+                xml = await conn.read(self._backend.domain_xml, uuid, inactive=False)
+            except BackendError as err:
+                if err.code == ErrorCode.NO_DOMAIN:
+                    await self._ended_while_down(journal, rows, "undefined")
+                    continue
+                if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+                    await self._ended_while_down(journal, rows, "shut off")
+                    continue
+                # Kept for the next open: nothing is known, nothing is sent.
+                _log.warning(
+                    "aiodetach.journal_entry_kept", domain=rows[0].domain_name, error=err.message
+                )
+                continue
+            if not info.state.is_active:
+                await self._ended_while_down(journal, rows, "shut off")
+                continue
+            for entry in rows:
+                if entry.run_id is not None and info.run_id not in (None, entry.run_id):
+                    await self._ended_while_down(journal, [entry], "restarted")
+                    continue
+                live = find_device(xml, Selector("alias", entry.alias))
+                if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
+                    continue
+                unplug = self._unplugs.take_up(entry, info.run_id)
+                # Gone, or the alias names another device now (the one asked
+                # for left, and something else was attached under its alias).
+                gone = live is None or (
+                    entry.device is not None and live.description != entry.device
+                )
+                if gone:
+                    unplug.decide(Verdict.GONE)
+                found.append(unplug)
+                self._recovered.append(
+                    Recovered(
+                        domain_uuid=entry.domain_uuid,
+                        domain_name=info.name,
+                        alias=entry.alias,
+                        device=entry.device,
+                        outcome="removed" if gone else "pending",
+                        confirmed_by="xml" if gone else None,
+                        sent=entry.sent,
+                        sent_at=entry.sent_at,
+                    )
+                )
+                _log.info(
+                    "aiodetach.recovered",
+                    domain=info.name,
+                    alias=entry.alias,
+                    outcome="removed" if gone else "pending",
+                )
+        # The ones decided end at their first step: open() returns without them pending.
+        decided = [u.task for u in found if u.verdict is not None and u.task is not None]
+        if decided:
+            await asyncio.gather(*decided, return_exceptions=True)
+
+    async def _ended_while_down(self, journal: Journal, rows: list[Entry], reason: str) -> None:
+        for entry in rows:
+            await journal.call(journal.finish, entry.row, "stopped")
+            self._recovered.append(
+                Recovered(
+                    domain_uuid=entry.domain_uuid,
+                    domain_name=entry.domain_name,
+                    alias=entry.alias,
+                    device=entry.device,
+                    outcome="stopped",
+                    reason=reason,
+                    sent=entry.sent,
+                    sent_at=entry.sent_at,
+                )
+            )
+            _log.info(
+                "aiodetach.recovered",
+                domain=entry.domain_name,
+                alias=entry.alias,
+                outcome="stopped",
+                reason=reason,
+            )
+
+    def recovered(self) -> list[Recovered]:
+        """What ``open()`` found unfinished in the journal, and how it stood.
+
+        ``"pending"`` ones are in :meth:`pending` (until they end); ask for
+        the device again to await it (the call joins it).  Empty without a
+        journal.
+        """
+        return list(self._recovered)
 
     async def aclose(self) -> None:
         """Cancel what is in flight, close the connection, stop the threads.
@@ -192,6 +335,14 @@ class DetachService:
             raise asyncio.CancelledError
 
     async def _do_close(self) -> None:
+        try:
+            await self._close_parts()
+        finally:
+            journal = self._journal
+            if journal is not None and self._owns_journal:
+                await journal.aclose()
+
+    async def _close_parts(self) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -382,7 +533,7 @@ class DetachService:
             persistent_step.release(ticket)
 
         live_done: LiveDone | None = None
-        joined = False
+        joined = resumed = False
         if plan.live is not None:
             if plan.live.alias is None:
                 raise DetachRefused(
@@ -391,9 +542,19 @@ class DetachService:
                     domain=info.name,
                 )
             self._usable()
-            unplug, joined = self._unplugs.join(info.uuid, info.name, plan.live.alias)
+            unplug, joined = self._unplugs.join(
+                info.uuid,
+                info.name,
+                plan.live.alias,
+                run_id=info.run_id,
+                device=plan.live.description,
+            )
+            resumed = unplug.resumed
             self._record(
-                progress, "unplug_joined" if joined else "unplug_started", unplug_id=unplug.id
+                progress,
+                "unplug_joined" if joined else "unplug_started",
+                unplug_id=unplug.id,
+                resumed=resumed,
             )
             # The persistent half is the device's, like its unplug: a caller who
             # joins after another caller removed the device from the persistent
@@ -420,6 +581,7 @@ class DetachService:
             elapsed=time.monotonic() - progress.started,
             confirmed_by=live_done.confirmed_by if live_done else None,
             joined=joined,
+            resumed=resumed,
         )
         return result
 
