@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
+import structlog
+
+from ._journal import Journal, open_journal
 from ._many import (
     DetachOutcome,
     DetachRequest,
@@ -28,10 +32,12 @@ from ._rules import DomainRef
 from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
-from .errors import DetachError, InvalidRequest, ServiceClosed
+from .errors import DetachError, InvalidRequest, JournalError, ServiceClosed
 from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
+
+_log = structlog.get_logger("aiodetach")
 
 
 class DetachFleet:
@@ -49,6 +55,12 @@ class DetachFleet:
     ``backend_factory(uri)`` replaces libvirt (tests use fake hypervisors).
     ``hooks`` and ``log`` are given to every service (see
     :class:`DetachService`); records carry their ``uri``.
+
+    ``journal=PATH``: one journal for every host (rows keyed by URI), locked
+    by the fleet.  Entering the fleet opens it (its errors are raised there)
+    and opens the service of every URI it holds unfinished unplugs for, so
+    they are taken up as :meth:`DetachService.open` describes (a host that
+    cannot be reached keeps its rows for a later run; that is logged).
     """
 
     def __init__(
@@ -59,7 +71,13 @@ class DetachFleet:
         default_uri: str = "qemu:///system",
         hooks: Iterable[Hook] = (),
         log: bool = True,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise InvalidRequest(f"journal must be a path, not {journal!r}")
+        self._journal_path = journal
+        self._journal: Journal | None = None
+        self._journal_task: asyncio.Task[Journal] | None = None
         self._settings = settings
         self._hooks = tuple(hooks)
         self._log = log
@@ -70,7 +88,45 @@ class DetachFleet:
         self._closed = False
 
     async def __aenter__(self) -> DetachFleet:
+        if self._journal_path is None:
+            return self
+        try:
+            journal = await self._journal_ready()
+            uris = await journal.call(journal.unfinished_uris)
+            results = await asyncio.gather(
+                *(self.service(uri) for uri in uris), return_exceptions=True
+            )
+        except BaseException:
+            await self.aclose()
+            raise
+        for uri, result in zip(uris, results, strict=True):
+            if isinstance(result, DetachError):
+                _log.warning("aiodetach.journal_host_unreachable", uri=uri, error=str(result))
+            elif isinstance(result, BaseException):
+                await self.aclose()
+                raise result
         return self
+
+    async def _journal_ready(self) -> Journal:
+        """The fleet's journal, opened once (concurrent first uses share it)."""
+        if self._journal is not None:
+            return self._journal
+        assert self._journal_path is not None
+        if self._journal_task is None:
+            settings = self._settings or DetachSettings()
+            self._journal_task = asyncio.get_running_loop().create_task(
+                open_journal(
+                    self._journal_path,
+                    synchronous=settings.journal_sync,
+                    retention=settings.journal_retention,
+                )
+            )
+        try:
+            self._journal = await asyncio.shield(self._journal_task)
+        except JournalError:
+            self._journal_task = None  # the next use tries again
+            raise
+        return self._journal
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -109,6 +165,8 @@ class DetachFleet:
         svc = DetachService(
             uri, settings=self._settings, backend=backend, hooks=self._hooks, log=self._log
         )
+        if self._journal_path is not None:
+            svc._share_journal(await self._journal_ready())
         await svc.open()
         if self._closed:
             await svc.aclose()
@@ -213,6 +271,15 @@ class DetachFleet:
         services = list(self._services.values())
         self._services.clear()
         results = await asyncio.gather(*(s.aclose() for s in services), return_exceptions=True)
+        opening, self._journal_task = self._journal_task, None
+        if opening is not None:
+            # Not cancelled: open_journal releases a journal opened after a
+            # cancellation only from its thread; waiting for it is as short.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(opening)
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                await opening.result().aclose()
+        self._journal = None
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
