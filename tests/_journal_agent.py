@@ -77,7 +77,9 @@ async def run(args: argparse.Namespace) -> int:
         timeout=args.timeout, attempts=args.attempts, journal_sync=args.journal_sync
     )
     backend = LoggingBackend(args.uri, args.requests_log)
-    svc = DetachService(args.uri, backend=backend, settings=settings, journal=args.journal)
+    svc = DetachService(
+        args.uri, backend=backend, settings=settings, journal=args.journal, log=False
+    )
     async with svc:
         _emit(
             {
