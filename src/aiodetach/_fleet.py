@@ -118,7 +118,10 @@ class DetachFleet:
 
     async def detach(self, uri: str, domain: DomainRef, **kwargs: Any) -> DetachResult:
         """:meth:`DetachService.detach` on the host at ``uri``."""
-        svc = await self.service(uri)
+        try:
+            svc = await self.service(uri)
+        except DetachError as exc:
+            raise _named(exc, domain, kwargs.get("alias")) from exc.__cause__
         return await svc.detach(domain, **kwargs)
 
     async def detach_iter(
@@ -193,11 +196,7 @@ class DetachFleet:
             try:
                 svc = await self.service(uri)
             except DetachError as exc:
-                if exc.domain is None:
-                    exc = copy.copy(exc)
-                    exc.domain = request.domain
-                    exc.alias = exc.alias or request.alias
-                raise exc from exc.__cause__
+                raise _named(exc, request.domain, request.alias) from exc.__cause__
             of = per_uri.get(uri)
             if of is None:
                 of = per_uri[uri] = svc.batch_identities(look_up)
@@ -208,11 +207,28 @@ class DetachFleet:
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""
         self._closed = True
-        for task in list(self._opening.values()):
+        opening = list(self._opening.values())
+        for task in opening:
             task.cancel()
         services = list(self._services.values())
         self._services.clear()
-        results = await asyncio.gather(*(s.aclose() for s in services), return_exceptions=True)
+        # Wait for the connects too: when aclose() returns, every caller has
+        # its ServiceClosed (a cancelled open does not wait for a stuck thread).
+        results = await asyncio.gather(
+            *opening, *(s.aclose() for s in services), return_exceptions=True
+        )
+        del results[: len(opening)]  # their errors are their callers'
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
+
+
+def _named(exc: DetachError, domain: object, alias: object) -> DetachError:
+    """A host's error (shared by all its callers) as this caller's: naming its
+    domain and alias."""
+    if exc.domain is not None:
+        return exc
+    named = copy.copy(exc)
+    named.domain = domain if isinstance(domain, str) else str(domain)
+    named.alias = exc.alias or (alias if isinstance(alias, str) else None)
+    return named
