@@ -64,6 +64,7 @@ def _guarded(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Callable[[], _
                 ErrorCode.INTERNAL_ERROR, f"the backend raised {type(exc).__name__}: {exc}"
             ) from exc
 
+    run.__wrapped__ = fn  # type: ignore[attr-defined]  # what is being called, for tests
     return run
 
 
@@ -163,10 +164,11 @@ class Connection:
     async def close(self) -> None:
         """Stop reconnecting, disconnect, join the worker threads.
 
-        The backend is closed twice on purpose: once at once (which unblocks
-        calls stuck on a dead daemon), and once more after every worker
-        thread has returned, in case an ``open`` that was still running in
-        one of them connected after the first close.
+        The backend is closed twice on purpose: once at once (a backend that
+        allows it unblocks calls stuck on a dead daemon that way; libvirt's
+        waits for its call in flight, see :mod:`aiodetach._libvirt`), and once
+        more after every worker thread has returned, in case an ``open`` that
+        was still running in one of them connected after the first close.
 
         Neither may hold the close up for long: a connect to a host behind a
         network partition sits in its thread until the kernel gives up on

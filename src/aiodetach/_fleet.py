@@ -29,6 +29,8 @@ from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
 from .errors import DetachError, InvalidRequest, ServiceClosed
+from .instrumentation._dispatch import Hooks, emit_unrun
+from .instrumentation._logging import log_hook
 from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
@@ -63,6 +65,9 @@ class DetachFleet:
         self._settings = settings
         self._hooks = tuple(hooks)
         self._log = log
+        # For calls that fail before any service could take them (a host that
+        # cannot be reached): they are calls all the same, for the hooks.
+        self._unrun = Hooks([log_hook, *self._hooks] if log else self._hooks)
         self._factory = backend_factory
         self._default_uri = default_uri
         self._services: dict[str, DetachService] = {}
@@ -121,7 +126,11 @@ class DetachFleet:
         try:
             svc = await self.service(uri)
         except DetachError as exc:
-            raise _named(exc, domain, kwargs.get("alias")) from exc.__cause__
+            named = _named(exc, domain, kwargs.get("alias"))
+            emit_unrun(
+                self._unrun, uri=uri, domain=named.domain or "", alias=named.alias, error=named
+            )
+            raise named from exc.__cause__
         return await svc.detach(domain, **kwargs)
 
     async def detach_iter(
@@ -196,7 +205,11 @@ class DetachFleet:
             try:
                 svc = await self.service(uri)
             except DetachError as exc:
-                raise _named(exc, request.domain, request.alias) from exc.__cause__
+                named = _named(exc, request.domain, request.alias)
+                emit_unrun(
+                    self._unrun, uri=uri, domain=request.domain, alias=request.alias, error=named
+                )
+                raise named from exc.__cause__
             of = per_uri.get(uri)
             if of is None:
                 of = per_uri[uri] = svc.batch_identities(look_up)

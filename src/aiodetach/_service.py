@@ -64,7 +64,7 @@ from .errors import (
     ReadOnlyConnection,
     ServiceClosed,
 )
-from .instrumentation._dispatch import Hooks, next_detach_id
+from .instrumentation._dispatch import Hooks, emit_unrun, next_detach_id
 from .instrumentation._logging import log_hook
 from .instrumentation._records import DetachRecord, DetachStep, Hook, outcome_of
 
@@ -162,6 +162,7 @@ class DetachService:
         self._persistent = PersistentStep(conn, self._unplugs)
         try:
             await conn.open(self._intake)
+            conn.record("connected")  # inside: whatever a hook raises, nothing stays open
         except BaseException as exc:
             # Nothing was ever usable: do not make the caller wait for a
             # connect stuck in its thread (connect_timeout, a cancelled open);
@@ -173,7 +174,6 @@ class DetachService:
                     exc, domain=None, alias=None, action=f"connect to {self.uri}"
                 ) from None
             raise
-        conn.record("connected")
 
     async def aclose(self) -> None:
         """Cancel what is in flight, close the connection, stop the threads.
@@ -593,6 +593,19 @@ class _Identities:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def of(self, request: DetachRequest) -> Hashable:
+        try:
+            return await self._of(request)
+        except DetachError as exc:
+            emit_unrun(
+                self._svc._hooks,
+                uri=self._svc.uri,
+                domain=request.domain,
+                alias=request.alias,
+                error=exc,
+            )
+            raise
+
+    async def _of(self, request: DetachRequest) -> Hashable:
         ref = domain_ref(request.domain)
         known = self._known.get(ref)
         if known is not None:
