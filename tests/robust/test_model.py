@@ -846,7 +846,7 @@ class DetachMachine(RuleBasedStateMachine):
         assert sample("aiodetach_pending_unplugs") == len(self.svc.pending())
         # A request counts once libvirt answered it, or, if the unplug ends
         # while it is still inside libvirt (a close), at that end.
-        requests = sample("aiodetach_requests_total")
+        requests = sample("aiodetach_requests_total") or 0.0
         in_thread = self.fake.live_in_thread
         assert self.fake.answered <= requests <= self.fake.answered + in_thread
         finished = sum(
