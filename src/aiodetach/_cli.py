@@ -260,6 +260,8 @@ async def _detach_many(args: argparse.Namespace, text: str) -> int:
     if args.progress or (not args.json and sys.stderr.isatty()):
         bar = ProgressBar(len(requests), sys.stderr)
         hooks.append(bar)
+        # Log lines (--json, -v) go above the bar, not onto its line.
+        configure_logging(as_json=args.json, verbose=args.verbose, stream=bar)
     elif not args.json:
         hooks.append(ProgressLines(sys.stderr))
     with _Metrics(args) as metrics:

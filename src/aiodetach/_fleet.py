@@ -33,6 +33,8 @@ from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
 from .errors import DetachError, InvalidRequest, JournalError, ServiceClosed
+from .instrumentation._dispatch import Hooks, emit_unrun
+from .instrumentation._logging import log_hook
 from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
@@ -81,6 +83,9 @@ class DetachFleet:
         self._settings = settings
         self._hooks = tuple(hooks)
         self._log = log
+        # For calls that fail before any service could take them (a host that
+        # cannot be reached): they are calls all the same, for the hooks.
+        self._unrun = Hooks([log_hook, *self._hooks] if log else self._hooks)
         self._factory = backend_factory
         self._default_uri = default_uri
         self._services: dict[str, DetachService] = {}
@@ -176,7 +181,14 @@ class DetachFleet:
 
     async def detach(self, uri: str, domain: DomainRef, **kwargs: Any) -> DetachResult:
         """:meth:`DetachService.detach` on the host at ``uri``."""
-        svc = await self.service(uri)
+        try:
+            svc = await self.service(uri)
+        except DetachError as exc:
+            named = _named(exc, domain, kwargs.get("alias"))
+            emit_unrun(
+                self._unrun, uri=uri, domain=named.domain or "", alias=named.alias, error=named
+            )
+            raise named from exc.__cause__
         return await svc.detach(domain, **kwargs)
 
     async def detach_iter(
@@ -251,11 +263,11 @@ class DetachFleet:
             try:
                 svc = await self.service(uri)
             except DetachError as exc:
-                if exc.domain is None:
-                    exc = copy.copy(exc)
-                    exc.domain = request.domain
-                    exc.alias = exc.alias or request.alias
-                raise exc from exc.__cause__
+                named = _named(exc, request.domain, request.alias)
+                emit_unrun(
+                    self._unrun, uri=uri, domain=request.domain, alias=request.alias, error=named
+                )
+                raise named from exc.__cause__
             of = per_uri.get(uri)
             if of is None:
                 of = per_uri[uri] = svc.batch_identities(look_up)
@@ -266,20 +278,41 @@ class DetachFleet:
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""
         self._closed = True
-        for task in list(self._opening.values()):
+        opening = list(self._opening.values())
+        for task in opening:
             task.cancel()
         services = list(self._services.values())
         self._services.clear()
-        results = await asyncio.gather(*(s.aclose() for s in services), return_exceptions=True)
-        opening, self._journal_task = self._journal_task, None
-        if opening is not None:
+        # Wait for the connects too: when aclose() returns, every caller has
+        # its ServiceClosed (a cancelled open does not wait for a stuck thread).
+        results = await asyncio.gather(
+            *opening, *(s.aclose() for s in services), return_exceptions=True
+        )
+        del results[: len(opening)]  # their errors are their callers'
+        journal_opening, self._journal_task = self._journal_task, None
+        if journal_opening is not None:
             # Not cancelled: open_journal releases a journal opened after a
             # cancellation only from its thread; waiting for it is as short.
             with contextlib.suppress(BaseException):
-                await asyncio.shield(opening)
-            if opening.done() and not opening.cancelled() and opening.exception() is None:
-                await opening.result().aclose()
+                await asyncio.shield(journal_opening)
+            if (
+                journal_opening.done()
+                and not journal_opening.cancelled()
+                and journal_opening.exception() is None
+            ):
+                await journal_opening.result().aclose()
         self._journal = None
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
+
+
+def _named(exc: DetachError, domain: object, alias: object) -> DetachError:
+    """A host's error (shared by all its callers) as this caller's: naming its
+    domain and alias."""
+    if exc.domain is not None:
+        return exc
+    named = copy.copy(exc)
+    named.domain = domain if isinstance(domain, str) else str(domain)
+    named.alias = exc.alias or (alias if isinstance(alias, str) else None)
+    return named

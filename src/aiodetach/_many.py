@@ -41,7 +41,9 @@ class DetachRequest(BaseModel):
     ``uri`` is only used by :class:`DetachFleet`, which routes on it.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: a batch item is checked as detach() checks its arguments, so
+    # "live": "yes" or "persistent": 0 is refused rather than coerced.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     domain: str = Field(min_length=1)
     alias: str | None = None

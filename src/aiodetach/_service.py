@@ -62,12 +62,13 @@ from .errors import (
     ConnectionLost,
     DetachError,
     DetachRefused,
+    DomainNotFound,
     HypervisorError,
     InvalidRequest,
     ReadOnlyConnection,
     ServiceClosed,
 )
-from .instrumentation._dispatch import Hooks, next_detach_id
+from .instrumentation._dispatch import Hooks, emit_unrun, next_detach_id
 from .instrumentation._logging import log_hook
 from .instrumentation._records import DetachRecord, DetachStep, Hook, outcome_of
 
@@ -194,13 +195,18 @@ class DetachService:
         self._persistent = PersistentStep(conn, self._unplugs)
         try:
             await conn.open(self._intake)
-        except BackendError as err:
+            conn.record("connected")  # inside: whatever a hook raises, nothing stays open
+        except BaseException as exc:
+            # Nothing was ever usable: do not make the caller wait for a
+            # connect stuck in its thread (connect_timeout, a cancelled open);
+            # the connection it may still make is closed when it returns.
+            conn.close_grace = 0.0
             await self.aclose()
-            raise map_error(err, domain=None, alias=None, action=f"connect to {self.uri}") from None
-        except BaseException:
-            await self.aclose()
+            if isinstance(exc, BackendError):
+                raise map_error(
+                    exc, domain=None, alias=None, action=f"connect to {self.uri}"
+                ) from None
             raise
-        conn.record("connected")
         if self._journal is not None and not self._read_only:
             try:
                 await self._take_up(conn, self._journal)
@@ -455,7 +461,12 @@ class DetachService:
             exc.domain = ref
             raise
         check_flags(ref, live, persistent)
-        conn = self._usable()
+        try:
+            conn = self._usable()
+        except ServiceClosed as exc:
+            exc.domain = ref
+            exc.alias = selector.value if selector.kind == "alias" else None
+            raise
         if self._read_only:
             raise ReadOnlyConnection(
                 f"the connection to {self.uri} is read-only; detaching needs read-write",
@@ -690,8 +701,8 @@ class DetachService:
         """The UUID of ``ref`` for a batch's per-domain bound (errors named as
         :meth:`detach` names them)."""
         progress = _Progress(ref, alias)
-        conn = self._usable()
         try:
+            conn = self._usable()
             conn.revive()
             await conn.wait_up()
             return (await self._lookup(conn, ref)).uuid
@@ -740,9 +751,23 @@ class _Identities:
     def __init__(self, svc: DetachService) -> None:
         self._svc = svc
         self._known: dict[str, str] = {}
+        self._failed: dict[str, DetachError] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def of(self, request: DetachRequest) -> Hashable:
+        try:
+            return await self._of(request)
+        except DetachError as exc:
+            emit_unrun(
+                self._svc._hooks,
+                uri=self._svc.uri,
+                domain=request.domain,
+                alias=request.alias,
+                error=exc,
+            )
+            raise
+
+    async def _of(self, request: DetachRequest) -> Hashable:
         ref = domain_ref(request.domain)
         known = self._known.get(ref)
         if known is not None:
@@ -752,7 +777,16 @@ class _Identities:
         async with self._locks.setdefault(ref, asyncio.Lock()):
             known = self._known.get(ref)
             if known is None:
-                known = self._known[ref] = await self._svc._uuid_of(ref, request.alias)
+                failed = self._failed.get(ref)
+                if failed is not None:  # one lookup per name, also when it fails
+                    again = copy.copy(failed)
+                    again.alias = request.alias
+                    raise again
+                try:
+                    known = self._known[ref] = await self._svc._uuid_of(ref, request.alias)
+                except (DomainNotFound, InvalidRequest) as exc:
+                    self._failed[ref] = copy.copy(exc)
+                    raise
         return known
 
 

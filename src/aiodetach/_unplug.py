@@ -124,8 +124,10 @@ class Unplug:
     """One device's live unplug: its phase, its inputs and its driver."""
 
     __slots__ = (
+        "_inside",
         "_loop",
         "_registry",
+        "_request",
         "accepted",
         "busy_refusals",
         "busy_since",
@@ -182,6 +184,8 @@ class Unplug:
         self.early = False  # the verdict arrived before any request of ours reached libvirt
         self.handed = False  # a request of ours reached libvirt (set in its worker thread)
         self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
+        self._request: asyncio.Future[bool] | None = None  # the latest request's thread
+        self._inside = [False]  # whether that request is inside libvirt (set in its thread)
         self.sent = 0  # requests that counted (busy refusals do not)
         self.used = 0  # attempts used up
         self.busy_refusals = 0
@@ -267,6 +271,11 @@ class Unplug:
         else:
             found = outcome_of(error)
             outcome = "error" if found == "cancelled" else found
+        request = self._request
+        if request is not None and not request.done() and self._inside[0]:
+            # Still inside libvirt (a close under it): it was handed to libvirt,
+            # so it counts, now, before the end (nothing of an unplug after it).
+            self.record("request_sent")
         self.record("ended", outcome=outcome, error=error)
 
     def done(self, task: asyncio.Task[LiveDone]) -> None:
@@ -339,13 +348,14 @@ class Unplug:
                 # Durable before libvirt hears of it: a restart finds it.
                 self.journal_row = journal.note_request(self.journal_row, note)
             # From here on an event for this alias can be our request's own.
-            self.handed = True
+            self.handed = inside[0] = True
             backend.detach_live(uuid, alias)
             if journal is not None:
                 fault_point("request.sent")
             return True
 
-        future = conn.submit(request)
+        inside = self._inside = [False]  # this request's own "handed to libvirt"
+        future = self._request = conn.submit(request)
         future.add_done_callback(self._answered)
         try:
             # Shielded: a request inside libvirt is always seen to its answer.
@@ -441,15 +451,21 @@ class Unplug:
         if future.cancelled():
             return
         error = future.exception()
+        if isinstance(error, BackendError) and is_busy(error) and not self.accepted:
+            # Not taken ("guest is busy" before anything of ours was accepted):
+            # it does not count, here already so that the record says so.
+            self.sent -= 1
+            self.handed = False
+        if self.phase is Phase.DONE:
+            # Answered after the unplug ended (the service closed under it):
+            # the unplug's records are over, and a hook may have dropped it.
+            return
         if (error is None and future.result()) or isinstance(error, BackendError):
             self.record("request_sent")
 
     async def _refused(self, err: BackendError) -> None:
         """libvirt did not take the request: what does that mean?"""
-        busy = is_busy(err) and not self.accepted
-        if busy:  # not taken: it does not count, and nothing of ours is pending
-            self.sent -= 1
-            self.handed = False
+        busy = is_busy(err) and not self.accepted  # not counted: see _answered
         if self.verdict is not None and not self.early:
             self.phase = Phase.QUEUED
             return  # an event decided it meanwhile (run() reports it)

@@ -293,8 +293,11 @@ class FakeHypervisor:
 
     def domain(self, ref: str) -> FakeDomain:
         with self._lock:
-            dom = self.domains.get(ref) or next(
-                (d for d in self.domains.values() if d.name == ref), None
+            # UUIDs in any case, as libvirt's lookupByUUIDString takes them.
+            dom = (
+                self.domains.get(ref)
+                or self.domains.get(ref.lower())
+                or next((d for d in self.domains.values() if d.name == ref), None)
             )
             if dom is None:
                 raise KeyError(ref)
