@@ -90,6 +90,7 @@ class DetachFleet:
         self._default_uri = default_uri
         self._services: dict[str, DetachService] = {}
         self._opening: dict[str, asyncio.Task[DetachService]] = {}
+        self._taking_up: set[asyncio.Task[DetachService]] = set()
         self._closed = False
 
     async def __aenter__(self) -> DetachFleet:
@@ -98,19 +99,32 @@ class DetachFleet:
         try:
             journal = await self._journal_ready()
             uris = await journal.call(journal.unfinished_uris)
-            results = await asyncio.gather(
-                *(self.service(uri) for uri in uris), return_exceptions=True
-            )
         except BaseException:
             await self.aclose()
             raise
-        for uri, result in zip(uris, results, strict=True):
-            if isinstance(result, DetachError):
-                _log.warning("aiodetach.journal_host_unreachable", uri=uri, error=str(result))
-            elif isinstance(result, BaseException):
-                await self.aclose()
-                raise result
+        # Each host with unfinished unplugs is connected to now, in the
+        # background and independently: a host that hangs in its connect must
+        # not keep the others' taken-up unplugs from their callers (a caller
+        # asking meanwhile joins the connect under way).
+        for uri in uris:
+            self._take_up_soon(uri)
         return self
+
+    def _take_up_soon(self, uri: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.service(uri))
+
+        def report(done: asyncio.Task[DetachService]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if isinstance(error, DetachError):
+                _log.warning("aiodetach.journal_host_unreachable", uri=uri, error=str(error))
+            elif error is not None:
+                _log.error("aiodetach.journal_take_up_failed", uri=uri, error=repr(error))
+
+        task.add_done_callback(report)
+        self._taking_up.add(task)
+        task.add_done_callback(self._taking_up.discard)
 
     async def _journal_ready(self) -> Journal:
         """The fleet's journal, opened once (concurrent first uses share it)."""
@@ -278,7 +292,9 @@ class DetachFleet:
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""
         self._closed = True
-        opening = list(self._opening.values())
+        for task in list(self._taking_up):
+            task.cancel()
+        opening = [*self._opening.values(), *self._taking_up]
         for task in opening:
             task.cancel()
         services = list(self._services.values())

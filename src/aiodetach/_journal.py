@@ -46,6 +46,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ CREATE TABLE unplugs (
     sent INTEGER NOT NULL,
     used INTEGER NOT NULL,
     sent_at REAL NOT NULL,
+    answered_at REAL,
     timeout REAL NOT NULL,
     attempts INTEGER NOT NULL,
     persistent_done INTEGER NOT NULL,
@@ -113,7 +115,7 @@ CREATE INDEX unplugs_finished ON unplugs (finished_at) WHERE finished_at IS NOT 
 
 _COLUMNS = (
     "id, uri, domain_uuid, domain_name, run_id, alias, device, sent, used, sent_at, "
-    "timeout, attempts, persistent_done, started_at"
+    "timeout, attempts, persistent_done, started_at, answered_at"
 )
 
 
@@ -159,11 +161,20 @@ class Entry:
     attempts: int
     persistent_done: bool
     started_at: float
+    answered_at: float | None = None  # wall clock, when libvirt answered (if recorded)
 
-    @property
-    def window_end(self) -> float:
-        """Wall-clock end of the last request's window."""
-        return self.sent_at + self.timeout
+    def window_end(self, opened_at: float) -> float:
+        """Wall-clock end of the last request's window.
+
+        The guest's window starts when libvirt has the request, which may be
+        long after ``sent_at`` (a request queued behind the domain's job).  So
+        it is counted from ``answered_at``; if that was never recorded (the
+        process died inside the call), from ``opened_at`` (now) at the
+        earliest: later, never earlier.
+        """
+        if self.answered_at is not None:
+            return self.answered_at + self.timeout
+        return max(self.sent_at, opened_at) + self.timeout
 
 
 _T = TypeVar("_T")
@@ -172,12 +183,29 @@ _T = TypeVar("_T")
 def _classify(err: sqlite3.Error, path: Path, doing: str) -> JournalError:
     """A typed error for an SQLite failure."""
     text = str(err)
-    corrupt = any(m in text for m in ("not a database", "malformed", "corrupt"))
-    if corrupt and not isinstance(err, sqlite3.OperationalError):
+    corrupt = any(m in text for m in ("not a database", "malformed", "corrupt", "no such column"))
+    if corrupt and ("no such column" in text or not isinstance(err, sqlite3.OperationalError)):
         return JournalCorrupt(f"the journal {path} is corrupted ({doing}: {text})", path=str(path))
     return JournalUnavailable(
         f"the journal {path} cannot be used ({doing}: {text})", path=str(path)
     )
+
+
+def _forget_in_child() -> None:
+    """A forked child (multiprocessing's default start method) must not keep
+    the parent's journal locked: the lock belongs to the open file, which the
+    child shares, so a child outliving a killed agent would lock its restart
+    out.  The child drops its copies; it has no business writing anyway."""
+    for journal in list(_open_journals):
+        fd, journal._lock_fd = journal._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        journal.closed = True
+
+
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Journal:
@@ -198,6 +226,7 @@ class Journal:
         self._last_prune = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiodetach-journal")
         self.closed = False
+        _open_journals.add(self)
 
     # ---------------------------------------------------------------- open
     @classmethod
@@ -210,15 +239,27 @@ class Journal:
         """
         where = Path(os.fspath(path))
         shown = str(where)
-        if where.is_dir():
-            raise JournalUnavailable(f"the journal path {where} is a directory", path=shown)
-        lock_path = where.with_name(where.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
+            is_dir = where.is_dir()
+        except (OSError, ValueError) as exc:
             raise JournalUnavailable(
-                f"cannot create the journal's lock file {lock_path}: {exc.strerror}", path=shown
+                f"cannot use the journal path {shown!r}: {exc}", path=shown
             ) from None
+        if is_dir:
+            raise JournalUnavailable(f"the journal path {where} is a directory", path=shown)
+        try:
+            # The lock is taken on the database file itself (created empty if
+            # need be), so it follows the file, not how its path is spelled: a
+            # symlink or a hard link to it, or a lock file deleted by hand,
+            # cannot make a second writer.  (flock, not fcntl: SQLite's own
+            # POSIX locks on the same file are independent of it.)
+            fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise JournalUnavailable(
+                f"cannot open the journal {shown!r}: {reason}", path=shown
+            ) from None
+        lock_path = where
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,15 +268,18 @@ class Journal:
                     raise JournalUnavailable(
                         f"cannot lock {lock_path}: {exc.strerror}", path=shown
                     ) from None
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                owner = where.with_name(where.name + ".owner")
+                try:
+                    holder = owner.read_text().strip() or "?"
+                except OSError:
+                    holder = "?"
                 raise JournalLocked(
                     f"the journal {where} is in use by another service (pid {holder}); "
                     "one journal has one writer",
                     path=shown,
                 ) from None
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):  # who holds it, for the message above
+                where.with_name(where.name + ".owner").write_text(f"{os.getpid()}\n")
             db = cls._open_db(where, synchronous)
         except BaseException:
             os.close(fd)  # releases the lock
@@ -427,6 +471,7 @@ class Journal:
                 attempts=int(r[11]),
                 persistent_done=bool(r[12]),
                 started_at=float(r[13]),
+                answered_at=None if r[14] is None else float(r[14]),
             )
             for r in rows
         ]
@@ -481,6 +526,24 @@ class Journal:
         """Run a blocking method in the journal's thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args))
+
+    def answered_soon(self, row: int) -> None:
+        """Queue "libvirt answered the request of ``row``, now" (any thread;
+        never blocks).  Not made durable on its own: if it is lost, a restart
+        counts the window from its own start instead (see Entry.window_end)."""
+        at = time.time()
+
+        def write() -> None:
+            def update(db: sqlite3.Connection) -> None:
+                db.execute("UPDATE unplugs SET answered_at=? WHERE id=?", (at, row))
+
+            try:
+                self._write("recording an answer", update)
+            except JournalError as exc:
+                _log.warning("aiodetach.journal_write_failed", error=str(exc))
+
+        with contextlib.suppress(RuntimeError):  # closed: the restart is conservative
+            self._executor.submit(write)
 
     def finish_soon(
         self, row: int, outcome: JournalOutcome, confirmed_by: str | None = None

@@ -239,10 +239,30 @@ class DetachService:
                 if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
                     await self._ended_while_down(journal, rows, "shut off")
                     continue
-                # Kept for the next open: nothing is known, nothing is sent.
+                # Nothing known now (a transient error): taken up all the same,
+                # unchecked, so that no request of this run goes into its window;
+                # the re-check at the window's end finds how it stands.
                 _log.warning(
-                    "aiodetach.journal_entry_kept", domain=rows[0].domain_name, error=err.message
+                    "aiodetach.journal_entry_unchecked",
+                    domain=rows[0].domain_name,
+                    error=err.message,
                 )
+                for entry in rows:
+                    if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
+                        continue
+                    found.append(self._unplugs.take_up(entry, entry.run_id))
+                    self._recovered.append(
+                        Recovered(
+                            domain_uuid=entry.domain_uuid,
+                            domain_name=entry.domain_name,
+                            alias=entry.alias,
+                            device=entry.device,
+                            outcome="pending",
+                            confirmed_by=None,
+                            sent=entry.sent,
+                            sent_at=entry.sent_at,
+                        )
+                    )
                 continue
             if not info.state.is_active:
                 await self._ended_while_down(journal, rows, "shut off")

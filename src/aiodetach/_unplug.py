@@ -349,7 +349,12 @@ class Unplug:
                 self.journal_row = journal.note_request(self.journal_row, note)
             # From here on an event for this alias can be our request's own.
             self.handed = inside[0] = True
-            backend.detach_live(uuid, alias)
+            try:
+                backend.detach_live(uuid, alias)
+            finally:
+                # The guest's window starts when libvirt answers (see _start_window).
+                if journal is not None and self.journal_row is not None:
+                    journal.answered_soon(self.journal_row)
             if journal is not None:
                 fault_point("request.sent")
             return True
@@ -430,7 +435,8 @@ class Unplug:
         self.started_wall = entry.started_at
         self.generation = self._registry.conn.generation
         # A clock set back must not stretch the window beyond one timeout.
-        left = min(max(entry.window_end - time.time(), 0.0), entry.timeout)
+        now = time.time()
+        left = min(max(entry.window_end(now) - now, 0.0), entry.timeout)
         if left > 0:
             self.deadline = self._loop.time() + left
             self.phase = Phase.WAITING
