@@ -32,8 +32,9 @@ domain's run id, the alias and the device's identifying description (e.g.
 ``disk target='vdb'``).  Never XML.  Finished rows are deleted after
 ``journal_retention`` seconds.
 
-One writer: the file is held with an OS lock (``flock`` on ``PATH.lock``)
-for the owner's life; a second opener gets :class:`JournalLocked`.
+One writer: the database file itself is held with ``flock`` for the
+owner's life (the lock follows the file, not its path's spelling; a forked
+child drops it); a second opener gets :class:`JournalLocked`.
 """
 
 from __future__ import annotations
