@@ -88,7 +88,8 @@ async def test_restart_joins_the_pending_unplug_without_a_request(
     [row] = _rows(journal)
     assert row["finished_at"] is None, "closing mid-unplug is not an outcome"
     assert (row["sent"], row["used"], row["alias"]) == (1, 0, "ua-d")
-    assert row["device"] == "disk target='vdb' alias='ua-d'"
+    # Its description and its identity (identifiers only, no XML).
+    assert row["device"] == "disk target='vdb' alias='ua-d' ('disk', 'vdb')"
 
     records: list[Record] = []
     async with DetachService(

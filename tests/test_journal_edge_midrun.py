@@ -39,11 +39,6 @@ def _rows(path: Path) -> list[dict[str, object]]:
         db.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: a journal file deleted under a running service is not noticed "
-    "(its rows go to the unlinked file); checking the inode at each write would catch it",
-)
 async def test_journal_file_deleted_mid_run(tmp_path: Path) -> None:
     """rm j.db* while the service runs: rows go to an unlinked inode, no
     error; after a restart the pending unplug is unknown and re-sent."""

@@ -48,11 +48,9 @@ async def _killed_mid_unplug(
         await task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: the journal identifies a hostdev by its alias only (not its PCI source), so another hostdev attached under the same alias while no agent ran is taken for the old one",
-)
-async def test_hostdev_alias_reused_by_another_hostdev_is_taken_up(tmp_path: Path) -> None:
+async def test_a_hostdev_attached_under_a_reused_alias_is_not_taken_for_the_old_one(
+    tmp_path: Path,
+) -> None:
     """README: 'the alias now names another device → reported detached'.
     A hostdev's identity is its PCI source, but the journal's description of
     a hostdev is only "hostdev alias='…'", so a different hostdev attached

@@ -56,7 +56,7 @@ from ._result import DetachResult, Recovered
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
 from ._unplug import LiveDone, Unplug, Verdict
-from ._xml import Selector, find_device, selector_from
+from ._xml import DeviceRef, Selector, find_device, selector_from
 from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -278,7 +278,7 @@ class DetachService:
                 # Gone, or the alias names another device now (the one asked
                 # for left, and something else was attached under its alias).
                 gone = live is None or (
-                    entry.device is not None and live.description != entry.device
+                    entry.device is not None and _fingerprint(live) != entry.device
                 )
                 if gone:
                     unplug.decide(Verdict.GONE)
@@ -578,7 +578,7 @@ class DetachService:
                 info.name,
                 plan.live.alias,
                 run_id=info.run_id,
-                device=plan.live.description,
+                device=_fingerprint(plan.live),
             )
             resumed = unplug.resumed
             self._record(
@@ -749,6 +749,16 @@ class DetachService:
 
 
 _E = TypeVar("_E", bound=DetachError)
+
+
+def _fingerprint(device: DeviceRef) -> str:
+    """What the journal records to know the device again after a restart: its
+    description, and its identity where it has one (a hostdev's source
+    address, an interface's MAC…), so that another device attached under the
+    same alias meanwhile is not taken for it.  Identifiers only, never XML."""
+    if device.identity is None:
+        return device.description
+    return f"{device.description} {device.identity!r}"
 
 
 def _shown(domain: object) -> str:
