@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from aiodetach import DetachFleet, DetachService, DetachSettings, _journal
+from _journal_support import journal_rows, journal_settings, killed_mid_unplug
+from aiodetach import DetachFleet, DetachService, _journal
 from aiodetach.errors import (
     DetachTimeout,
     DeviceNotFound,
@@ -27,39 +28,9 @@ from aiodetach.errors import (
     JournalLocked,
     JournalUnavailable,
     JournalVersionError,
-    ServiceClosed,
 )
 from aiodetach.instrumentation import Record, UnplugRecord
 from aiodetach.testing import FakeHypervisor, Unplug
-
-
-def _settings(**kw: object) -> DetachSettings:
-    base: dict[str, object] = {"attempts": 3, "timeout": 2.0, "journal_sync": "normal"}
-    base.update(kw)
-    return DetachSettings(**base)  # type: ignore[arg-type]
-
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    db = sqlite3.connect(path)
-    try:
-        cursor = db.execute("SELECT * FROM unplugs ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    finally:
-        db.close()
-
-
-async def _killed_mid_unplug(
-    fake: FakeHypervisor, journal: Path, settings: DetachSettings, alias: str = "ua-d"
-) -> None:
-    """A service sends one request, then "dies" (closes) with it pending."""
-    async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
-        task = asyncio.create_task(svc.detach("vm", alias=alias))
-        while not fake.requests:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.01)
-    with pytest.raises(ServiceClosed):
-        await task
 
 
 @pytest.fixture
@@ -70,7 +41,7 @@ def vm(fake: FakeHypervisor) -> FakeHypervisor:
 
 async def test_without_a_journal_nothing_is_written(vm: FakeHypervisor, tmp_path: Path) -> None:
     os.chdir(tmp_path)
-    async with DetachService(backend=vm, settings=_settings()) as svc:
+    async with DetachService(backend=vm, settings=journal_settings()) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         while not vm.requests:
             await asyncio.sleep(0.005)
@@ -84,8 +55,8 @@ async def test_restart_joins_the_pending_unplug_without_a_request(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(vm, journal, _settings())
-    [row] = _rows(journal)
+    await killed_mid_unplug(vm, journal, journal_settings())
+    [row] = journal_rows(journal)
     assert row["finished_at"] is None, "closing mid-unplug is not an outcome"
     assert (row["sent"], row["used"], row["alias"]) == (1, 0, "ua-d")
     # Its description and its identity (identifiers only, no XML).
@@ -93,7 +64,7 @@ async def test_restart_joins_the_pending_unplug_without_a_request(
 
     records: list[Record] = []
     async with DetachService(
-        backend=vm, settings=_settings(), journal=journal, hooks=[records.append]
+        backend=vm, settings=journal_settings(), journal=journal, hooks=[records.append]
     ) as svc:
         uuid = vm.domain("vm").uuid
         assert svc.pending() == [(uuid, "ua-d")]
@@ -111,7 +82,7 @@ async def test_restart_joins_the_pending_unplug_without_a_request(
     assert steps[:2] == ["started", "recovered"]
     assert steps[-2:] == ["removed", "ended"]
     assert all(r.resumed for r in records if isinstance(r, UnplugRecord))
-    [row] = _rows(journal)
+    [row] = journal_rows(journal)
     assert (row["outcome"], row["confirmed_by"]) == ("removed", "event")
 
 
@@ -119,11 +90,11 @@ async def test_finished_while_down_is_reported_detached_by_xml(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(vm, journal, _settings())
+    await killed_mid_unplug(vm, journal, journal_settings())
     vm.complete("vm", "ua-d")  # the guest lets go while no service runs
     records: list[Record] = []
     async with DetachService(
-        backend=vm, settings=_settings(), journal=journal, hooks=[records.append]
+        backend=vm, settings=journal_settings(), journal=journal, hooks=[records.append]
     ) as svc:
         assert svc.pending() == []
         [found] = svc.recovered()
@@ -133,7 +104,7 @@ async def test_finished_while_down_is_reported_detached_by_xml(
     assert len(vm.requests) == 1
     removed = [r for r in records if isinstance(r, UnplugRecord) and r.kind == "removed"]
     assert [r.confirmed_by for r in removed] == ["xml"]
-    [row] = _rows(journal)
+    [row] = journal_rows(journal)
     assert (row["outcome"], row["confirmed_by"]) == ("removed", "xml")
 
 
@@ -141,9 +112,9 @@ async def test_no_request_before_the_window_ends_then_attempts_counted(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    settings = _settings(attempts=1, timeout=1.0)
-    await _killed_mid_unplug(vm, journal, settings)
-    sent_at = float(_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
+    settings = journal_settings(attempts=1, timeout=1.0)
+    await killed_mid_unplug(vm, journal, settings)
+    sent_at = float(journal_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
     async with DetachService(backend=vm, settings=settings, journal=journal) as svc:
         with pytest.raises(DetachTimeout) as caught:
             await svc.detach("vm", alias="ua-d")
@@ -151,15 +122,15 @@ async def test_no_request_before_the_window_ends_then_attempts_counted(
     assert len(vm.requests) == 1, "the one attempt was the first run's"
     assert caught.value.attempts == 1
     assert ended >= sent_at + 1.0 - 0.05, "the window was waited out"
-    assert _rows(journal)[0]["outcome"] == "timeout"
+    assert journal_rows(journal)[0]["outcome"] == "timeout"
 
 
 async def test_after_the_window_the_resend_counts_the_attempts(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    settings = _settings(attempts=2, timeout=0.5)
-    await _killed_mid_unplug(vm, journal, settings)
+    settings = journal_settings(attempts=2, timeout=0.5)
+    await killed_mid_unplug(vm, journal, settings)
     await asyncio.sleep(0.6)  # the window ends while no service runs
     async with DetachService(backend=vm, settings=settings, journal=journal) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
@@ -169,7 +140,7 @@ async def test_after_the_window_the_resend_counts_the_attempts(
         result = await task
     assert result.attempts == 2
     assert result.resumed
-    [row] = _rows(journal)
+    [row] = journal_rows(journal)
     assert (row["sent"], row["used"], row["outcome"]) == (2, 1, "removed")
 
 
@@ -177,14 +148,14 @@ async def test_nobody_asks_again_then_it_is_dropped_without_a_request(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=0.2)
-    await _killed_mid_unplug(vm, journal, settings)
+    settings = journal_settings(timeout=0.2)
+    await killed_mid_unplug(vm, journal, settings)
     async with DetachService(backend=vm, settings=settings, journal=journal) as svc:
         assert len(svc.pending()) == 1
         await asyncio.sleep(0.8)  # window (≤ 0.2 s) + one timeout of lingering
         assert svc.pending() == []
     assert len(vm.requests) == 1
-    assert _rows(journal)[0]["outcome"] == "abandoned"
+    assert journal_rows(journal)[0]["outcome"] == "abandoned"
 
 
 async def test_domain_restarted_or_gone_means_the_request_died(
@@ -193,7 +164,7 @@ async def test_domain_restarted_or_gone_means_the_request_died(
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     fake.add_domain("gone", persistent=False).add_disk("vdb", alias="ua-g", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         tasks = [
             asyncio.create_task(svc.detach("vm", alias="ua-d")),
             asyncio.create_task(svc.detach("gone", alias="ua-g")),
@@ -203,7 +174,7 @@ async def test_domain_restarted_or_gone_means_the_request_died(
     await asyncio.gather(*tasks, return_exceptions=True)
     fake.domain("vm").run += 1  # destroyed and started again: a new QEMU
     fake.stop_domain("gone")  # transient: undefined
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         assert svc.pending() == []
         found = {r.alias: (r.outcome, r.reason) for r in svc.recovered()}
         assert found == {"ua-d": ("stopped", "restarted"), "ua-g": ("stopped", "undefined")}
@@ -220,10 +191,10 @@ async def test_alias_reused_by_another_device_is_not_taken_up(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(vm, journal, _settings())
+    await killed_mid_unplug(vm, journal, journal_settings())
     vm.complete("vm", "ua-d")
     vm.domain("vm").add_disk("vdz", alias="ua-d", unplug=Unplug.manual())  # a new device
-    async with DetachService(backend=vm, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=vm, settings=journal_settings(), journal=journal) as svc:
         assert svc.pending() == []
         assert [r.outcome for r in svc.recovered()] == ["removed"]
 
@@ -232,7 +203,7 @@ async def test_a_second_service_on_the_journal_is_refused(
     vm: FakeHypervisor, tmp_path: Path
 ) -> None:
     journal = tmp_path / "j.db"
-    async with DetachService(backend=vm, settings=_settings(), journal=journal):
+    async with DetachService(backend=vm, settings=journal_settings(), journal=journal):
         other = FakeHypervisor()
         with pytest.raises(JournalLocked) as caught:
             async with DetachService(backend=other, journal=journal):
@@ -250,7 +221,7 @@ async def test_a_second_service_on_the_journal_is_refused(
             subprocess.run, [sys.executable, "-c", code, str(journal)], check=False
         )
         assert done.returncode == 42
-    async with DetachService(backend=vm, settings=_settings(), journal=journal):
+    async with DetachService(backend=vm, settings=journal_settings(), journal=journal):
         pass  # released at close
 
 
@@ -331,7 +302,9 @@ async def test_a_failed_journal_write_sends_nothing(
             raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(_journal, "fault", disk_full)
-    async with DetachService(backend=vm, settings=_settings(), journal=tmp_path / "j.db") as svc:
+    async with DetachService(
+        backend=vm, settings=journal_settings(), journal=tmp_path / "j.db"
+    ) as svc:
         with pytest.raises(JournalUnavailable) as caught:
             await svc.detach("vm", alias="ua-d")
     assert vm.requests == []
@@ -342,18 +315,20 @@ async def test_a_failed_journal_write_sends_nothing(
 async def test_finished_rows_are_pruned_and_hold_no_xml(vm: FakeHypervisor, tmp_path: Path) -> None:
     journal = tmp_path / "j.db"
     vm.domain("vm").add_disk("vdc", alias="ua-e", unplug=Unplug.now())
-    async with DetachService(backend=vm, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=vm, settings=journal_settings(), journal=journal) as svc:
         await svc.detach("vm", alias="ua-e")
-    [row] = _rows(journal)
+    [row] = journal_rows(journal)
     assert row["outcome"] == "removed"
     assert not any("<" in str(v) for v in row.values()), row
     db = sqlite3.connect(journal)
     db.execute("UPDATE unplugs SET finished_at = finished_at - 3600")
     db.commit()
     db.close()
-    async with DetachService(backend=vm, settings=_settings(journal_retention=60), journal=journal):
+    async with DetachService(
+        backend=vm, settings=journal_settings(journal_retention=60), journal=journal
+    ):
         pass
-    assert _rows(journal) == []
+    assert journal_rows(journal) == []
 
 
 async def test_fleet_shares_one_journal_and_takes_up_every_host(tmp_path: Path) -> None:
@@ -361,7 +336,7 @@ async def test_fleet_shares_one_journal_and_takes_up_every_host(tmp_path: Path) 
     for fake in hosts.values():
         fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    settings = _settings()
+    settings = journal_settings()
     async with DetachFleet(
         settings=settings, backend_factory=hosts.__getitem__, journal=journal
     ) as fleet:
@@ -408,7 +383,7 @@ def test_cli_takes_a_journal_and_exits_13_when_it_is_locked(tmp_path: Path) -> N
 
     done = run("detach", "vm", "--alias", "ua-ok0")
     assert done.returncode == 0, done.stderr
-    assert [r["outcome"] for r in _rows(journal)] == ["removed"]
+    assert [r["outcome"] for r in journal_rows(journal)] == ["removed"]
     held = _journal.Journal.open(journal, synchronous="full", retention=60)
     try:
         for args in (("detach", "vm", "--alias", "ua-ok1"), ("detach-many", os.devnull)):

@@ -12,28 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from _journal_support import journal_rows, journal_settings
 from aiodetach import DetachFleet, DetachSettings
 from aiodetach.errors import ConnectionLost
 from aiodetach.testing import FakeHypervisor, Unplug
 
-HELPER = "/work/main/tests/_cli_on_fake.py"
-ENV = {**os.environ, "PYTHONPATH": "/work/main/src"}
-
-
-def _settings(**kw: object) -> DetachSettings:
-    base: dict[str, object] = {"attempts": 3, "timeout": 2.0, "journal_sync": "normal"}
-    base.update(kw)
-    return DetachSettings(**base)  # type: ignore[arg-type]
-
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    db = sqlite3.connect(path)
-    try:
-        cursor = db.execute("SELECT * FROM unplugs ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    finally:
-        db.close()
+HELPER = str(Path(__file__).with_name("_cli_on_fake.py"))
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's, not an installed one
+ENV = {**os.environ, "PYTHONPATH": SRC}
 
 
 async def _until_uris(fleet: DetachFleet, uris: list[str]) -> None:
@@ -63,12 +49,12 @@ async def _two_hosts_killed(
 
 
 async def test_fleet_rows_keyed_by_uri(tmp_path: Path) -> None:
-    hosts, journal = await _two_hosts_killed(tmp_path, _settings())
-    assert sorted(str(r["uri"]) for r in _rows(journal)) == sorted(hosts)
+    hosts, journal = await _two_hosts_killed(tmp_path, journal_settings())
+    assert sorted(str(r["uri"]) for r in journal_rows(journal)) == sorted(hosts)
 
 
 async def test_fleet_restart_with_a_host_down_takes_up_the_other(tmp_path: Path) -> None:
-    settings = _settings(timeout=3.0)
+    settings = journal_settings(timeout=3.0)
     hosts, journal = await _two_hosts_killed(tmp_path, settings)
     a, b = hosts.values()
     a.crash()
@@ -84,9 +70,9 @@ async def test_fleet_restart_with_a_host_down_takes_up_the_other(tmp_path: Path)
         with pytest.raises(ConnectionLost):
             await fleet.detach("fake://a/system", "vm", alias="ua-d")
     assert len(b.requests) == 1
-    assert [r["finished_at"] is None for r in _rows(journal) if r["uri"] == "fake://a/system"] == [
-        True
-    ], "the unreachable host keeps its row"
+    assert [
+        r["finished_at"] is None for r in journal_rows(journal) if r["uri"] == "fake://a/system"
+    ] == [True], "the unreachable host keeps its row"
     # later run, host a back: taken up
     a.restart()
     async with DetachFleet(
@@ -98,7 +84,7 @@ async def test_fleet_restart_with_a_host_down_takes_up_the_other(tmp_path: Path)
 async def test_fleet_restart_with_a_hanging_host_does_not_hold_the_other(tmp_path: Path) -> None:
     """Host a hangs in connect (partition).  Entering the fleet waits for it
     up to connect_timeout; meanwhile b's taken-up unplug has nobody to join it."""
-    settings = _settings(timeout=0.5, connect_timeout=3.0)
+    settings = journal_settings(timeout=0.5, connect_timeout=3.0)
     hosts, journal = await _two_hosts_killed(tmp_path, settings)
     a, b = hosts.values()
 
@@ -195,7 +181,7 @@ async def test_fleet_hanging_host_makes_the_other_host_exceed_attempts(tmp_path:
     detach starts afresh: a 2nd request, attempts exceeded across the restart."""
     from aiodetach.errors import DetachTimeout
 
-    settings = _settings(timeout=0.5, attempts=1, connect_timeout=3.0)
+    settings = journal_settings(timeout=0.5, attempts=1, connect_timeout=3.0)
     hosts = {uri: FakeHypervisor(uri) for uri in ("fake://a/system", "fake://b/system")}
     for fake in hosts.values():
         fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
+from _journal_support import journal_rows
 from aiodetach import DetachService, DetachSettings
 from aiodetach.testing import FakeHypervisor, Unplug
-
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    db = sqlite3.connect(path)
-    try:
-        cursor = db.execute("SELECT * FROM unplugs ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    finally:
-        db.close()
 
 
 def _size(tmp: Path) -> int:
@@ -43,7 +33,7 @@ async def test_cycles_of_many_detaches_stay_bounded(tmp_path: Path) -> None:
         sizes.append(_size(tmp_path))
     async with DetachService(backend=FakeHypervisor(), settings=settings, journal=journal):
         pass
-    assert _rows(journal) == []
+    assert journal_rows(journal) == []
     assert sizes[-1] <= sizes[1] * 1.5, sizes
 
 
@@ -63,7 +53,7 @@ async def test_rows_hold_identifiers_only(tmp_path: Path) -> None:
         )
         await svc.detach("vm", mac="52:54:00:AA:BB:CC")
         await svc.detach("vm", alias="ua-h")
-    rows = _rows(journal)
+    rows = journal_rows(journal)
     assert len(rows) == 3
     for r in rows:
         for v in r.values():

@@ -15,28 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from _journal_support import journal_rows, journal_settings
+from aiodetach import DetachService
 from aiodetach.errors import JournalError, JournalLocked, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
-SRC = str(Path("/work/main/src"))
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's, not an installed one
 ENV = {**os.environ, "PYTHONPATH": SRC}
-
-
-def _settings(**kw: object) -> DetachSettings:
-    base: dict[str, object] = {"attempts": 3, "timeout": 2.0, "journal_sync": "normal"}
-    base.update(kw)
-    return DetachSettings(**base)  # type: ignore[arg-type]
-
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    db = sqlite3.connect(path)
-    try:
-        cursor = db.execute("SELECT * FROM unplugs ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    finally:
-        db.close()
 
 
 async def test_journal_file_deleted_mid_run(tmp_path: Path) -> None:
@@ -45,7 +30,7 @@ async def test_journal_file_deleted_mid_run(tmp_path: Path) -> None:
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=5.0)
+    settings = journal_settings(timeout=5.0)
     raised: BaseException | None = None
     async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
         for p in tmp_path.glob("j.db*"):  # noqa: ASYNC240 - a test reading its own files
@@ -176,7 +161,7 @@ async def test_close_or_cancel_at_random_points_never_resends_in_window(
         vm.add_disk(f"vd{chr(98 + i)}", alias=a, unplug=Unplug.manual())
     fake.call_latency = 0.01
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=30.0, attempts=2)
+    settings = journal_settings(timeout=30.0, attempts=2)
     for _ in range(25):
         async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
             tasks = [asyncio.create_task(svc.detach("vm", alias=a)) for a in aliases]
@@ -187,13 +172,13 @@ async def test_close_or_cancel_at_random_points_never_resends_in_window(
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await asyncio.sleep(rnd.uniform(0, 0.02))
         await asyncio.gather(*tasks, return_exceptions=True)
-        unfinished = [r for r in _rows(journal) if r["finished_at"] is None]
+        unfinished = [r for r in journal_rows(journal) if r["finished_at"] is None]
         keys = [r["alias"] for r in unfinished]
         assert len(keys) == len(set(keys)), unfinished
     per = {a: sum(1 for r in fake.requests if r.alias == a) for a in aliases}
     assert all(n <= 1 for n in per.values()), per
     # every request sent has its row
-    rows = _rows(journal)
+    rows = journal_rows(journal)
     for a in aliases:
         if per[a]:
             assert any(r["alias"] == a for r in rows), (a, rows)
@@ -208,7 +193,7 @@ async def test_external_write_lock_blocks_the_service(tmp_path: Path) -> None:
     vm.add_disk("vdb", alias="ua-a", unplug=Unplug.now())
     vm.add_disk("vdc", alias="ua-b", unplug=Unplug.now())
     journal = tmp_path / "j.db"
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         other = sqlite3.connect(journal, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
         try:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from _journal_support import journal_settings
+from aiodetach import DetachService
 from aiodetach.errors import (
     JournalCorrupt,
     JournalError,
@@ -16,13 +17,6 @@ from aiodetach.errors import (
     JournalUnavailable,
 )
 from aiodetach.testing import FakeHypervisor, Unplug
-
-
-def _settings(**kw: object) -> DetachSettings:
-    base: dict[str, object] = {"attempts": 3, "timeout": 2.0, "journal_sync": "normal"}
-    base.update(kw)
-    return DetachSettings(**base)  # type: ignore[arg-type]
-
 
 # --- one writer -------------------------------------------------------------------
 
@@ -37,9 +31,9 @@ async def test_symlink_to_the_journal_gives_two_writers(tmp_path: Path) -> None:
     link = other_dir / "link.db"
     link.symlink_to(journal)
     a, b = FakeHypervisor(), FakeHypervisor()
-    async with DetachService(backend=a, settings=_settings(), journal=journal):
+    async with DetachService(backend=a, settings=journal_settings(), journal=journal):
         with pytest.raises(JournalLocked):
-            async with DetachService(backend=b, settings=_settings(), journal=link):
+            async with DetachService(backend=b, settings=journal_settings(), journal=link):
                 pass
 
 
@@ -95,7 +89,7 @@ async def _make_journal(path: Path, rows: int = 0) -> None:
     vm = fake.add_domain("vm")
     for i in range(rows):
         vm.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.now())
-    async with DetachService(backend=fake, settings=_settings(), journal=path) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=path) as svc:
         for i in range(rows):
             await svc.detach("vm", alias=f"ua-{i}")
 

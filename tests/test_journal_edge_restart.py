@@ -4,48 +4,16 @@ service closed mid-unplug and a new one opened on the same journal and fake)."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from _journal_support import journal_rows, journal_settings, killed_mid_unplug
+from aiodetach import DetachService
 from aiodetach.backend import BackendError
 from aiodetach.errors import DetachTimeout, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
-
-
-def _settings(**kw: object) -> DetachSettings:
-    base: dict[str, object] = {"attempts": 3, "timeout": 2.0, "journal_sync": "normal"}
-    base.update(kw)
-    return DetachSettings(**base)  # type: ignore[arg-type]
-
-
-def _rows(path: Path) -> list[dict[str, object]]:
-    db = sqlite3.connect(path)
-    try:
-        cursor = db.execute("SELECT * FROM unplugs ORDER BY id")
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    finally:
-        db.close()
-
-
-async def _killed_mid_unplug(
-    fake: FakeHypervisor,
-    journal: Path,
-    settings: DetachSettings,
-    alias: str = "ua-d",
-    requests: int = 1,
-) -> None:
-    async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
-        task = asyncio.create_task(svc.detach("vm", alias=alias))
-        while len(fake.requests) < requests:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.02)
-    with pytest.raises(ServiceClosed):
-        await task
 
 
 async def test_a_hostdev_attached_under_a_reused_alias_is_not_taken_for_the_old_one(
@@ -59,10 +27,10 @@ async def test_a_hostdev_attached_under_a_reused_alias_is_not_taken_for_the_old_
     vm = fake.add_domain("vm")
     vm.add_hostdev("0x05", alias="ua-h", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(fake, journal, _settings(), alias="ua-h")
+    await killed_mid_unplug(fake, journal, journal_settings(), alias="ua-h")
     fake.complete("vm", "ua-h")  # the old hostdev left while down
     vm.add_hostdev("0x06", alias="ua-h", unplug=Unplug.manual())  # another PCI device
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         found = [(r.alias, r.outcome) for r in svc.recovered()]
         pending = svc.pending()
     assert found == [("ua-h", "removed")], found
@@ -81,10 +49,10 @@ async def test_disk_reattached_same_target_same_alias_is_taken_up(tmp_path: Path
     vm = fake.add_domain("vm")
     vm.add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(fake, journal, _settings())
+    await killed_mid_unplug(fake, journal, journal_settings())
     fake.complete("vm", "ua-d")
     vm.add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         found = [(r.alias, r.outcome) for r in svc.recovered()]
     assert found == [("ua-d", "removed")], found
 
@@ -99,7 +67,7 @@ async def test_restart_resends_before_the_window_libvirt_gave(tmp_path: Path) ->
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     fake.call_latency = 1.0
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=1.0, attempts=3)
+    settings = journal_settings(timeout=1.0, attempts=3)
     async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         while not fake.requests:  # recorded at the end of the 1 s call
@@ -130,9 +98,9 @@ async def test_transient_lookup_error_at_open_then_detach_sends_into_the_window(
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=5.0)
-    await _killed_mid_unplug(fake, journal, settings)
-    sent_at = float(_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
+    settings = journal_settings(timeout=5.0)
+    await killed_mid_unplug(fake, journal, settings)
+    sent_at = float(journal_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
     fake.fail_next["domain_xml"] = BackendError(
         68,  # VIR_ERR_OPERATION_TIMEOUT
         "Timed out during operation: cannot acquire state change lock",
@@ -153,8 +121,8 @@ async def test_attempts_total_across_two_restarts(tmp_path: Path) -> None:
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=0.3, attempts=3)
-    await _killed_mid_unplug(fake, journal, settings)
+    settings = journal_settings(timeout=0.3, attempts=3)
+    await killed_mid_unplug(fake, journal, settings)
     for expect in (2,):
         async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
             task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
@@ -175,8 +143,8 @@ async def test_restart_repeatedly_inside_the_window_never_resends(tmp_path: Path
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    settings = _settings(timeout=3.0)
-    await _killed_mid_unplug(fake, journal, settings)
+    settings = journal_settings(timeout=3.0)
+    await killed_mid_unplug(fake, journal, settings)
     for _ in range(5):
         async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
             assert len(svc.pending()) == 1
@@ -200,15 +168,15 @@ async def test_domain_stopped_and_started_again_same_run_field(tmp_path: Path) -
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(fake, journal, _settings())
+    await killed_mid_unplug(fake, journal, journal_settings())
     fake.stop_domain("vm")
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         found = [(r.outcome, r.reason) for r in svc.recovered()]
         assert svc.pending() == []
         calls = list(fake.calls)
     assert found == [("stopped", "shut off")]
     assert "detach_live" not in calls[calls.index("open", 1) :]
-    assert _rows(journal)[0]["outcome"] == "stopped"
+    assert journal_rows(journal)[0]["outcome"] == "stopped"
 
 
 async def test_settings_timeout_changed_between_runs(tmp_path: Path) -> None:
@@ -217,10 +185,10 @@ async def test_settings_timeout_changed_between_runs(tmp_path: Path) -> None:
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(fake, journal, _settings(timeout=4.0))
-    sent_at = float(_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
+    await killed_mid_unplug(fake, journal, journal_settings(timeout=4.0))
+    sent_at = float(journal_rows(journal)[0]["sent_at"])  # type: ignore[arg-type]
     async with DetachService(
-        backend=fake, settings=_settings(timeout=0.2, attempts=5), journal=journal
+        backend=fake, settings=journal_settings(timeout=0.2, attempts=5), journal=journal
     ) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         while len(fake.requests) < 2:
@@ -238,9 +206,9 @@ async def test_recovered_removed_is_not_pending_and_detach_reports_not_found(
     vm = fake.add_domain("vm")
     vm.add_interface("52:54:00:00:00:01", alias="ua-n", unplug=Unplug.manual())
     journal = tmp_path / "j.db"
-    await _killed_mid_unplug(fake, journal, _settings(), alias="ua-n")
+    await killed_mid_unplug(fake, journal, journal_settings(), alias="ua-n")
     fake.complete("vm", "ua-n")
     vm.add_interface("52:54:00:00:00:02", alias="ua-n", unplug=Unplug.manual())
-    async with DetachService(backend=fake, settings=_settings(), journal=journal) as svc:
+    async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         assert [r.outcome for r in svc.recovered()] == ["removed"]
         assert svc.pending() == []

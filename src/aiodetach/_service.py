@@ -32,7 +32,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -251,18 +251,7 @@ class DetachService:
                     if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
                         continue
                     found.append(self._unplugs.take_up(entry, entry.run_id))
-                    self._recovered.append(
-                        Recovered(
-                            domain_uuid=entry.domain_uuid,
-                            domain_name=entry.domain_name,
-                            alias=entry.alias,
-                            device=entry.device,
-                            outcome="pending",
-                            confirmed_by=None,
-                            sent=entry.sent,
-                            sent_at=entry.sent_at,
-                        )
-                    )
+                    self._note_recovered(entry, "pending", entry.domain_name)
                 continue
             if not info.state.is_active:
                 await self._ended_while_down(journal, rows, "shut off")
@@ -283,24 +272,7 @@ class DetachService:
                 if gone:
                     unplug.decide(Verdict.GONE)
                 found.append(unplug)
-                self._recovered.append(
-                    Recovered(
-                        domain_uuid=entry.domain_uuid,
-                        domain_name=info.name,
-                        alias=entry.alias,
-                        device=entry.device,
-                        outcome="removed" if gone else "pending",
-                        confirmed_by="xml" if gone else None,
-                        sent=entry.sent,
-                        sent_at=entry.sent_at,
-                    )
-                )
-                _log.info(
-                    "aiodetach.recovered",
-                    domain=info.name,
-                    alias=entry.alias,
-                    outcome="removed" if gone else "pending",
-                )
+                self._note_recovered(entry, "removed" if gone else "pending", info.name)
         # The ones decided end at their first step: open() returns without them pending.
         decided = [u.task for u in found if u.verdict is not None and u.task is not None]
         if decided:
@@ -309,25 +281,33 @@ class DetachService:
     async def _ended_while_down(self, journal: Journal, rows: list[Entry], reason: str) -> None:
         for entry in rows:
             await journal.call(journal.finish, entry.row, "stopped")
-            self._recovered.append(
-                Recovered(
-                    domain_uuid=entry.domain_uuid,
-                    domain_name=entry.domain_name,
-                    alias=entry.alias,
-                    device=entry.device,
-                    outcome="stopped",
-                    reason=reason,
-                    sent=entry.sent,
-                    sent_at=entry.sent_at,
-                )
-            )
-            _log.info(
-                "aiodetach.recovered",
-                domain=entry.domain_name,
+            self._note_recovered(entry, "stopped", entry.domain_name, reason=reason)
+
+    def _note_recovered(
+        self,
+        entry: Entry,
+        outcome: Literal["pending", "removed", "stopped"],
+        name: str,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """What open() found of one journal row, for :meth:`recovered` and the log."""
+        self._recovered.append(
+            Recovered(
+                domain_uuid=entry.domain_uuid,
+                domain_name=name,
                 alias=entry.alias,
-                outcome="stopped",
+                device=entry.device,
+                outcome=outcome,
+                confirmed_by="xml" if outcome == "removed" else None,
                 reason=reason,
+                sent=entry.sent,
+                sent_at=entry.sent_at,
             )
+        )
+        _log.info(
+            "aiodetach.recovered", domain=name, alias=entry.alias, outcome=outcome, reason=reason
+        )
 
     def recovered(self) -> list[Recovered]:
         """What ``open()`` found unfinished in the journal, and how it stood.
