@@ -205,7 +205,7 @@ class DetachFleet:
             raise named from exc.__cause__
         return await svc.detach(domain, **kwargs)
 
-    async def detach_iter(
+    def detach_iter(
         self,
         requests: Iterable[DetachRequest | Mapping[str, Any]],
         *,
@@ -224,17 +224,14 @@ class DetachFleet:
         check_bounds(concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")
-        outcomes = iter_outcomes(
+        # The batch's own iterator: closing it cancels (and awaits) what runs.
+        return iter_outcomes(
             batch,
             self._run_request,
             identify=self._identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
-        # Closing this iterator closes the batch's, which cancels what runs.
-        async with contextlib.aclosing(outcomes) as stream:
-            async for outcome in stream:
-                yield outcome
 
     async def detach_many(
         self,

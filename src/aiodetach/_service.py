@@ -18,7 +18,6 @@ hands over; the connection's threads and reconnects are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import os
 import time
@@ -617,7 +616,7 @@ class DetachService:
         finally:
             watchers.discard(queue)
 
-    async def detach_iter(
+    def detach_iter(
         self,
         requests: Iterable[DetachRequest | Mapping[str, Any]],
         *,
@@ -639,17 +638,14 @@ class DetachService:
         batch = prepare_batch(requests)
         check_bounds(concurrency, per_domain)
         self._usable()
-        outcomes = iter_outcomes(
+        # The batch's own iterator: closing it cancels (and awaits) what runs.
+        return iter_outcomes(
             batch,
             self._run_request,
             identify=self.batch_identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
-        # Closing this iterator closes the batch's, which cancels what runs.
-        async with contextlib.aclosing(outcomes) as stream:
-            async for outcome in stream:
-                yield outcome
 
     async def detach_many(
         self,
