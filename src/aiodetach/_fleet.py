@@ -22,10 +22,9 @@ from ._journal import Journal, open_journal
 from ._many import (
     DetachOutcome,
     DetachRequest,
-    check_bounds,
+    checked_batch,
     collect,
     iter_outcomes,
-    prepare_batch,
 )
 from ._result import DetachResult
 from ._rules import DomainRef
@@ -220,8 +219,7 @@ class DetachFleet:
         unreachable host yields :class:`~aiodetach.errors.ConnectionLost`
         outcomes for its own requests, quickly, and holds up no other host.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")
         # The batch's own iterator: closing it cancels (and awaits) what runs.
@@ -244,8 +242,7 @@ class DetachFleet:
         """:meth:`detach_iter`, collected in request order (``on_progress`` as
         in :meth:`DetachService.detach_many`, including
         :class:`~aiodetach.errors.BatchAborted` if it raises)."""
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")
         return await collect(

@@ -44,10 +44,9 @@ from ._libvirt import LibvirtBackend
 from ._many import (
     DetachOutcome,
     DetachRequest,
-    check_bounds,
+    checked_batch,
     collect,
     iter_outcomes,
-    prepare_batch,
 )
 from ._persistent import PersistentStep
 from ._registry import Unplugs
@@ -635,8 +634,7 @@ class DetachService:
         bad item's ``index``).  Close the iterator (``contextlib.aclosing``)
         to stop early: what still runs is cancelled and awaited.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         self._usable()
         # The batch's own iterator: closing it cancels (and awaits) what runs.
         return iter_outcomes(
@@ -663,8 +661,7 @@ class DetachService:
         that exception, carrying every outcome known and the indexes left
         unfinished.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         self._usable()
         return await collect(
             batch,
