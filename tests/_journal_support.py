@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from aiodetach import DetachFleet, DetachService, DetachSettings
 from aiodetach.errors import ServiceClosed
-from aiodetach.testing import FakeHypervisor
+from aiodetach.testing import FakeHypervisor, Unplug
 
 
 def journal_settings(**kw: object) -> DetachSettings:
@@ -42,3 +42,33 @@ async def killed_mid_unplug(
         await asyncio.sleep(0.01)
     with pytest.raises(ServiceClosed):
         await task
+
+
+async def fleet_killed_mid_unplug(
+    tmp_path: Path, settings: DetachSettings, unplug: Unplug | None = None
+) -> tuple[dict[str, FakeHypervisor], Path]:
+    """Two hosts behind one fleet journal, each with one request sent, and the
+    fleet "dies" (closes) with both pending."""
+    hosts = {uri: FakeHypervisor(uri) for uri in ("fake://a/system", "fake://b/system")}
+    for fake in hosts.values():
+        fake.add_domain("vm").add_disk(
+            "vdb", alias="ua-d", unplug=unplug if unplug is not None else Unplug.manual()
+        )
+    journal = tmp_path / "j.db"
+    async with DetachFleet(
+        settings=settings, backend_factory=hosts.__getitem__, journal=journal
+    ) as fleet:
+        tasks = [asyncio.create_task(fleet.detach(uri, "vm", alias="ua-d")) for uri in hosts]
+        while not all(f.requests for f in hosts.values()):
+            await asyncio.sleep(0.005)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return hosts, journal
+
+
+async def until_uris(fleet: DetachFleet, uris: list[str]) -> None:
+    """Hosts with unfinished unplugs are connected to at entry, in the background."""
+    for _ in range(300):
+        if sorted(fleet.uris) == uris:
+            return
+        await asyncio.sleep(0.01)
+    assert sorted(fleet.uris) == uris

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from _journal_support import journal_rows, journal_settings, killed_mid_unplug
+from _journal_support import (
+    fleet_killed_mid_unplug,
+    journal_rows,
+    journal_settings,
+    killed_mid_unplug,
+    until_uris,
+)
 from aiodetach import DetachFleet, DetachService, _journal
 from aiodetach.errors import (
     DetachTimeout,
@@ -332,27 +338,12 @@ async def test_finished_rows_are_pruned_and_hold_no_xml(vm: FakeHypervisor, tmp_
 
 
 async def test_fleet_shares_one_journal_and_takes_up_every_host(tmp_path: Path) -> None:
-    hosts = {uri: FakeHypervisor(uri) for uri in ("fake://a/system", "fake://b/system")}
-    for fake in hosts.values():
-        fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
-    journal = tmp_path / "j.db"
     settings = journal_settings()
+    hosts, journal = await fleet_killed_mid_unplug(tmp_path, settings)
     async with DetachFleet(
         settings=settings, backend_factory=hosts.__getitem__, journal=journal
     ) as fleet:
-        tasks = [asyncio.create_task(fleet.detach(uri, "vm", alias="ua-d")) for uri in hosts]
-        while not all(f.requests for f in hosts.values()):
-            await asyncio.sleep(0.005)
-    await asyncio.gather(*tasks, return_exceptions=True)
-    async with DetachFleet(
-        settings=settings, backend_factory=hosts.__getitem__, journal=journal
-    ) as fleet:
-        # Hosts with unfinished unplugs are connected to at entry, in the background.
-        for _ in range(200):
-            if sorted(fleet.uris) == sorted(hosts):
-                break
-            await asyncio.sleep(0.01)
-        assert sorted(fleet.uris) == sorted(hosts), "hosts with unfinished unplugs are opened"
+        await until_uris(fleet, sorted(hosts))  # hosts with unfinished unplugs are opened
         tasks = [asyncio.create_task(fleet.detach(uri, "vm", alias="ua-d")) for uri in hosts]
         await asyncio.sleep(0.1)
         for fake in hosts.values():

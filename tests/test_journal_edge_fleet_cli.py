@@ -12,56 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from _journal_support import journal_rows, journal_settings
-from aiodetach import DetachFleet, DetachSettings
+from _journal_support import fleet_killed_mid_unplug, journal_rows, journal_settings, until_uris
+from aiodetach import DetachFleet
 from aiodetach.errors import ConnectionLost
-from aiodetach.testing import FakeHypervisor, Unplug
+from aiodetach.testing import Unplug
 
 HELPER = str(Path(__file__).with_name("_cli_on_fake.py"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's, not an installed one
 ENV = {**os.environ, "PYTHONPATH": SRC}
 
 
-async def _until_uris(fleet: DetachFleet, uris: list[str]) -> None:
-    """Hosts with unfinished unplugs are connected to at entry, in the background."""
-    for _ in range(300):
-        if sorted(fleet.uris) == uris:
-            return
-        await asyncio.sleep(0.01)
-    assert sorted(fleet.uris) == uris
-
-
-async def _two_hosts_killed(
-    tmp_path: Path, settings: DetachSettings
-) -> tuple[dict[str, FakeHypervisor], Path]:
-    hosts = {uri: FakeHypervisor(uri) for uri in ("fake://a/system", "fake://b/system")}
-    for fake in hosts.values():
-        fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
-    journal = tmp_path / "j.db"
-    async with DetachFleet(
-        settings=settings, backend_factory=hosts.__getitem__, journal=journal
-    ) as fleet:
-        tasks = [asyncio.create_task(fleet.detach(uri, "vm", alias="ua-d")) for uri in hosts]
-        while not all(f.requests for f in hosts.values()):
-            await asyncio.sleep(0.005)
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return hosts, journal
-
-
 async def test_fleet_rows_keyed_by_uri(tmp_path: Path) -> None:
-    hosts, journal = await _two_hosts_killed(tmp_path, journal_settings())
+    hosts, journal = await fleet_killed_mid_unplug(tmp_path, journal_settings())
     assert sorted(str(r["uri"]) for r in journal_rows(journal)) == sorted(hosts)
 
 
 async def test_fleet_restart_with_a_host_down_takes_up_the_other(tmp_path: Path) -> None:
     settings = journal_settings(timeout=3.0)
-    hosts, journal = await _two_hosts_killed(tmp_path, settings)
+    hosts, journal = await fleet_killed_mid_unplug(tmp_path, settings)
     a, b = hosts.values()
     a.crash()
     async with DetachFleet(
         settings=settings, backend_factory=hosts.__getitem__, journal=journal
     ) as fleet:
-        await _until_uris(fleet, ["fake://b/system"])
+        await until_uris(fleet, ["fake://b/system"])
         task = asyncio.create_task(fleet.detach("fake://b/system", "vm", alias="ua-d"))
         await asyncio.sleep(0.1)
         b.complete("vm", "ua-d")
@@ -78,14 +52,14 @@ async def test_fleet_restart_with_a_host_down_takes_up_the_other(tmp_path: Path)
     async with DetachFleet(
         settings=settings, backend_factory=hosts.__getitem__, journal=journal
     ) as fleet:
-        await _until_uris(fleet, ["fake://a/system"])
+        await until_uris(fleet, ["fake://a/system"])
 
 
 async def test_fleet_restart_with_a_hanging_host_does_not_hold_the_other(tmp_path: Path) -> None:
     """Host a hangs in connect (partition).  Entering the fleet waits for it
     up to connect_timeout; meanwhile b's taken-up unplug has nobody to join it."""
     settings = journal_settings(timeout=0.5, connect_timeout=3.0)
-    hosts, journal = await _two_hosts_killed(tmp_path, settings)
+    hosts, journal = await fleet_killed_mid_unplug(tmp_path, settings)
     a, b = hosts.values()
 
     def hang(name: str) -> None:
@@ -182,17 +156,7 @@ async def test_fleet_hanging_host_makes_the_other_host_exceed_attempts(tmp_path:
     from aiodetach.errors import DetachTimeout
 
     settings = journal_settings(timeout=0.5, attempts=1, connect_timeout=3.0)
-    hosts = {uri: FakeHypervisor(uri) for uri in ("fake://a/system", "fake://b/system")}
-    for fake in hosts.values():
-        fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
-    journal = tmp_path / "j.db"
-    async with DetachFleet(
-        settings=settings, backend_factory=hosts.__getitem__, journal=journal
-    ) as fleet:
-        tasks = [asyncio.create_task(fleet.detach(uri, "vm", alias="ua-d")) for uri in hosts]
-        while not all(f.requests for f in hosts.values()):
-            await asyncio.sleep(0.005)
-    await asyncio.gather(*tasks, return_exceptions=True)
+    hosts, journal = await fleet_killed_mid_unplug(tmp_path, settings, Unplug.never())
     a, b = hosts.values()
 
     def hang(name: str) -> None:
