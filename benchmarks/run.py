@@ -29,6 +29,7 @@ BENCHMARKS = [
     "dispatch",
     "wakeup",
     "memory",
+    "journal",
     "detection",
     "loop_lag",
     "overhead",

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+
+import aiodetach
 
 
 class LoopLag:
@@ -58,3 +62,13 @@ def check_no_domain_xml(entries: list[MutableMapping[str, Any]]) -> None:
             assert "<domain" not in text, (key, entry)
             assert "<devices" not in text, (key, entry)
             assert len(text) < 1000, (key, entry)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that must import the same aiodetach as
+    this test: the source tree in development, the installed wheel when the
+    wheel check runs the tests against it (a path computed from the test file
+    would pick the checkout in both cases)."""
+    here = str(Path(aiodetach.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 import aiodetach
 from aiodetach import DetachService, DetachSettings
@@ -36,6 +37,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         where = Path(aiodetach.__file__).resolve()
         if "site-packages" not in where.parts:
             raise pytest.UsageError(f"aiodetach imported from {where}, not an installed wheel")
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """structlog's configuration is process-global, and the command line is
+    the one place that sets it (tests call ``main()`` in-process): each test
+    gets back the configuration it started with, so one test's renderer,
+    level or stream never leaks into the next."""
+    saved = structlog.get_config()
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._eventloop import install_event_loop
 from ._fleet import DetachFleet
 from ._many import DetachOutcome, DetachRequest
-from ._result import DetachResult
+from ._result import DetachResult, Recovered
 from ._service import DetachService, DeviceEvent
 from ._settings import DetachSettings
 from .errors import DetachError
@@ -31,6 +31,7 @@ __all__ = [
     "DetachService",
     "DetachSettings",
     "DeviceEvent",
+    "Recovered",
     "__version__",
     "install_event_loop",
 ]

@@ -39,6 +39,7 @@ from .errors import (
     DomainNotPersistent,
     DomainNotRunning,
     InvalidRequest,
+    JournalError,
     ReadOnlyConnection,
 )
 from .instrumentation import Hook
@@ -56,10 +57,11 @@ EXIT_CODES: list[tuple[type[DetachError], int]] = [
     (DetachRefused, 8),
     (ConnectionLost, 9),
     (ReadOnlyConnection, 10),
+    (JournalError, 13),
     (DetachError, 11),
 ]
 """Exit status per error class, most specific first (0: success, 130: interrupted;
-``detach-many``: 12 when some devices failed)."""
+``detach-many``: 12 when some devices failed; 13: the journal cannot be used)."""
 
 
 def exit_code_for(exc: DetachError) -> int:
@@ -70,6 +72,19 @@ def exit_code_for(exc: DetachError) -> int:
 
 
 # -- output --------------------------------------------------------------------------
+
+
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written.  structlog's logger
+    factory keeps the stream it is given; holding ``sys.stderr`` itself would
+    keep writing into a stream that was replaced and closed (a test's capture,
+    a caller that redirected stderr after calling :func:`main`)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> None:
@@ -89,7 +104,7 @@ def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _Stderr()),
         cache_logger_on_first_use=False,
     )
 
@@ -103,12 +118,14 @@ def _service(
     """The service of a command.  Progress: the hooks' lines, or with
     ``--json`` the library's log events as JSON lines (the logging hook)."""
     as_json = bool(getattr(args, "json", False))
+    journal = getattr(args, "journal", None)
     return DetachService(
         args.uri,
         settings=None if read_only else _settings(args),
         read_only=read_only,
         hooks=hooks,
         log=as_json or args.verbose,
+        **({"journal": journal} if journal is not None else {}),
     )
 
 
@@ -175,6 +192,7 @@ def _print_result(result: DetachResult, as_json: bool) -> None:
     print(
         f"{result.domain_name}: {result.device} detached: {' + '.join(parts) or 'nothing'}; "
         f"{result.attempts} request(s), {result.elapsed:.3f} s"
+        + ("; resumed from the journal" if result.resumed else "")
     )
 
 
@@ -255,6 +273,8 @@ async def _detach_many(args: argparse.Namespace, text: str) -> int:
     if args.progress or (not args.json and sys.stderr.isatty()):
         bar = ProgressBar(len(requests), sys.stderr)
         hooks.append(bar)
+        # Log lines (--json, -v) go above the bar, not onto its line.
+        configure_logging(as_json=args.json, verbose=args.verbose, stream=bar)
     elif not args.json:
         hooks.append(ProgressLines(sys.stderr))
     with _Metrics(args) as metrics:
@@ -266,6 +286,8 @@ async def _detach_many(args: argparse.Namespace, text: str) -> int:
         finally:
             if bar is not None:
                 bar.close()
+                # Log lines after the batch go to stderr again, not to a closed bar.
+                configure_logging(as_json=args.json, verbose=args.verbose)
     for outcome in outcomes:
         if args.json:
             payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
@@ -357,6 +379,15 @@ def _metrics_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _journal_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="SQLite journal of the live requests sent: a re-run after this process was "
+        "killed joins the unplugs still pending instead of re-sending (exit 13 if unusable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiodetach",
@@ -389,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("--attempts", type=int, help="live requests at most (default 8)")
     detach.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
     detach.add_argument("--json", action="store_true", help="JSON result on stdout")
+    _journal_option(detach)
 
     many = sub.add_parser(
         "detach-many", help="detach a list of devices (file or stdin) with bounded concurrency"
@@ -406,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
     many.add_argument("--json", action="store_true", help="one JSON line per device")
     many.add_argument("--progress", action="store_true", help="progress bar even if not a tty")
+    _journal_option(many)
     _metrics_options(many)
 
     watch = sub.add_parser("watch", help="stream device-removed / removal-failed events")

@@ -36,8 +36,8 @@ import structlog
 
 from ._errors_map import is_connection_error
 from ._settings import DetachSettings
-from .backend import Backend, BackendError, EventSink
-from .errors import ConnectionLost, ServiceClosed
+from .backend import Backend, BackendError, ErrorCode, EventSink
+from .errors import ConnectionLost, DetachError, ServiceClosed
 from .instrumentation._dispatch import Hooks
 from .instrumentation._records import ConnectionRecord, ConnectionStep
 
@@ -47,6 +47,25 @@ _log = structlog.get_logger("aiodetach")
 
 CLOSE_GRACE = 2.0
 """Seconds a close waits for a stuck libvirt call before leaving it to a helper thread."""
+
+
+def _guarded(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Callable[[], _T]:
+    """``fn(*args, **kwargs)`` for a worker thread, with any exception but a
+    :class:`BackendError` turned into one: a backend's bug (a custom backend
+    raising ``OSError``) is that request's error, never the whole batch's."""
+
+    def run() -> _T:
+        try:
+            return fn(*args, **kwargs)
+        except (BackendError, DetachError):  # libvirt's answer, or one of ours (the journal's)
+            raise
+        except Exception as exc:
+            raise BackendError(
+                ErrorCode.INTERNAL_ERROR, f"the backend raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]  # what is being called, for tests
+    return run
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -84,6 +103,9 @@ class Connection:
         self._up = asyncio.Event()
         self._dead: ConnectionLost | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._waiting: set[asyncio.Future[Any]] = set()
+        self.close_grace = CLOSE_GRACE
+        """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
 
     @property
     def uri(self) -> str:
@@ -136,14 +158,17 @@ class Connection:
         if self.state in ("new", "open"):
             self.state = "closing"
         self._up.set()  # whoever waits for a reconnect wakes and finds us closing
+        for future in list(self._waiting):  # whoever waits for a thread, too
+            future.cancel()
 
     async def close(self) -> None:
         """Stop reconnecting, disconnect, join the worker threads.
 
-        The backend is closed twice on purpose: once at once (which unblocks
-        calls stuck on a dead daemon), and once more after every worker
-        thread has returned, in case an ``open`` that was still running in
-        one of them connected after the first close.
+        The backend is closed twice on purpose: once at once (a backend that
+        allows it unblocks calls stuck on a dead daemon that way; libvirt's
+        waits for its call in flight, see :mod:`aiodetach._libvirt`), and once
+        more after every worker thread has returned, in case an ``open`` that
+        was still running in one of them connected after the first close.
 
         Neither may hold the close up for long: a connect to a host behind a
         network partition sits in its thread until the kernel gives up on
@@ -159,7 +184,7 @@ class Connection:
             await asyncio.gather(task, return_exceptions=True)
         executor = self._executor
         if executor is not None:
-            deadline = asyncio.get_running_loop().time() + CLOSE_GRACE
+            deadline = asyncio.get_running_loop().time() + self.close_grace
             await self._off_loop(self.backend.close, "close", deadline)
 
             def join_then_close() -> None:
@@ -216,7 +241,7 @@ class Connection:
         async with self._slots:
             executor = self._check_open()
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+            future = loop.run_in_executor(executor, _guarded(fn, *args, **kwargs))
             try:
                 return await asyncio.wait_for(asyncio.shield(future), limit)
             except TimeoutError:
@@ -230,12 +255,27 @@ class Connection:
         return self._executor
 
     async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """Run one blocking call in a worker thread (at most ``max_threads`` at once)."""
+        """Run one blocking call in a worker thread (at most ``max_threads`` at once).
+
+        A close releases whoever waits here at once (:class:`ServiceClosed`),
+        even if the call itself is stuck in its thread (a read on a connection
+        into a network partition blocks until keepalive gives up, or longer).
+        """
         self._check_open()
         async with self._slots:
             executor = self._check_open()  # closing may have begun while queued
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+            future = loop.run_in_executor(executor, _guarded(fn, *args, **kwargs))
+            self._waiting.add(future)
+            try:
+                return await future
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self.state != "open" and not (current is not None and current.cancelling()):
+                    raise ServiceClosed(f"service is {self.state}") from None
+                raise
+            finally:
+                self._waiting.discard(future)
 
     def submit(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
         """Hand a live request to a worker thread (not bounded: see module doc).
@@ -244,7 +284,7 @@ class Connection:
         request already inside libvirt is always seen through to its answer.
         """
         executor = self._check_open()
-        return asyncio.get_running_loop().run_in_executor(executor, fn)
+        return asyncio.get_running_loop().run_in_executor(executor, _guarded(fn))
 
     async def read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """An idempotent call: if the connection drops, wait for it and ask again."""

@@ -131,7 +131,10 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         base = super()._add_handle
 
         def relay(_inner: int, fd_: int, events: int, opaque_: Any) -> None:
-            cb(hid, fd_, events, opaque_)  # libvirt knows our id, not libvirtaio's
+            # A dispatch already queued on the loop when libvirt removed the
+            # watch from another thread must not reach libvirt any more.
+            if hid in self._alive:
+                cb(hid, fd_, events, opaque_)  # libvirt knows our id, not libvirtaio's
 
         def op() -> None:
             try:
@@ -172,7 +175,8 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         base = super()._add_timeout
 
         def relay(_inner: int, opaque_: Any) -> None:
-            cb(tid, opaque_)
+            if tid in self._alive:  # as for watches: never after its removal
+                cb(tid, opaque_)
 
         def op() -> None:
             self._to_libvirtaio[tid] = base(timeout, relay, opaque)

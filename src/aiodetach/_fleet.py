@@ -12,26 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
+import structlog
+
+from ._journal import Journal, open_journal
 from ._many import (
     DetachOutcome,
     DetachRequest,
-    check_bounds,
+    checked_batch,
     collect,
     iter_outcomes,
-    prepare_batch,
 )
 from ._result import DetachResult
 from ._rules import DomainRef
 from ._service import DetachService
 from ._settings import DetachSettings
 from .backend import Backend
-from .errors import DetachError, InvalidRequest, ServiceClosed
+from .errors import DetachError, InvalidRequest, JournalError, ServiceClosed
+from .instrumentation._dispatch import Hooks, emit_unrun
+from .instrumentation._logging import log_hook
 from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
+
+_log = structlog.get_logger("aiodetach")
 
 
 class DetachFleet:
@@ -49,6 +56,12 @@ class DetachFleet:
     ``backend_factory(uri)`` replaces libvirt (tests use fake hypervisors).
     ``hooks`` and ``log`` are given to every service (see
     :class:`DetachService`); records carry their ``uri``.
+
+    ``journal=PATH``: one journal for every host (rows keyed by URI), locked
+    by the fleet.  Entering the fleet opens it (its errors are raised there)
+    and opens the service of every URI it holds unfinished unplugs for, so
+    they are taken up as :meth:`DetachService.open` describes (a host that
+    cannot be reached keeps its rows for a later run; that is logged).
     """
 
     def __init__(
@@ -59,18 +72,79 @@ class DetachFleet:
         default_uri: str = "qemu:///system",
         hooks: Iterable[Hook] = (),
         log: bool = True,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise InvalidRequest(f"journal must be a path, not {journal!r}")
+        self._journal_path = journal
+        self._journal: Journal | None = None
+        self._journal_task: asyncio.Task[Journal] | None = None
         self._settings = settings
         self._hooks = tuple(hooks)
         self._log = log
+        # For calls that fail before any service could take them (a host that
+        # cannot be reached): they are calls all the same, for the hooks.
+        self._unrun = Hooks([log_hook, *self._hooks] if log else self._hooks)
         self._factory = backend_factory
         self._default_uri = default_uri
         self._services: dict[str, DetachService] = {}
         self._opening: dict[str, asyncio.Task[DetachService]] = {}
+        self._taking_up: set[asyncio.Task[DetachService]] = set()
         self._closed = False
 
     async def __aenter__(self) -> DetachFleet:
+        if self._journal_path is None:
+            return self
+        try:
+            journal = await self._journal_ready()
+            uris = await journal.call(journal.unfinished_uris)
+        except BaseException:
+            await self.aclose()
+            raise
+        # Each host with unfinished unplugs is connected to now, in the
+        # background and independently: a host that hangs in its connect must
+        # not keep the others' taken-up unplugs from their callers (a caller
+        # asking meanwhile joins the connect under way).
+        for uri in uris:
+            self._take_up_soon(uri)
         return self
+
+    def _take_up_soon(self, uri: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.service(uri))
+
+        def report(done: asyncio.Task[DetachService]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if isinstance(error, DetachError):
+                _log.warning("aiodetach.journal_host_unreachable", uri=uri, error=str(error))
+            elif error is not None:
+                _log.error("aiodetach.journal_take_up_failed", uri=uri, error=repr(error))
+
+        task.add_done_callback(report)
+        self._taking_up.add(task)
+        task.add_done_callback(self._taking_up.discard)
+
+    async def _journal_ready(self) -> Journal:
+        """The fleet's journal, opened once (concurrent first uses share it)."""
+        if self._journal is not None:
+            return self._journal
+        assert self._journal_path is not None
+        if self._journal_task is None:
+            settings = self._settings or DetachSettings()
+            self._journal_task = asyncio.get_running_loop().create_task(
+                open_journal(
+                    self._journal_path,
+                    synchronous=settings.journal_sync,
+                    retention=settings.journal_retention,
+                )
+            )
+        try:
+            self._journal = await asyncio.shield(self._journal_task)
+        except JournalError:
+            self._journal_task = None  # the next use tries again
+            raise
+        return self._journal
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -109,6 +183,8 @@ class DetachFleet:
         svc = DetachService(
             uri, settings=self._settings, backend=backend, hooks=self._hooks, log=self._log
         )
+        if self._journal_path is not None:
+            svc._share_journal(await self._journal_ready())
         await svc.open()
         if self._closed:
             await svc.aclose()
@@ -118,10 +194,17 @@ class DetachFleet:
 
     async def detach(self, uri: str, domain: DomainRef, **kwargs: Any) -> DetachResult:
         """:meth:`DetachService.detach` on the host at ``uri``."""
-        svc = await self.service(uri)
+        try:
+            svc = await self.service(uri)
+        except DetachError as exc:
+            named = _named(exc, domain, kwargs.get("alias"))
+            emit_unrun(
+                self._unrun, uri=uri, domain=named.domain or "", alias=named.alias, error=named
+            )
+            raise named from exc.__cause__
         return await svc.detach(domain, **kwargs)
 
-    async def detach_iter(
+    def detach_iter(
         self,
         requests: Iterable[DetachRequest | Mapping[str, Any]],
         *,
@@ -136,21 +219,17 @@ class DetachFleet:
         unreachable host yields :class:`~aiodetach.errors.ConnectionLost`
         outcomes for its own requests, quickly, and holds up no other host.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")
-        outcomes = iter_outcomes(
+        # The batch's own iterator: closing it cancels (and awaits) what runs.
+        return iter_outcomes(
             batch,
             self._run_request,
             identify=self._identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
-        # Closing this iterator closes the batch's, which cancels what runs.
-        async with contextlib.aclosing(outcomes) as stream:
-            async for outcome in stream:
-                yield outcome
 
     async def detach_many(
         self,
@@ -163,8 +242,7 @@ class DetachFleet:
         """:meth:`detach_iter`, collected in request order (``on_progress`` as
         in :meth:`DetachService.detach_many`, including
         :class:`~aiodetach.errors.BatchAborted` if it raises)."""
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")
         return await collect(
@@ -193,11 +271,11 @@ class DetachFleet:
             try:
                 svc = await self.service(uri)
             except DetachError as exc:
-                if exc.domain is None:
-                    exc = copy.copy(exc)
-                    exc.domain = request.domain
-                    exc.alias = exc.alias or request.alias
-                raise exc from exc.__cause__
+                named = _named(exc, request.domain, request.alias)
+                emit_unrun(
+                    self._unrun, uri=uri, domain=request.domain, alias=request.alias, error=named
+                )
+                raise named from exc.__cause__
             of = per_uri.get(uri)
             if of is None:
                 of = per_uri[uri] = svc.batch_identities(look_up)
@@ -208,11 +286,43 @@ class DetachFleet:
     async def aclose(self) -> None:
         """Close every service (idempotent; each close is itself shielded)."""
         self._closed = True
-        for task in list(self._opening.values()):
+        for task in list(self._taking_up):
+            task.cancel()
+        opening = [*self._opening.values(), *self._taking_up]
+        for task in opening:
             task.cancel()
         services = list(self._services.values())
         self._services.clear()
-        results = await asyncio.gather(*(s.aclose() for s in services), return_exceptions=True)
+        # Wait for the connects too: when aclose() returns, every caller has
+        # its ServiceClosed (a cancelled open does not wait for a stuck thread).
+        results = await asyncio.gather(
+            *opening, *(s.aclose() for s in services), return_exceptions=True
+        )
+        del results[: len(opening)]  # their errors are their callers'
+        journal_opening, self._journal_task = self._journal_task, None
+        if journal_opening is not None:
+            # Not cancelled: open_journal releases a journal opened after a
+            # cancellation only from its thread; waiting for it is as short.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(journal_opening)
+            if (
+                journal_opening.done()
+                and not journal_opening.cancelled()
+                and journal_opening.exception() is None
+            ):
+                await journal_opening.result().aclose()
+        self._journal = None
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
+
+
+def _named(exc: DetachError, domain: object, alias: object) -> DetachError:
+    """A host's error (shared by all its callers) as this caller's: naming its
+    domain and alias."""
+    if exc.domain is not None:
+        return exc
+    named = copy.copy(exc)
+    named.domain = domain if isinstance(domain, str) else str(domain)
+    named.alias = exc.alias or (alias if isinstance(alias, str) else None)
+    return named

@@ -210,8 +210,13 @@ class LibvirtBackend:
         persistent = bool(_wrap(dom.isPersistent))
         uuid = dom.UUIDString()
         self._domains[uuid] = dom
+        run_id = str(_wrap(dom.ID)) if active else None
         return DomainInfo(
-            uuid=uuid, name=dom.name(), state=_state(state, active), persistent=persistent
+            uuid=uuid,
+            name=dom.name(),
+            state=_state(state, active),
+            persistent=persistent,
+            run_id=run_id,
         )
 
     @_one_at_a_time

@@ -32,7 +32,14 @@ from ._rules import check_flags, domain_ref
 from ._xml import selector_from
 from .errors import BatchAborted, DetachError, InvalidRequest
 
-__all__ = ["DetachOutcome", "DetachRequest", "collect", "iter_outcomes", "prepare_batch"]
+__all__ = [
+    "DetachOutcome",
+    "DetachRequest",
+    "checked_batch",
+    "collect",
+    "iter_outcomes",
+    "prepare_batch",
+]
 
 
 class DetachRequest(BaseModel):
@@ -41,7 +48,9 @@ class DetachRequest(BaseModel):
     ``uri`` is only used by :class:`DetachFleet`, which routes on it.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: a batch item is checked as detach() checks its arguments, so
+    # "live": "yes" or "persistent": 0 is refused rather than coerced.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     domain: str = Field(min_length=1)
     alias: str | None = None
@@ -135,6 +144,15 @@ def prepare_batch(requests: Iterable[object]) -> list[DetachRequest]:
     return batch
 
 
+def checked_batch(
+    requests: Iterable[object], concurrency: object, per_domain: object
+) -> list[DetachRequest]:
+    """A whole batch and its bounds checked, before anything is sent."""
+    batch = prepare_batch(requests)
+    check_bounds(concurrency, per_domain)
+    return batch
+
+
 def check_bounds(concurrency: object, per_domain: object) -> None:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise InvalidRequest(f"concurrency must be an integer of at least 1, not {concurrency!r}")
@@ -220,7 +238,7 @@ class _Batch:
         return gate
 
 
-async def iter_outcomes(
+def iter_outcomes(
     batch: list[DetachRequest],
     run: Callable[[DetachRequest], Awaitable[DetachResult]],
     *,
@@ -230,15 +248,10 @@ async def iter_outcomes(
 ) -> AsyncGenerator[DetachOutcome, None]:
     """Run ``run`` over a checked ``batch``; yield outcomes as they complete.
 
-    Closing the iterator early cancels, and waits for, what is still running.
+    The batch's own iterator: closing it early cancels, and waits for, what
+    is still running.
     """
-    if not batch:
-        return
-    async with contextlib.aclosing(
-        _Batch(batch, run, identify, concurrency, per_domain).stream()
-    ) as stream:
-        async for outcome in stream:
-            yield outcome
+    return _Batch(batch, run, identify, concurrency, per_domain).stream()
 
 
 async def collect(

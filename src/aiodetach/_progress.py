@@ -145,6 +145,7 @@ class ProgressBar:
         self._started = time.monotonic()
         self._drawn = 0.0
         self._closed = False
+        self._pending_text = ""
 
     def __call__(self, record: Record) -> None:
         above: str | None = None
@@ -191,6 +192,21 @@ class ProgressBar:
         if above is not None:
             out += above + "\n"
         self._stream.write(out + self.line())
+        self._stream.flush()
+
+    def write(self, text: str) -> int:
+        """A stream for other stderr output (the CLI's log lines) while the bar
+        is drawn: each complete line goes above the bar, never glued to it."""
+        if self._closed:
+            self._stream.write(text)
+            return len(text)
+        self._pending_text += text
+        if "\n" in self._pending_text:
+            lines, _, self._pending_text = self._pending_text.rpartition("\n")
+            self._stream.write("\r\x1b[K" + lines + "\n" + self.line())
+        return len(text)
+
+    def flush(self) -> None:
         self._stream.flush()
 
     def close(self) -> None:

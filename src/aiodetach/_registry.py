@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from ._connection import Connection
+from ._journal import Entry, Journal
 from ._settings import DetachSettings
 from ._unplug import Key, Unplug
 from .instrumentation._dispatch import Hooks
@@ -22,28 +23,58 @@ __all__ = ["Unplugs"]
 class Unplugs:
     """Every live unplug of one service, keyed by (domain UUID, alias)."""
 
-    def __init__(self, conn: Connection, settings: DetachSettings, hooks: Hooks) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        settings: DetachSettings,
+        hooks: Hooks,
+        journal: Journal | None = None,
+    ) -> None:
         self.conn = conn
         self.settings = settings
         self.hooks = hooks
+        self.journal = journal
         self.by_key: dict[Key, Unplug] = {}
         """Read by the event intake's hot path: one lookup per event."""
 
-    def join(self, uuid: str, domain: str, alias: str) -> tuple[Unplug, bool]:
+    def join(
+        self,
+        uuid: str,
+        domain: str,
+        alias: str,
+        *,
+        run_id: str | None = None,
+        device: str | None = None,
+    ) -> tuple[Unplug, bool]:
         """The unplug of this device, started if none is in flight; counts the caller in."""
         key = (uuid, alias)
         unplug = self.by_key.get(key)
         joined = unplug is not None
         if unplug is None:
-            unplug = Unplug(self, key, domain)
-            self.by_key[key] = unplug
-            unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-            task.add_done_callback(unplug.done)  # "ended" pairs with "started", always
+            unplug = Unplug(self, key, domain, run_id=run_id, device=device)
+            self._start(unplug)
             unplug.join()
             unplug.record("started")
         else:
             unplug.join()
         return unplug, joined
+
+    def take_up(self, entry: Entry, run_id: str | None) -> Unplug:
+        """An unplug of an earlier run of this process, found unfinished in the
+        journal and still attached: a real entry of the registry (``pending()``,
+        joins, hooks, metrics see it), with nobody waiting yet."""
+        key = (entry.domain_uuid, entry.alias)
+        unplug = Unplug(self, key, entry.domain_name, run_id=run_id, device=entry.device)
+        unplug.take_up(entry, self.settings.timeout)
+        self._start(unplug)
+        unplug.record("started")
+        unplug.record("recovered")
+        return unplug
+
+    def _start(self, unplug: Unplug) -> None:
+        self.by_key[unplug.key] = unplug
+        unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
+        task.add_done_callback(unplug.done)  # "ended" pairs with "started", always
 
     def forget(self, unplug: Unplug) -> None:
         if self.by_key.get(unplug.key) is unplug:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DetachResult"]
+__all__ = ["DetachResult", "Recovered"]
 
 
 class DetachResult(BaseModel):
@@ -36,3 +36,36 @@ class DetachResult(BaseModel):
         default=False,
         description="This caller joined a detach of the same device already in flight.",
     )
+    resumed: bool = Field(
+        default=False,
+        description="The unplug joined was taken up from the journal: an earlier run of "
+        "this process sent its request(s) and none was sent again before its window ended.",
+    )
+
+
+class Recovered(BaseModel):
+    """An unplug an earlier run of this process left unfinished in the journal,
+    as ``open()`` found it (:meth:`aiodetach.DetachService.recovered`).
+
+    ``outcome``: ``"pending"`` (still attached; taken up, see
+    ``svc.pending()``: a ``detach()`` of it joins it), ``"removed"`` (gone
+    from the live XML: the guest finished while no agent ran), ``"stopped"``
+    (the domain is gone, shut off or was re-started since: the request died
+    with its QEMU process).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    domain_uuid: str
+    domain_name: str
+    alias: str
+    device: str | None = Field(
+        description="What identified the device, e.g. \"disk target='vdb'\"."
+    )
+    outcome: Literal["pending", "removed", "stopped"]
+    confirmed_by: Literal["xml"] | None = None
+    reason: str | None = Field(
+        default=None, description="Why, when not plain: 'undefined', 'shut off', 'restarted'."
+    )
+    sent: int = Field(ge=0, description="Requests the earlier run(s) sent.")
+    sent_at: float = Field(description="Wall-clock time (time.time()) of the last request.")

@@ -18,8 +18,8 @@ hands over; the connection's threads and reconnects are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
+import os
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -31,41 +31,46 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import structlog
 
 from ._connection import Connection
 from ._errors_map import map_error
 from ._eventloop import install_event_loop
 from ._intake import CLOSED, DeviceEvent, EventIntake
+from ._journal import Entry, Journal, open_journal
 from ._libvirt import LibvirtBackend
 from ._many import (
     DetachOutcome,
     DetachRequest,
-    check_bounds,
+    checked_batch,
     collect,
     iter_outcomes,
-    prepare_batch,
 )
 from ._persistent import PersistentStep
 from ._registry import Unplugs
-from ._result import DetachResult
+from ._result import DetachResult, Recovered
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
-from ._unplug import LiveDone
-from ._xml import selector_from
-from .backend import Backend, BackendError, DomainInfo
+from ._unplug import LiveDone, Unplug, Verdict
+from ._xml import DeviceRef, Selector, find_device, selector_from
+from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
     DetachError,
     DetachRefused,
+    DomainNotFound,
     HypervisorError,
     InvalidRequest,
     ReadOnlyConnection,
     ServiceClosed,
 )
-from .instrumentation._dispatch import Hooks, next_detach_id
+from .instrumentation._dispatch import Hooks, emit_unrun, next_detach_id
 from .instrumentation._logging import log_hook
 from .instrumentation._records import DetachRecord, DetachStep, Hook, outcome_of
+
+_log = structlog.get_logger("aiodetach")
 
 __all__ = ["DetachService", "DeviceEvent", "DomainRef"]
 
@@ -87,6 +92,11 @@ class DetachService:
     :mod:`aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
     there).  The library's structlog logging is itself a hook, called first;
     ``log=False`` leaves it out (the CLI does, to print its own lines).
+
+    ``journal=PATH`` keeps an SQLite journal of the live requests sent, so
+    that a restart of this process neither re-sends into an unplug still in
+    progress nor loses the outcome of one that finished meanwhile (see
+    :meth:`open`, :meth:`recovered`).  Without it nothing is written.
     """
 
     def __init__(
@@ -98,9 +108,16 @@ class DetachService:
         read_only: bool = False,
         hooks: Iterable[Hook] = (),
         log: bool = True,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(uri, str) or not uri.strip():
             raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
+        if journal is not None and not isinstance(journal, (str, os.PathLike)):
+            raise InvalidRequest(f"journal must be a path, not {journal!r}")
+        self._journal_path = journal
+        self._journal: Journal | None = None
+        self._owns_journal = True
+        self._recovered: list[Recovered] = []
         self._hooks = Hooks([log_hook, *hooks] if log else hooks)
         self._settings = settings if settings is not None else DetachSettings()
         self._backend: Backend = (
@@ -146,28 +163,158 @@ class DetachService:
 
         A cancelled ``open()`` closes what it started, including a connection
         that completes in its worker thread after the cancellation.
+
+        With a journal, it is locked and checked first, before libvirt is
+        contacted (:class:`~aiodetach.errors.JournalError` subclasses); then
+        every unplug it holds unfinished for this URI is reconciled with the
+        live XML: gone → reported detached (``confirmed_by="xml"``); still
+        attached → taken up (``pending()``), with no request sent before its
+        last request's window is over, and a ``detach()`` of it joins it
+        (``result.resumed``); domain gone, shut off or re-started since → the
+        request died with it.  :meth:`recovered` lists what was found.
         """
         if self._loop is not None:
             raise InvalidRequest("service was opened already; create a new one")
         self._loop = loop = asyncio.get_running_loop()
+        if self._journal is None and self._journal_path is not None:
+            self._journal = await open_journal(
+                self._journal_path,
+                synchronous=self._settings.journal_sync,
+                retention=self._settings.journal_retention,
+            )
         if self._backend.uses_libvirt_events:
             install_event_loop()
         conn = self._conn = Connection(
             self._backend, self._settings, read_only=self._read_only, hooks=self._hooks
         )
-        self._unplugs = Unplugs(conn, self._settings, self._hooks)
+        self._unplugs = Unplugs(conn, self._settings, self._hooks, self._journal)
         self._intake = EventIntake(self._unplugs)
         self._intake.bind(loop)
         self._persistent = PersistentStep(conn, self._unplugs)
         try:
             await conn.open(self._intake)
-        except BackendError as err:
+            conn.record("connected")  # inside: whatever a hook raises, nothing stays open
+        except BaseException as exc:
+            # Nothing was ever usable: do not make the caller wait for a
+            # connect stuck in its thread (connect_timeout, a cancelled open);
+            # the connection it may still make is closed when it returns.
+            conn.close_grace = 0.0
             await self.aclose()
-            raise map_error(err, domain=None, alias=None, action=f"connect to {self.uri}") from None
-        except BaseException:
-            await self.aclose()
+            if isinstance(exc, BackendError):
+                raise map_error(
+                    exc, domain=None, alias=None, action=f"connect to {self.uri}"
+                ) from None
             raise
-        conn.record("connected")
+        if self._journal is not None and not self._read_only:
+            try:
+                await self._take_up(conn, self._journal)
+            except BaseException:
+                await self.aclose()
+                raise
+
+    def _share_journal(self, journal: Journal) -> None:
+        """Use a journal opened (and closed) by someone else: a fleet's services
+        share its one journal, rows keyed by URI."""
+        self._journal = journal
+        self._owns_journal = False
+
+    async def _take_up(self, conn: Connection, journal: Journal) -> None:
+        """Reconcile the journal's unfinished unplugs of this URI with the live XML."""
+        assert self._unplugs is not None
+        entries = await journal.call(journal.unfinished, self.uri)
+        by_domain: dict[str, list[Entry]] = {}
+        for entry in entries:
+            by_domain.setdefault(entry.domain_uuid, []).append(entry)
+        found: list[Unplug] = []
+        for uuid, rows in by_domain.items():
+            try:
+                info = await conn.read(self._backend.lookup, uuid)
+                xml = await conn.read(self._backend.domain_xml, uuid, inactive=False)
+            except BackendError as err:
+                if err.code == ErrorCode.NO_DOMAIN:
+                    await self._ended_while_down(journal, rows, "undefined")
+                    continue
+                if err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+                    await self._ended_while_down(journal, rows, "shut off")
+                    continue
+                # Nothing known now (a transient error): taken up all the same,
+                # unchecked, so that no request of this run goes into its window;
+                # the re-check at the window's end finds how it stands.
+                _log.warning(
+                    "aiodetach.journal_entry_unchecked",
+                    domain=rows[0].domain_name,
+                    error=err.message,
+                )
+                for entry in rows:
+                    if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
+                        continue
+                    found.append(self._unplugs.take_up(entry, entry.run_id))
+                    self._note_recovered(entry, "pending", entry.domain_name)
+                continue
+            if not info.state.is_active:
+                await self._ended_while_down(journal, rows, "shut off")
+                continue
+            for entry in rows:
+                if entry.run_id is not None and info.run_id not in (None, entry.run_id):
+                    await self._ended_while_down(journal, [entry], "restarted")
+                    continue
+                live = find_device(xml, Selector("alias", entry.alias))
+                if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
+                    continue
+                unplug = self._unplugs.take_up(entry, info.run_id)
+                # Gone, or the alias names another device now (the one asked
+                # for left, and something else was attached under its alias).
+                gone = live is None or (
+                    entry.device is not None and _fingerprint(live) != entry.device
+                )
+                if gone:
+                    unplug.decide(Verdict.GONE)
+                found.append(unplug)
+                self._note_recovered(entry, "removed" if gone else "pending", info.name)
+        # The ones decided end at their first step: open() returns without them pending.
+        decided = [u.task for u in found if u.verdict is not None and u.task is not None]
+        if decided:
+            await asyncio.gather(*decided, return_exceptions=True)
+
+    async def _ended_while_down(self, journal: Journal, rows: list[Entry], reason: str) -> None:
+        for entry in rows:
+            await journal.call(journal.finish, entry.row, "stopped")
+            self._note_recovered(entry, "stopped", entry.domain_name, reason=reason)
+
+    def _note_recovered(
+        self,
+        entry: Entry,
+        outcome: Literal["pending", "removed", "stopped"],
+        name: str,
+        *,
+        reason: str | None = None,
+    ) -> None:
+        """What open() found of one journal row, for :meth:`recovered` and the log."""
+        self._recovered.append(
+            Recovered(
+                domain_uuid=entry.domain_uuid,
+                domain_name=name,
+                alias=entry.alias,
+                device=entry.device,
+                outcome=outcome,
+                confirmed_by="xml" if outcome == "removed" else None,
+                reason=reason,
+                sent=entry.sent,
+                sent_at=entry.sent_at,
+            )
+        )
+        _log.info(
+            "aiodetach.recovered", domain=name, alias=entry.alias, outcome=outcome, reason=reason
+        )
+
+    def recovered(self) -> list[Recovered]:
+        """What ``open()`` found unfinished in the journal, and how it stood.
+
+        ``"pending"`` ones are in :meth:`pending` (until they end); ask for
+        the device again to await it (the call joins it).  Empty without a
+        journal.
+        """
+        return list(self._recovered)
 
     async def aclose(self) -> None:
         """Cancel what is in flight, close the connection, stop the threads.
@@ -192,6 +339,14 @@ class DetachService:
             raise asyncio.CancelledError
 
     async def _do_close(self) -> None:
+        try:
+            await self._close_parts()
+        finally:
+            journal = self._journal
+            if journal is not None and self._owns_journal:
+                await journal.aclose()
+
+    async def _close_parts(self) -> None:
         conn = self._conn
         if conn is None:
             return
@@ -304,7 +459,12 @@ class DetachService:
             exc.domain = ref
             raise
         check_flags(ref, live, persistent)
-        conn = self._usable()
+        try:
+            conn = self._usable()
+        except ServiceClosed as exc:
+            exc.domain = ref
+            exc.alias = selector.value if selector.kind == "alias" else None
+            raise
         if self._read_only:
             raise ReadOnlyConnection(
                 f"the connection to {self.uri} is read-only; detaching needs read-write",
@@ -382,7 +542,7 @@ class DetachService:
             persistent_step.release(ticket)
 
         live_done: LiveDone | None = None
-        joined = False
+        joined = resumed = False
         if plan.live is not None:
             if plan.live.alias is None:
                 raise DetachRefused(
@@ -391,9 +551,19 @@ class DetachService:
                     domain=info.name,
                 )
             self._usable()
-            unplug, joined = self._unplugs.join(info.uuid, info.name, plan.live.alias)
+            unplug, joined = self._unplugs.join(
+                info.uuid,
+                info.name,
+                plan.live.alias,
+                run_id=info.run_id,
+                device=_fingerprint(plan.live),
+            )
+            resumed = unplug.resumed
             self._record(
-                progress, "unplug_joined" if joined else "unplug_started", unplug_id=unplug.id
+                progress,
+                "unplug_joined" if joined else "unplug_started",
+                unplug_id=unplug.id,
+                resumed=resumed,
             )
             # The persistent half is the device's, like its unplug: a caller who
             # joins after another caller removed the device from the persistent
@@ -420,6 +590,7 @@ class DetachService:
             elapsed=time.monotonic() - progress.started,
             confirmed_by=live_done.confirmed_by if live_done else None,
             joined=joined,
+            resumed=resumed,
         )
         return result
 
@@ -444,7 +615,7 @@ class DetachService:
         finally:
             watchers.discard(queue)
 
-    async def detach_iter(
+    def detach_iter(
         self,
         requests: Iterable[DetachRequest | Mapping[str, Any]],
         *,
@@ -463,20 +634,16 @@ class DetachService:
         bad item's ``index``).  Close the iterator (``contextlib.aclosing``)
         to stop early: what still runs is cancelled and awaited.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         self._usable()
-        outcomes = iter_outcomes(
+        # The batch's own iterator: closing it cancels (and awaits) what runs.
+        return iter_outcomes(
             batch,
             self._run_request,
             identify=self.batch_identities(per_domain is not None),
             concurrency=concurrency,
             per_domain=per_domain,
         )
-        # Closing this iterator closes the batch's, which cancels what runs.
-        async with contextlib.aclosing(outcomes) as stream:
-            async for outcome in stream:
-                yield outcome
 
     async def detach_many(
         self,
@@ -494,8 +661,7 @@ class DetachService:
         that exception, carrying every outcome known and the indexes left
         unfinished.
         """
-        batch = prepare_batch(requests)
-        check_bounds(concurrency, per_domain)
+        batch = checked_batch(requests, concurrency, per_domain)
         self._usable()
         return await collect(
             batch,
@@ -528,8 +694,8 @@ class DetachService:
         """The UUID of ``ref`` for a batch's per-domain bound (errors named as
         :meth:`detach` names them)."""
         progress = _Progress(ref, alias)
-        conn = self._usable()
         try:
+            conn = self._usable()
             conn.revive()
             await conn.wait_up()
             return (await self._lookup(conn, ref)).uuid
@@ -558,6 +724,16 @@ class DetachService:
 _E = TypeVar("_E", bound=DetachError)
 
 
+def _fingerprint(device: DeviceRef) -> str:
+    """What the journal records to know the device again after a restart: its
+    description, and its identity where it has one (a hostdev's source
+    address, an interface's MAC…), so that another device attached under the
+    same alias meanwhile is not taken for it.  Identifiers only, never XML."""
+    if device.identity is None:
+        return device.description
+    return f"{device.description} {device.identity!r}"
+
+
 def _shown(domain: object) -> str:
     """The domain as records name it before it is looked up (even an invalid one)."""
     try:
@@ -578,9 +754,23 @@ class _Identities:
     def __init__(self, svc: DetachService) -> None:
         self._svc = svc
         self._known: dict[str, str] = {}
+        self._failed: dict[str, DetachError] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def of(self, request: DetachRequest) -> Hashable:
+        try:
+            return await self._of(request)
+        except DetachError as exc:
+            emit_unrun(
+                self._svc._hooks,
+                uri=self._svc.uri,
+                domain=request.domain,
+                alias=request.alias,
+                error=exc,
+            )
+            raise
+
+    async def _of(self, request: DetachRequest) -> Hashable:
         ref = domain_ref(request.domain)
         known = self._known.get(ref)
         if known is not None:
@@ -590,7 +780,16 @@ class _Identities:
         async with self._locks.setdefault(ref, asyncio.Lock()):
             known = self._known.get(ref)
             if known is None:
-                known = self._known[ref] = await self._svc._uuid_of(ref, request.alias)
+                failed = self._failed.get(ref)
+                if failed is not None:  # one lookup per name, also when it fails
+                    again = copy.copy(failed)
+                    again.alias = request.alias
+                    raise again
+                try:
+                    known = self._known[ref] = await self._svc._uuid_of(ref, request.alias)
+                except (DomainNotFound, InvalidRequest) as exc:
+                    self._failed[ref] = copy.copy(exc)
+                    raise
         return known
 
 

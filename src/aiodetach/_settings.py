@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,7 +72,27 @@ class DetachSettings(BaseSettings):
         description="Worker threads for blocking libvirt calls (per service).",
     )
 
-    @field_validator("timeout", "connect_timeout", "reconnect_timeout", "reconnect_backoff_max")
+    journal_sync: Literal["full", "normal"] = Field(
+        default="full",
+        description="Durability of the journal's commits (DetachService(journal=...)): "
+        "'full' fsyncs each request's row before the request goes out (it survives a "
+        "power cut of the agent's host, needed when the guests run on other hosts); "
+        "'normal' survives a kill of the process only (enough when the guests run on "
+        "the agent's own host: a power cut ends their unplugs too).",
+    )
+    journal_retention: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="Seconds a finished unplug stays in the journal before it is pruned.",
+    )
+
+    @field_validator(
+        "timeout",
+        "connect_timeout",
+        "reconnect_timeout",
+        "reconnect_backoff_max",
+        "journal_retention",
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

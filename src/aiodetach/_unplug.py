@@ -43,6 +43,13 @@ They only record and wake; the driver acts on them at one place, the top of
   after a native-PCIe hot-plug QEMU refuses ``device_del`` while the slot's
   power indicator blinks.  With no request of ours pending, the request was
   simply not accepted: back off and send again, using up no attempt.
+- **A request is journalled before it is sent** (with a journal): the row is
+  committed in the request's worker thread just before libvirt is called.
+  An unplug taken up from the journal after a restart (:meth:`Unplug.take_up`)
+  starts in ``WAITING`` for what is left of its last request's window (the
+  row may say "sent" though the process died before sending: *maybe sent*,
+  so the window is waited out either way), or ``IDLE`` if that window is
+  over; from there the usual rules apply, with its attempts counted.
 """
 
 from __future__ import annotations
@@ -51,16 +58,27 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ._connection import Connection
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
+from ._journal import Journal, RequestNote, fault_point
 from ._settings import DetachSettings
 from ._xml import has_alias
 from .backend import BackendError, DomainState, ErrorCode
-from .errors import DetachFailed, DetachTimeout, DomainStopped
+from .errors import (
+    ConnectionLost,
+    DetachFailed,
+    DetachTimeout,
+    DomainStopped,
+    JournalError,
+    ServiceClosed,
+)
 from .instrumentation._dispatch import Hooks, next_unplug_id
 from .instrumentation._records import UnplugOutcome, UnplugRecord, UnplugStep, outcome_of
+
+if TYPE_CHECKING:
+    from ._journal import Entry
 
 __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
@@ -106,25 +124,33 @@ class Unplug:
     """One device's live unplug: its phase, its inputs and its driver."""
 
     __slots__ = (
+        "_inside",
         "_loop",
         "_registry",
+        "_request",
         "accepted",
         "busy_refusals",
         "busy_since",
         "callers",
+        "confirmed_by",
         "deadline",
+        "device",
         "domain",
         "early",
         "generation",
         "handed",
         "id",
         "idle_until",
+        "journal_row",
         "key",
         "persistent_done",
         "phase",
         "resume",
+        "resumed",
+        "run_id",
         "sent",
         "started",
+        "started_wall",
         "task",
         "timer",
         "used",
@@ -132,18 +158,34 @@ class Unplug:
         "waiter",
     )
 
-    def __init__(self, registry: Registry, key: Key, domain: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        key: Key,
+        domain: str,
+        *,
+        run_id: str | None = None,
+        device: str | None = None,
+    ) -> None:
         self._registry = registry
         self._loop = asyncio.get_running_loop()
         self.key = key
         self.domain = domain  # the name, for errors and logs
+        self.run_id = run_id  # the domain's run (journal: was it re-started since?)
+        self.device = device  # what identifies the device besides its alias (journal)
         self.id = next_unplug_id()  # names it in the hooks' records
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.journal_row: int | None = None  # its row in the journal, once a request was noted
+        self.resumed = False  # taken up from the journal after a restart
+        self.confirmed_by: Literal["event", "xml"] | None = None
         self.phase = Phase.QUEUED
         self.verdict: Decision | None = None
         self.early = False  # the verdict arrived before any request of ours reached libvirt
         self.handed = False  # a request of ours reached libvirt (set in its worker thread)
         self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
+        self._request: asyncio.Future[bool] | None = None  # the latest request's thread
+        self._inside = [False]  # whether that request is inside libvirt (set in its thread)
         self.sent = 0  # requests that counted (busy refusals do not)
         self.used = 0  # attempts used up
         self.busy_refusals = 0
@@ -210,6 +252,7 @@ class Unplug:
                 sent=self.sent,
                 callers=self.callers,
                 busy_refusals=self.busy_refusals,
+                resumed=self.resumed,
                 time=now,
                 elapsed=now - self.started,
                 **fields,
@@ -228,6 +271,11 @@ class Unplug:
         else:
             found = outcome_of(error)
             outcome = "error" if found == "cancelled" else found
+        request = self._request
+        if request is not None and not request.done() and self._inside[0]:
+            # Still inside libvirt (a close under it): it was handed to libvirt,
+            # so it counts, now, before the end (nothing of an unplug after it).
+            self.record("request_sent")
         self.record("ended", outcome=outcome, error=error)
 
     def done(self, task: asyncio.Task[LiveDone]) -> None:
@@ -272,6 +320,7 @@ class Unplug:
             if self.timer is not None:
                 self.timer.cancel()
             self._registry.forget(self)
+            self._note_end(error)
             self._ended(error)
 
     async def _send(self) -> None:
@@ -286,6 +335,8 @@ class Unplug:
         self.generation = conn.generation
         backend = conn.backend
         uuid, alias = self.key
+        journal = self._registry.journal
+        note = self._note() if journal is not None else None
 
         def request() -> bool:
             # In the worker thread.  A request whose callers all left while it
@@ -293,12 +344,23 @@ class Unplug:
             # whose unplug an event decided meanwhile.
             if self.callers == 0 or (self.verdict is not None and not self.early):
                 return False
+            if journal is not None and note is not None:
+                # Durable before libvirt hears of it: a restart finds it.
+                self.journal_row = journal.note_request(self.journal_row, note)
             # From here on an event for this alias can be our request's own.
-            self.handed = True
-            backend.detach_live(uuid, alias)
+            self.handed = inside[0] = True
+            try:
+                backend.detach_live(uuid, alias)
+            finally:
+                # The guest's window starts when libvirt answers (see _start_window).
+                if journal is not None and self.journal_row is not None:
+                    journal.answered_soon(self.journal_row)
+            if journal is not None:
+                fault_point("request.sent")
             return True
 
-        future = conn.submit(request)
+        inside = self._inside = [False]  # this request's own "handed to libvirt"
+        future = self._request = conn.submit(request)
         future.add_done_callback(self._answered)
         try:
             # Shielded: a request inside libvirt is always seen to its answer.
@@ -306,6 +368,10 @@ class Unplug:
         except BackendError as err:
             await self._refused(err)
             return
+        except JournalError as err:
+            self.sent -= 1  # not recorded, so not sent
+            err.domain, err.alias = self.domain, alias
+            raise
         if not sent:  # decided meanwhile, or nobody waited when its thread was free
             self.sent -= 1
             self.phase = Phase.QUEUED  # run() acts on a verdict first
@@ -313,6 +379,71 @@ class Unplug:
         self.accepted = True
         self.busy_since = None
         self._start_window()
+
+    def _note(self) -> RequestNote:
+        settings = self._registry.settings
+        return RequestNote(
+            uri=self._registry.conn.uri,
+            domain_uuid=self.key[0],
+            domain_name=self.domain,
+            run_id=self.run_id,
+            alias=self.key[1],
+            device=self.device,
+            sent=self.sent,
+            used=self.used,
+            timeout=settings.timeout,
+            attempts=settings.attempts,
+            persistent_done=self.persistent_done,
+            started_at=self.started_wall,
+        )
+
+    def _note_end(self, error: BaseException | None) -> None:
+        """Write the outcome to the journal (queued, off the loop).
+
+        What leaves the guest's unplug possibly still running is *not* an
+        outcome: the service closing (cancellation, :class:`ServiceClosed`), a
+        daemon given up on (:class:`ConnectionLost`), a journal that failed.
+        Such a row stays unfinished and the next ``open()`` takes it up.
+        """
+        journal, row = self._registry.journal, self.journal_row
+        if journal is None or row is None:
+            return
+        if error is None:
+            journal.finish_soon(row, "removed", self.confirmed_by)
+        elif isinstance(error, Abandoned):
+            journal.finish_soon(row, "abandoned")
+        elif not isinstance(
+            error, (asyncio.CancelledError, ConnectionLost, ServiceClosed, JournalError)
+        ):
+            found = outcome_of(error)
+            journal.finish_soon(
+                row, found if found in ("failed", "timeout", "stopped") else "error"
+            )
+
+    def take_up(self, entry: Entry, timeout: float) -> None:
+        """Continue an unplug found unfinished in the journal (before its driver
+        starts).  Its last request is *maybe sent*: its window is waited out
+        (what is left of it), then, once a caller is back, the re-check and
+        re-send rules apply with the attempts it used counted.  With the
+        window over, it lingers ``timeout`` for a caller, as any unplug whose
+        callers left (rule 3)."""
+        self.resumed = True
+        self.journal_row = entry.row
+        self.sent, self.used = entry.sent, entry.used
+        self.accepted = self.handed = True  # events for the alias are our request's
+        self.persistent_done = entry.persistent_done
+        self.started_wall = entry.started_at
+        self.generation = self._registry.conn.generation
+        # A clock set back must not stretch the window beyond one timeout.
+        now = time.time()
+        left = min(max(entry.window_end(now) - now, 0.0), entry.timeout)
+        if left > 0:
+            self.deadline = self._loop.time() + left
+            self.phase = Phase.WAITING
+        else:
+            self.resume = Phase.RECHECKING
+            self.idle_until = self._loop.time() + timeout
+            self.phase = Phase.IDLE
 
     def _answered(self, future: asyncio.Future[bool]) -> None:
         """libvirt answered a request (loop thread, before the driver resumes).
@@ -326,15 +457,21 @@ class Unplug:
         if future.cancelled():
             return
         error = future.exception()
+        if isinstance(error, BackendError) and is_busy(error) and not self.accepted:
+            # Not taken ("guest is busy" before anything of ours was accepted):
+            # it does not count, here already so that the record says so.
+            self.sent -= 1
+            self.handed = False
+        if self.phase is Phase.DONE:
+            # Answered after the unplug ended (the service closed under it):
+            # the unplug's records are over, and a hook may have dropped it.
+            return
         if (error is None and future.result()) or isinstance(error, BackendError):
             self.record("request_sent")
 
     async def _refused(self, err: BackendError) -> None:
         """libvirt did not take the request: what does that mean?"""
-        busy = is_busy(err) and not self.accepted
-        if busy:  # not taken: it does not count, and nothing of ours is pending
-            self.sent -= 1
-            self.handed = False
+        busy = is_busy(err) and not self.accepted  # not counted: see _answered
         if self.verdict is not None and not self.early:
             self.phase = Phase.QUEUED
             return  # an event decided it meanwhile (run() reports it)
@@ -554,6 +691,7 @@ class Unplug:
             confirmed_by: Literal["event", "xml"] = (
                 "event" if decision is Verdict.REMOVED else "xml"
             )
+            self.confirmed_by = confirmed_by
             self.record("removed", confirmed_by=confirmed_by)
             return LiveDone(self.sent, confirmed_by)
         if decision is Verdict.FAILED:
@@ -596,6 +734,7 @@ class Registry(Protocol):
     conn: Connection
     settings: DetachSettings
     hooks: Hooks
+    journal: Journal | None
 
     def forget(self, unplug: Unplug) -> None: ...
 

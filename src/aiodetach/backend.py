@@ -87,6 +87,10 @@ class DomainInfo:
     name: str
     state: DomainState
     persistent: bool
+    run_id: str | None = None
+    """Identifies this run of the domain (libvirt's domain id, new at every
+    start), so a journal can tell a domain re-started since a request from
+    the same one still running.  None when unknown or not running."""
 
 
 class EventSink(Protocol):

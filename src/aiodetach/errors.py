@@ -25,6 +25,11 @@ __all__ = [
     "EventLoopConflict",
     "HypervisorError",
     "InvalidRequest",
+    "JournalCorrupt",
+    "JournalError",
+    "JournalLocked",
+    "JournalUnavailable",
+    "JournalVersionError",
     "ReadOnlyConnection",
     "ServiceClosed",
 ]
@@ -221,3 +226,36 @@ class EventLoopConflict(DetachError, RuntimeError):
     """libvirt's event implementation is bound to an event loop that is still
     running in another thread, or someone else registered a different
     implementation first (see :mod:`aiodetach` docs: *Event loops*)."""
+
+
+class JournalError(DetachError):
+    """The journal (``DetachService(journal=PATH)``) cannot be used.
+
+    Raised by ``open()`` before libvirt is contacted, so nothing was done to
+    any domain; raised by a detach when its request could not be recorded,
+    in which case that request was not sent.  ``path`` is the journal file.
+    """
+
+    def __init__(self, message: str, *, path: str = "", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.path = path
+
+
+class JournalLocked(JournalError):
+    """Another live service (this process or another) holds the journal: two
+    writers would each believe they own the pending unplugs."""
+
+
+class JournalVersionError(JournalError):
+    """The journal was written by a newer aiodetach (its format version is
+    higher than this one knows); it is left untouched."""
+
+
+class JournalCorrupt(JournalError):
+    """The file is not a journal (not SQLite, failed its integrity check, or
+    lacks the journal's tables); it is left untouched."""
+
+
+class JournalUnavailable(JournalError):
+    """The journal cannot be created or written: a missing or read-only
+    directory, a full disk, a path that is a directory."""

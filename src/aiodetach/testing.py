@@ -149,6 +149,9 @@ class FakeDomain:
     persistent: bool = True
     devices: list[FakeDevice] = field(default_factory=list)
     _counter: int = 0
+    run: int = 1
+    """This run of the domain (its ``DomainInfo.run_id``); bump it to model a
+    domain re-started since."""
 
     def _add(
         self,
@@ -290,8 +293,11 @@ class FakeHypervisor:
 
     def domain(self, ref: str) -> FakeDomain:
         with self._lock:
-            dom = self.domains.get(ref) or next(
-                (d for d in self.domains.values() if d.name == ref), None
+            # UUIDs in any case, as libvirt's lookupByUUIDString takes them.
+            dom = (
+                self.domains.get(ref)
+                or self.domains.get(ref.lower())
+                or next((d for d in self.domains.values() if d.name == ref), None)
             )
             if dom is None:
                 raise KeyError(ref)
@@ -428,7 +434,8 @@ class FakeHypervisor:
         self._enter("lookup")
         with self._lock:
             dom = self._find(ref)
-            return DomainInfo(dom.uuid, dom.name, dom.state, dom.persistent)
+            run_id = str(dom.run) if dom.state.is_active else None
+            return DomainInfo(dom.uuid, dom.name, dom.state, dom.persistent, run_id)
 
     def domain_xml(self, uuid: str, *, inactive: bool) -> str:
         self._enter("domain_xml")

@@ -294,3 +294,95 @@ async def test_closing_a_fleet_while_a_host_connects_ends_its_batch() -> None:
     assert [type(o.error) for o in outcomes] == [ServiceClosed] * 3
     assert hv.requests == []
     assert not hv.connected
+
+
+@pytest.mark.parametrize(
+    "flags", [{"live": "yes"}, {"live": 1}, {"persistent": "off"}, {"persistent": 0.0}]
+)
+async def test_batch_flags_are_checked_not_coerced(
+    fake: FakeHypervisor, svc: DetachService, flags: dict[str, Any]
+) -> None:
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d")
+    with pytest.raises(InvalidRequest) as info:
+        await svc.detach_many([{"domain": "vm", "alias": "ua-d", **flags}])
+    assert info.value.index == 0
+    assert fake.requests == []
+
+
+async def test_a_domain_that_does_not_exist_is_looked_up_once_per_batch(
+    fake: FakeHypervisor, svc: DetachService
+) -> None:
+    outcomes = await svc.detach_many(
+        [{"domain": "ghost", "alias": f"ua-{i}"} for i in range(5)], per_domain=2
+    )
+    assert fake.calls.count("lookup") == 1
+    assert [type(o.error).__name__ for o in outcomes] == ["DomainNotFound"] * 5
+    assert [o.error.alias for o in outcomes if o.error] == [f"ua-{i}" for i in range(5)]
+
+
+async def test_a_backend_bug_is_its_requests_error_not_the_batchs(
+    fake: FakeHypervisor, svc: DetachService
+) -> None:
+    vm = fake.add_domain("vm")
+    for i in range(3):
+        vm.add_disk(f"vd{chr(98 + i)}", alias=f"ua-d{i}", unplug=Unplug.now())
+    fake.add_domain("broken").add_disk("vdb", alias="ua-b")
+    original = fake.lookup
+
+    def lookup(ref: str) -> Any:
+        if ref == "broken":
+            raise OSError("a custom backend's own bug")
+        return original(ref)
+
+    fake.lookup = lookup  # type: ignore[method-assign]
+    outcomes = await svc.detach_many(
+        [{"domain": "broken", "alias": "ua-b"}]
+        + [{"domain": "vm", "alias": f"ua-d{i}"} for i in range(3)]
+    )
+    assert [o.ok for o in outcomes] == [False, True, True, True]
+    err = outcomes[0].error
+    assert err is not None
+    assert "OSError" in str(err)
+    assert err.domain == "broken"
+
+
+async def test_a_fleet_detach_on_a_dead_host_names_domain_and_alias() -> None:
+    dead = FakeHypervisor("fake://dead")
+    dead.daemon_up = False
+    async with DetachFleet(backend_factory=lambda _u: dead) as fleet:
+        with pytest.raises(ConnectionLost) as info:
+            await fleet.detach("fake://dead", "vm-3", alias="ua-q")
+    assert info.value.domain == "vm-3"
+    assert info.value.alias == "ua-q"
+
+
+async def test_closing_a_fleet_returns_after_its_callers_have_their_answer() -> None:
+    hv = FakeHypervisor("fake://slow")
+    hv.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.now())
+    gate, entered = threading.Event(), threading.Event()
+
+    def hang(name: str) -> None:
+        if name == "open":
+            entered.set()
+            gate.wait(30)
+
+    hv.before_call = hang
+    fleet = DetachFleet(backend_factory=lambda _u: hv)
+    single = asyncio.create_task(fleet.detach("fake://slow", "vm", alias="ua-d"))
+    while not entered.is_set():
+        await asyncio.sleep(0.01)
+    try:
+        started = time.monotonic()
+        await fleet.aclose()
+        assert time.monotonic() - started < 1.5
+        assert single.done()
+        with pytest.raises(ServiceClosed):
+            single.result()
+    finally:
+        gate.set()
+    await asyncio.sleep(0.1)
+    for _ in range(100):
+        if not hv.connected:
+            break
+        await asyncio.sleep(0.02)
+    assert not hv.connected

@@ -4,7 +4,6 @@ on the fake hypervisor: in a real pseudo-terminal, and through pipes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import aiodetach
+from _probes import child_env
 from _pty import run_in_pty_cmd
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
@@ -25,15 +24,9 @@ BATCH = "\n".join(
 FAST = ["--attempts", "2", "--timeout", "0.4"]
 
 
-def _env() -> dict[str, str]:
-    # The aiodetach this test imported (the source tree, or an installed wheel).
-    src = str(Path(aiodetach.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-
-
 def run_in_pty(*args: str, timeout: float = 60) -> tuple[int, str]:
     """Run the helper with stdout and stderr on a pseudo-terminal; all it wrote."""
-    return run_in_pty_cmd([sys.executable, str(HELPER), *args], timeout=timeout, env=_env())
+    return run_in_pty_cmd([sys.executable, str(HELPER), *args], timeout=timeout, env=child_env())
 
 
 def test_detach_many_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -68,7 +61,7 @@ def test_detach_many_prints_plain_lines_when_not_a_terminal(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(),
+        env=child_env(),
         check=False,
     )
     assert proc.returncode == 12, proc.stderr
@@ -103,7 +96,7 @@ def test_detach_json_progress_is_the_log_events(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(),
+        env=child_env(),
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -134,7 +127,7 @@ async def test_detach_many_serves_metrics_while_it_runs(tmp_path: Path) -> None:
         "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_env(),
+        env=child_env(),
     )
     assert proc.stderr is not None
     try:
@@ -175,7 +168,7 @@ async def test_watch_serves_metrics_until_interrupted() -> None:
         "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_env(),
+        env=child_env(),
     )
     assert proc.stderr is not None
     try:
@@ -209,7 +202,7 @@ def test_metrics_port_in_use_is_a_clean_error() -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env=_env(),
+            env=child_env(),
             check=False,
         )
     assert proc.returncode == 2, proc.stderr

@@ -286,3 +286,60 @@ def test_removals_queued_without_a_loop_are_applied_before_watches_move() -> Non
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     assert "event_hook_failed" not in out.stdout + out.stderr
+
+
+async def test_a_timer_removed_from_a_thread_never_fires_again() -> None:
+    """libvirt may free a timer's opaque once removal returned: a tick already
+    due on the loop must not reach libvirt after that."""
+    loop = asyncio.get_running_loop()
+    impl = _ThreadSafeImpl(loop)
+    removed = threading.Event()
+    late: list[int] = []
+
+    def cb(timer: int, opaque: object) -> None:
+        if removed.is_set():
+            late.append(timer)
+
+    timer = await _in_thread(impl._add_timeout, 0, cb, None)  # fires every iteration
+    await asyncio.sleep(0.05)
+    # Removed from a worker thread while the loop thread waits for it.
+    thread = threading.Thread(target=lambda: impl._remove_timeout(timer))
+    thread.start()
+    thread.join()
+    removed.set()
+    await asyncio.sleep(0.1)
+    assert late == []
+    await impl.settle()
+    assert impl.is_idle()
+
+
+async def test_a_watch_removed_from_a_thread_never_fires_again(pipe: tuple[int, int]) -> None:
+    loop = asyncio.get_running_loop()
+    impl = _ThreadSafeImpl(loop)
+    removed = threading.Event()
+    late: list[int] = []
+    r, w = pipe
+
+    def cb(watch: int, fd: int, events: int, opaque: object) -> None:
+        if removed.is_set():
+            late.append(watch)
+        os.read(fd, 1)
+
+    watch = await _in_thread(impl._add_handle, r, READABLE, cb, None)
+    await asyncio.sleep(0.05)
+
+    def remove_while_readable() -> None:
+        thread = threading.Thread(target=lambda: impl._remove_handle(watch))
+        thread.start()
+        thread.join()
+        removed.set()
+
+    def arm() -> None:
+        os.write(w, b"x")
+        loop.call_soon(remove_while_readable)
+
+    loop.call_soon(arm)
+    await asyncio.sleep(0.1)
+    assert late == []
+    await impl.settle()
+    assert impl.is_idle()

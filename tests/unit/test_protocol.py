@@ -598,7 +598,7 @@ async def test_reads_handed_to_threads_are_bounded(
         nonlocal outstanding, peak
         future = submit(executor, func, *args)
         reads = (fake.lookup, fake.domain_xml, fake.detach_config)
-        if getattr(func, "func", None) in reads:  # live requests have their own path
+        if getattr(func, "__wrapped__", None) in reads:  # live requests have their own path
             outstanding += 1
             peak = max(peak, outstanding)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from aiodetach import DetachFleet, DetachService, DetachSettings
-from aiodetach.errors import ConnectionLost
+from aiodetach.errors import ConnectionLost, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
 
@@ -161,3 +161,52 @@ async def test_a_fleet_host_that_never_answers_fails_only_its_requests() -> None
     assert [o.ok for o in outcomes] == [False] * 6 + [True] * 3
     assert all(isinstance(o.error, ConnectionLost) for o in outcomes[:6])
     assert cut.hanging == 1, "one connect per host, shared by its requests"
+
+
+async def test_open_fails_at_connect_timeout_not_after_a_close_grace(
+    fake: FakeHypervisor, partition: Partition
+) -> None:
+    partition.down()
+    svc = DetachService(backend=fake, settings=DetachSettings(connect_timeout=0.3))
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost):
+        await svc.open()
+    assert time.monotonic() - started < 0.3 + 1.0
+
+
+async def test_close_releases_a_caller_whose_read_is_stuck(
+    fake: FakeHypervisor,
+) -> None:
+    """A read on a connection into a partition blocks in its thread; closing
+    must give its caller ServiceClosed now, not when the thread returns."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d")
+    released = threading.Event()
+    async with DetachService(backend=fake) as svc:
+        stuck: list[str] = []
+
+        def hang(name: str) -> None:
+            if name == "lookup":
+                stuck.append(name)
+                released.wait(30)
+
+        fake.before_call = hang
+        task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
+        batch = asyncio.create_task(
+            svc.detach_many([{"domain": "vm", "alias": "ua-d"}, {"domain": "vm", "target": "vdb"}])
+        )
+        await _until(lambda: len(stuck) >= 1)
+        await asyncio.sleep(0.05)
+    try:
+        assert task.done(), "aclose() returned while a caller still waits for its read"
+        assert batch.done(), "aclose() returned while detach_many still runs"
+        with pytest.raises(ServiceClosed) as info:
+            task.result()
+        assert info.value.domain == "vm"
+        assert info.value.alias == "ua-d"
+        assert all(isinstance(o.error, ServiceClosed) for o in batch.result())
+        assert [(o.error.domain, o.error.alias) for o in batch.result() if o.error] == [
+            ("vm", "ua-d"),
+            ("vm", None),
+        ]
+    finally:
+        released.set()

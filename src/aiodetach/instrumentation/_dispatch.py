@@ -8,12 +8,15 @@ can never change what a detach does; it is logged once per hook and step
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import time
 from collections.abc import Iterable
 
 import structlog
 
-from ._records import Hook, Record
+from ._records import DetachRecord, Hook, Record, outcome_of
 
 __all__ = ["Hooks", "next_detach_id", "next_unplug_id"]
 
@@ -47,7 +50,11 @@ class Hooks:
         for index, hook in enumerate(self._hooks):
             try:
                 hook(record)
-            except Exception:
+            except (Exception, asyncio.CancelledError):
+                # CancelledError too: a hook that awaited nothing cannot have
+                # been cancelled, so it is the hook's own bug (a .result() on a
+                # cancelled future), not a cancellation of the detach.  Only
+                # KeyboardInterrupt and SystemExit go through, as asyncio lets them.
                 self._report(index, hook, record)
 
     def _report(self, index: int, hook: Hook, record: Record) -> None:
@@ -55,11 +62,35 @@ class Hooks:
         if key in self._failed:
             return
         self._failed.add(key)
-        _log.warning(
-            "aiodetach.hook_failed",
-            hook=getattr(hook, "__qualname__", None) or repr(hook),
-            hook_index=index,
-            record=type(record).__name__,
-            kind=record.kind,
-            exc_info=True,
+        with contextlib.suppress(Exception):  # the broken hook may be the logging one
+            _log.warning(
+                "aiodetach.hook_failed",
+                hook=getattr(hook, "__qualname__", None) or repr(hook),
+                hook_index=index,
+                record=type(record).__name__,
+                kind=record.kind,
+                exc_info=True,
+            )
+
+
+def emit_unrun(
+    hooks: Hooks, *, uri: str, domain: str, alias: str | None, error: BaseException
+) -> None:
+    """``started`` and ``finished`` of a batch request that failed before its
+    ``detach()`` could begin (its domain unknown, its host unreachable): it is
+    a call all the same, and counters, spans and progress bars must see it."""
+    if not hooks:
+        return
+    now = time.monotonic()
+    common = {"detach_id": next_detach_id(), "uri": uri, "domain": domain, "alias": alias}
+    hooks.emit(DetachRecord(kind="started", time=now, elapsed=0.0, **common))  # type: ignore[arg-type]
+    hooks.emit(
+        DetachRecord(
+            kind="finished",
+            time=now,
+            elapsed=0.0,
+            error=error,
+            outcome=outcome_of(error),
+            **common,  # type: ignore[arg-type]
         )
+    )

@@ -120,6 +120,8 @@ class _OtelHook:
                 "aiodetach.live": result.live,
                 "aiodetach.persistent": result.persistent,
                 "aiodetach.joined": result.joined,
+                # Only when true: taken up from the journal after a restart.
+                "aiodetach.resumed": result.resumed or None,
             }
         span.set_attributes(_attrs(attrs))
         if error is not None and r.outcome != "cancelled":

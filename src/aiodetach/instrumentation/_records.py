@@ -54,6 +54,7 @@ DetachStep = Literal[
 
 UnplugStep = Literal[
     "started",  # a new unplug of the device (pending unplugs + 1)
+    "recovered",  # taken up from the journal after a restart of this process (resumed=True)
     "request_sent",  # a live detach request reached libvirt (accepted or refused)
     "in_progress",  # libvirt refused it: an unplug is already in progress (waiting for it)
     "busy_backoff",  # "guest is busy" before any request was accepted: sending again later
@@ -113,6 +114,9 @@ class DetachRecord:
     """``finished``: what the call raised (a ``DetachError``, or ``CancelledError``)."""
     outcome: Outcome | None = None
     """``finished``: the outcome, as the Prometheus hook labels it."""
+    resumed: bool = False
+    """``unplug_joined``: the unplug joined was taken up from the journal (a
+    request sent by an earlier run of this process)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,6 +151,9 @@ class UnplugRecord:
     """``busy_backoff``: seconds until the request is sent again."""
     busy_refusals: int = 0
     """"guest is busy" refusals so far."""
+    resumed: bool = False
+    """The unplug was taken up from the journal after a restart of this
+    process: its first request(s) were sent by the process before."""
     outcome: UnplugOutcome | None = None
     """``ended``: how the unplug ended."""
     error: BaseException | None = None

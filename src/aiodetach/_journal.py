@@ -1,0 +1,618 @@
+"""The journal: what this process asked of libvirt, kept across its restarts.
+
+libvirt keeps no record of "an unplug was requested at T": the live XML
+shows the device until the guest lets go.  A host agent that restarts
+while an unplug is pending (an upgrade, an OOM kill, a crash) would send a
+fresh request into the unplug still in progress, and would never learn the
+outcome of one that finished while it was down.  The journal is an SQLite
+file (stdlib :mod:`sqlite3`, WAL mode) with one row per live unplug of ours:
+
+- a row is written **and committed before** each live request goes to
+  libvirt (in the worker thread that then sends it), with the request's
+  wall-clock time, its number, the attempts used so far and the settings in
+  force.  A crash between the commit and the request leaves a row that says
+  "sent" though maybe nothing was: the row is read as *maybe sent* and its
+  window is waited out, which is only ever later, never earlier;
+- its outcome is written when it is known (off the event loop, in the
+  journal's own thread);
+- at ``open()`` the unfinished rows of the service's URI are reconciled
+  against the live XML (see :meth:`aiodetach.DetachService.open`).
+
+Durability: ``synchronous=FULL`` by default (each commit is fsynced before
+the request goes out), so a row survives a power cut of the agent's host,
+which matters when the guests run elsewhere (``qemu+ssh://``, ``qemu+tcp://``):
+their unplugs go on while the agent's host reboots.  With the guests on the
+agent's own host a power cut kills them too, and ``synchronous=NORMAL`` (WAL
+commits that survive a process kill but maybe not a power cut) is enough:
+``DetachSettings(journal_sync="normal")``.  Either way WAL keeps the file
+consistent (a lost commit rolls back, it never corrupts).
+
+Nothing but identifiers and times is stored: URI, domain UUID and name, the
+domain's run id, the alias and the device's identifying description (e.g.
+``disk target='vdb'``).  Never XML.  Finished rows are deleted after
+``journal_retention`` seconds.
+
+One writer: the database file itself is held with ``flock`` for the
+owner's life (the lock follows the file, not its path's spelling; a forked
+child drops it); a second opener gets :class:`JournalLocked`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from .errors import (
+    JournalCorrupt,
+    JournalError,
+    JournalLocked,
+    JournalUnavailable,
+    JournalVersionError,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Entry",
+    "Journal",
+    "JournalOutcome",
+    "RequestNote",
+    "fault_point",
+    "open_journal",
+]
+
+_log = structlog.get_logger("aiodetach")
+
+FORMAT_VERSION = 1
+"""The journal's format (SQLite ``user_version``).  A file with a higher one
+was written by a newer aiodetach and is refused, untouched."""
+
+PRUNE_EVERY = 60.0
+"""Seconds between two prunes of finished rows (plus one at open)."""
+
+JournalOutcome = Literal["removed", "failed", "timeout", "stopped", "error", "abandoned"]
+
+fault: Callable[[str], None] | None = None
+"""Test-only: called at named points around every journal write (the
+power-cut tests kill the process there).  ``None`` in normal use."""
+
+_SCHEMA = """
+CREATE TABLE unplugs (
+    id INTEGER PRIMARY KEY,
+    uri TEXT NOT NULL,
+    domain_uuid TEXT NOT NULL,
+    domain_name TEXT NOT NULL,
+    run_id TEXT,
+    alias TEXT NOT NULL,
+    device TEXT,
+    sent INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    sent_at REAL NOT NULL,
+    answered_at REAL,
+    timeout REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    persistent_done INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    outcome TEXT,
+    confirmed_by TEXT
+);
+CREATE INDEX unplugs_open ON unplugs (uri) WHERE finished_at IS NULL;
+CREATE INDEX unplugs_finished ON unplugs (finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+_COLUMNS = (
+    "id, uri, domain_uuid, domain_name, run_id, alias, device, sent, used, sent_at, "
+    "timeout, attempts, persistent_done, started_at, answered_at"
+)
+
+
+def fault_point(point: str) -> None:
+    hook = fault
+    if hook is not None:
+        hook(point)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestNote:
+    """What is recorded before a live request goes out."""
+
+    uri: str
+    domain_uuid: str
+    domain_name: str
+    run_id: str | None
+    alias: str
+    device: str | None
+    sent: int  # requests counted, this one included
+    used: int  # attempts used up before this request's window
+    timeout: float  # the settings in force
+    attempts: int
+    persistent_done: bool
+    started_at: float  # wall clock, when the unplug started
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An unfinished row, as read back at open."""
+
+    row: int
+    uri: str
+    domain_uuid: str
+    domain_name: str
+    run_id: str | None
+    alias: str
+    device: str | None
+    sent: int
+    used: int
+    sent_at: float  # wall clock, just before the request was handed to libvirt
+    timeout: float
+    attempts: int
+    persistent_done: bool
+    started_at: float
+    answered_at: float | None = None  # wall clock, when libvirt answered (if recorded)
+
+    def window_end(self, opened_at: float) -> float:
+        """Wall-clock end of the last request's window.
+
+        The guest's window starts when libvirt has the request, which may be
+        long after ``sent_at`` (a request queued behind the domain's job).  So
+        it is counted from ``answered_at``; if that was never recorded (the
+        process died inside the call), from ``opened_at`` (now) at the
+        earliest: later, never earlier.
+        """
+        if self.answered_at is not None:
+            return self.answered_at + self.timeout
+        return max(self.sent_at, opened_at) + self.timeout
+
+
+_T = TypeVar("_T")
+
+
+def _classify(err: sqlite3.Error, path: Path, doing: str) -> JournalError:
+    """A typed error for an SQLite failure."""
+    text = str(err)
+    corrupt = any(m in text for m in ("not a database", "malformed", "corrupt", "no such column"))
+    if corrupt and ("no such column" in text or not isinstance(err, sqlite3.OperationalError)):
+        return JournalCorrupt(f"the journal {path} is corrupted ({doing}: {text})", path=str(path))
+    return JournalUnavailable(
+        f"the journal {path} cannot be used ({doing}: {text})", path=str(path)
+    )
+
+
+def _forget_in_child() -> None:
+    """A forked child (multiprocessing's default start method) must not keep
+    the parent's journal locked: the lock belongs to the open file, which the
+    child shares, so a child outliving a killed agent would lock its restart
+    out.  The child drops its copies; it has no business writing anyway."""
+    for journal in list(_open_journals):
+        fd, journal._lock_fd = journal._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        journal.closed = True
+
+
+_open_journals: weakref.WeakSet[Journal] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class Journal:
+    """One journal file, locked for the life of this object.
+
+    The blocking methods are safe from any thread (one lock around the one
+    SQLite connection); the service calls them from worker threads only.
+    """
+
+    def __init__(
+        self, path: Path, db: sqlite3.Connection, lock_fd: int, *, retention: float
+    ) -> None:
+        self.path = path
+        self._db = db
+        self._lock_fd: int | None = lock_fd
+        self._lock = threading.Lock()
+        self._retention = retention
+        self._last_prune = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aiodetach-journal")
+        self.closed = False
+        _open_journals.add(self)
+
+    # ---------------------------------------------------------------- open
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, synchronous: str, retention: float) -> Journal:
+        """Lock, open and check the journal at ``path`` (blocking).
+
+        Raises :class:`JournalLocked`, :class:`JournalVersionError`,
+        :class:`JournalCorrupt` or :class:`JournalUnavailable`; on any of
+        them the file is left as it was and nothing is held.
+        """
+        where = Path(os.fspath(path))
+        shown = str(where)
+        try:
+            is_dir = where.is_dir()
+        except (OSError, ValueError) as exc:
+            raise JournalUnavailable(
+                f"cannot use the journal path {shown!r}: {exc}", path=shown
+            ) from None
+        if is_dir:
+            raise JournalUnavailable(f"the journal path {where} is a directory", path=shown)
+        try:
+            # The lock is taken on the database file itself (created empty if
+            # need be), so it follows the file, not how its path is spelled: a
+            # symlink or a hard link to it, or a lock file deleted by hand,
+            # cannot make a second writer.  (flock, not fcntl: SQLite's own
+            # POSIX locks on the same file are independent of it.)
+            fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise JournalUnavailable(
+                f"cannot open the journal {shown!r}: {reason}", path=shown
+            ) from None
+        lock_path = where
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise JournalUnavailable(
+                        f"cannot lock {lock_path}: {exc.strerror}", path=shown
+                    ) from None
+                owner = where.with_name(where.name + ".owner")
+                try:
+                    holder = owner.read_text().strip() or "?"
+                except OSError:
+                    holder = "?"
+                raise JournalLocked(
+                    f"the journal {where} is in use by another service (pid {holder}); "
+                    "one journal has one writer",
+                    path=shown,
+                ) from None
+            with contextlib.suppress(OSError):  # who holds it, for the message above
+                where.with_name(where.name + ".owner").write_text(f"{os.getpid()}\n")
+            db = cls._open_db(where, synchronous)
+        except BaseException:
+            os.close(fd)  # releases the lock
+            raise
+        journal = cls(where, db, fd, retention=retention)
+        try:
+            journal.prune()
+        except BaseException:
+            journal.close()
+            raise
+        return journal
+
+    @staticmethod
+    def _open_db(path: Path, synchronous: str) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        except sqlite3.Error as exc:
+            raise _classify(exc, path, "opening") from None
+        try:
+            # The version first: a newer journal is refused before anything is written.
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > FORMAT_VERSION:
+                raise JournalVersionError(
+                    f"the journal {path} has format {version}; this aiodetach reads up to "
+                    f"{FORMAT_VERSION} (written by a newer version?)",
+                    path=str(path),
+                )
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version == 0 and tables:
+                raise JournalCorrupt(
+                    f"{path} is an SQLite database but not an aiodetach journal", path=str(path)
+                )
+            if version == FORMAT_VERSION:
+                if "unplugs" not in tables:
+                    raise JournalCorrupt(f"the journal {path} lacks its table", path=str(path))
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise JournalCorrupt(
+                        f"the journal {path} failed its integrity check: {check}",
+                        path=str(path),
+                    )
+            mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                raise JournalUnavailable(
+                    f"the journal {path} cannot use WAL mode (got {mode!r})", path=str(path)
+                )
+            db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            if version == 0:
+                # Schema and version in one transaction: a crash leaves either
+                # nothing or a whole journal.
+                db.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                fault_point("open.schema")
+                db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+                db.execute("COMMIT")
+        except JournalError:
+            db.close()
+            raise
+        except sqlite3.Error as exc:
+            db.close()
+            raise _classify(exc, path, "opening") from None
+        return db
+
+    # --------------------------------------------------------- blocking I/O
+    def _write(self, doing: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._lock:
+            if self.closed:
+                raise JournalUnavailable(f"the journal {self.path} is closed", path=str(self.path))
+            self._check_still_there()
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = fn(db)
+                db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _classify(exc, self.path, doing) from None
+                raise
+            return result
+
+    def _check_still_there(self) -> None:
+        """The file at our path is still the one we hold: a journal deleted or
+        replaced under a running service would take rows that no restart
+        reads (one stat per write, a few microseconds)."""
+        fd = self._lock_fd
+        if fd is None:
+            return
+        try:
+            here, held = os.stat(self.path), os.fstat(fd)
+        except OSError as exc:
+            raise JournalUnavailable(
+                f"the journal {self.path} is gone ({exc.strerror}); its rows would be lost",
+                path=str(self.path),
+            ) from None
+        if (here.st_dev, here.st_ino) != (held.st_dev, held.st_ino):
+            raise JournalUnavailable(
+                f"the journal {self.path} was replaced by another file under this service",
+                path=str(self.path),
+            )
+
+    def note_request(self, row: int | None, note: RequestNote) -> int:
+        """Record a live request about to be sent; durable (committed) on
+        return.  Returns the unplug's row (a new one for its first request)."""
+        now = time.time()
+        fault_point("request.begin")
+
+        def write(db: sqlite3.Connection) -> int:
+            if row is not None:
+                db.execute(
+                    "UPDATE unplugs SET sent=?, used=?, sent_at=?, timeout=?, attempts=?, "
+                    "persistent_done=? WHERE id=?",
+                    (
+                        note.sent,
+                        note.used,
+                        now,
+                        note.timeout,
+                        note.attempts,
+                        int(note.persistent_done),
+                        row,
+                    ),
+                )
+                fault_point("request.written")
+                return row
+            # An older unfinished row of the device (never the case when open()
+            # reconciled it) is closed rather than left to be resumed twice.
+            db.execute(
+                "UPDATE unplugs SET finished_at=?, outcome='superseded' "
+                "WHERE uri=? AND domain_uuid=? AND alias=? AND finished_at IS NULL",
+                (now, note.uri, note.domain_uuid, note.alias),
+            )
+            cursor = db.execute(
+                "INSERT INTO unplugs (uri, domain_uuid, domain_name, run_id, alias, device, "
+                "sent, used, sent_at, timeout, attempts, persistent_done, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    note.uri,
+                    note.domain_uuid,
+                    note.domain_name,
+                    note.run_id,
+                    note.alias,
+                    note.device,
+                    note.sent,
+                    note.used,
+                    now,
+                    note.timeout,
+                    note.attempts,
+                    int(note.persistent_done),
+                    note.started_at,
+                ),
+            )
+            fault_point("request.written")
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        written = self._write("recording a request", write)
+        fault_point("request.committed")
+        return written
+
+    def finish(
+        self,
+        row: int,
+        outcome: JournalOutcome,
+        confirmed_by: str | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Record how the unplug of ``row`` ended (and prune now and then)."""
+        now = time.time() if at is None else at
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE unplugs SET finished_at=?, outcome=?, confirmed_by=? "
+                "WHERE id=? AND finished_at IS NULL",
+                (now, outcome, confirmed_by, row),
+            )
+            fault_point("finish.written")
+
+        self._write("recording an outcome", write)
+        fault_point("finish.committed")
+        if now - self._last_prune >= PRUNE_EVERY:
+            self.prune()
+
+    def unfinished(self, uri: str) -> list[Entry]:
+        """The unfinished unplugs of ``uri``, oldest first."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM unplugs WHERE uri=? AND finished_at IS NULL "  # noqa: S608 - constant columns
+                    "ORDER BY id",
+                    (uri,),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise _classify(exc, self.path, "reading") from None
+        return [
+            Entry(
+                row=r[0],
+                uri=r[1],
+                domain_uuid=r[2],
+                domain_name=r[3],
+                run_id=r[4],
+                alias=r[5],
+                device=r[6],
+                sent=int(r[7]),
+                used=int(r[8]),
+                sent_at=float(r[9]),
+                timeout=float(r[10]),
+                attempts=int(r[11]),
+                persistent_done=bool(r[12]),
+                started_at=float(r[13]),
+                answered_at=None if r[14] is None else float(r[14]),
+            )
+            for r in rows
+        ]
+
+    def unfinished_uris(self) -> list[str]:
+        """URIs with unfinished unplugs (a fleet opens their services)."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT DISTINCT uri FROM unplugs WHERE finished_at IS NULL ORDER BY uri"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise _classify(exc, self.path, "reading") from None
+        return [str(r[0]) for r in rows]
+
+    def prune(self) -> int:
+        """Delete rows finished more than ``retention`` seconds ago."""
+        now = time.time()
+        self._last_prune = now
+
+        def write(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "DELETE FROM unplugs WHERE finished_at IS NOT NULL AND finished_at < ?",
+                (now - self._retention,),
+            )
+            return cursor.rowcount
+
+        return self._write("pruning", write)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row, as dicts (tests and diagnostics)."""
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM unplugs ORDER BY id")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+
+    def close(self) -> None:
+        """Finish the queued writes, close the file, release the lock (blocking)."""
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)
+
+    # --------------------------------------------------------- from the loop
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a blocking method in the journal's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args))
+
+    def answered_soon(self, row: int) -> None:
+        """Queue "libvirt answered the request of ``row``, now" (any thread;
+        never blocks).  Not made durable on its own: if it is lost, a restart
+        counts the window from its own start instead (see Entry.window_end)."""
+        at = time.time()
+
+        def write() -> None:
+            def update(db: sqlite3.Connection) -> None:
+                db.execute("UPDATE unplugs SET answered_at=? WHERE id=?", (at, row))
+
+            try:
+                self._write("recording an answer", update)
+            except JournalError as exc:
+                _log.warning("aiodetach.journal_write_failed", error=str(exc))
+
+        with contextlib.suppress(RuntimeError):  # closed: the restart is conservative
+            self._executor.submit(write)
+
+    def finish_soon(
+        self, row: int, outcome: JournalOutcome, confirmed_by: str | None = None
+    ) -> None:
+        """Queue an outcome write (loop thread; never blocks it).  A failure
+        is logged: the row stays unfinished and the next open reconciles it
+        against the live XML, which is what it would learn anyway."""
+        at = time.time()
+
+        def write() -> None:
+            try:
+                self.finish(row, outcome, confirmed_by, at)
+            except JournalError as exc:
+                _log.warning("aiodetach.journal_write_failed", error=str(exc))
+
+        try:
+            self._executor.submit(write)
+        except RuntimeError:  # closed: the next open reconciles the row
+            _log.warning("aiodetach.journal_write_failed", error="journal closed", row=row)
+
+    async def aclose(self) -> None:
+        """:meth:`close` off the loop, shielded from cancellation."""
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(None, self.close)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await asyncio.shield(done)
+            raise
+
+
+async def open_journal(
+    path: str | os.PathLike[str], *, synchronous: str, retention: float
+) -> Journal:
+    """:meth:`Journal.open` off the loop.  A cancelled open releases what the
+    thread still opens."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(
+        None, lambda: Journal.open(path, synchronous=synchronous, retention=retention)
+    )
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def release(done: asyncio.Future[Journal]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result().close()
+
+        future.add_done_callback(release)
+        raise
