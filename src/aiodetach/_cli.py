@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 from pydantic import ValidationError
@@ -104,7 +104,7 @@ def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or _Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, stream or _Stderr())),
         cache_logger_on_first_use=False,
     )
 

@@ -8,9 +8,9 @@ pending, then detaches the devices concurrently and prints one JSON line per
 outcome.
 
 Every live request is appended to ``--requests-log`` *before* it goes to
-libvirt (``O_APPEND`` writes reach the kernel at once, so they survive a
-SIGKILL): a line ``send PID ALIAS TIME`` there is an upper bound of what
-reached QEMU, counted across processes.  ``--kill-at`` SIGKILLs the process
+libvirt, by the lab's request recorder
+(:func:`aiodetach_lab.requests.appending_requests`): the file is an upper
+bound of what reached QEMU, counted across processes, and survives a SIGKILL.  ``--kill-at`` SIGKILLs the process
 itself at a journal fault point (``request.committed``, ``finish.written``…),
 the N-th time it is reached (default 1).
 """
@@ -26,33 +26,7 @@ import sys
 import time
 
 from aiodetach import DetachService, DetachSettings, _journal
-from aiodetach._libvirt import LibvirtBackend
-from aiodetach.backend import BackendError
-
-
-class LoggingBackend(LibvirtBackend):
-    """The real backend, appending each live request to a file first."""
-
-    def __init__(self, uri: str, log: str) -> None:
-        super().__init__(uri)
-        self._log = log
-
-    def _write(self, line: str) -> None:
-        fd = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        pid = os.getpid()
-        self._write(f"send {pid} {alias} {time.time():.6f}\n")
-        try:
-            super().detach_live(uuid, alias)
-        except BackendError as err:
-            self._write(f"refused {pid} {alias} {err.message!r}\n")
-            raise
-        self._write(f"accepted {pid} {alias} {time.time():.6f}\n")
+from aiodetach_lab.requests import appending_requests
 
 
 def _kill_at(spec: str) -> None:
@@ -76,10 +50,7 @@ async def run(args: argparse.Namespace) -> int:
     settings = DetachSettings(
         timeout=args.timeout, attempts=args.attempts, journal_sync=args.journal_sync
     )
-    backend = LoggingBackend(args.uri, args.requests_log)
-    svc = DetachService(
-        args.uri, backend=backend, settings=settings, journal=args.journal, log=False
-    )
+    svc = DetachService(args.uri, settings=settings, journal=args.journal, log=False)
     async with svc:
         _emit(
             {
@@ -118,7 +89,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.kill_at:
         _kill_at(args.kill_at)
-    return asyncio.run(run(args))
+    with appending_requests(args.requests_log):
+        return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from _probes import child_env
+from aiodetach_lab.requests import sends_in
 
 from ._support import Guest, button_presses, cancels, guest, virtio_disk
 
@@ -45,23 +46,17 @@ def _agent(g: Guest, alias: str, log: Path, journal: Path | None, *extra: str) -
     return cmd + list(extra)
 
 
-def _sends(log: Path) -> list[list[str]]:
-    if not log.exists():
-        return []
-    return [line.split() for line in log.read_text().splitlines() if line.startswith("send ")]
-
-
 def _start_and_kill(g: Guest, alias: str, log: Path, journal: Path | None) -> float:
     """Start an agent, SIGKILL it 1 s after its request went out; the request's time."""
     first = subprocess.Popen(
         _agent(g, alias, log, journal), env=child_env(), stdout=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
-    while not _sends(log):
+    while not sends_in(log):
         assert first.poll() is None, "the first agent ended before sending"
         assert time.monotonic() < deadline, "the first agent sent nothing"
         time.sleep(0.02)
-    sent_at = float(_sends(log)[0][3])
+    sent_at = float(sends_in(log)[0][3])
     time.sleep(max(sent_at + 1.0 - time.time(), 0))
     first.kill()
     assert first.wait(30) == -9
@@ -89,7 +84,7 @@ def test_killed_agent_with_journal_then_the_next_one_joins(native: Guest, tmp_pa
     assert result["ok"], result
     assert (result["resumed"], result["joined"], result["attempts"]) == (True, True, 1)
     assert result["confirmed_by"] == "event"
-    assert len(_sends(log)) == 1, log.read_text()  # the second process sent nothing
+    assert len(sends_in(log)) == 1, log.read_text()  # the second process sent nothing
     assert not native.has_alias("ua-disk1")
     text = native.serial_text()[offset:]
     assert (button_presses(text), cancels(text)) == (1, 0), text
@@ -106,7 +101,7 @@ def test_killed_agent_without_journal_sends_again(native: Guest, tmp_path: Path)
     log = tmp_path / "requests.log"
     _start_and_kill(native, "ua-disk2", log, None)
     _opened, result = _run(_agent(native, "ua-disk2", log, None))
-    sends = _sends(log)
+    sends = sends_in(log)
     assert len(sends) == 2, log.read_text()
     assert sends[0][1] != sends[1][1], "one request per process"
     assert result["ok"], result
@@ -134,4 +129,4 @@ def test_guest_finishes_while_no_agent_runs(native: Guest, tmp_path: Path) -> No
         "xml",
     )
     assert opened["pending"] == []
-    assert len(_sends(log)) == 1
+    assert len(sends_in(log)) == 1

@@ -39,6 +39,7 @@ from aiodetach._libvirt import LibvirtBackend
 from aiodetach._xml import has_alias
 from aiodetach.errors import DetachTimeout, DeviceNotFound
 from aiodetach_lab import domains as _lab
+from aiodetach_lab.requests import sends_in
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -98,9 +99,7 @@ def _agent(uri: str, dom: str, aliases: list[str], log: Path, journal: Path) -> 
 
 
 def _sent_by_agent(log: Path) -> list[str]:
-    if not log.exists():
-        return []
-    return [line.split()[2] for line in log.read_text().splitlines() if line.startswith("send ")]
+    return [alias for _, _, alias, _ in sends_in(log)]
 
 
 def _rows(journal: Path) -> list[dict[str, object]]:
