@@ -14,8 +14,6 @@ import asyncio
 import inspect
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 from collections.abc import AsyncIterator
@@ -24,6 +22,7 @@ import libvirt
 import libvirtaio
 import pytest
 
+from _probes import fresh_python
 from aiodetach import DetachService, DetachSettings, DeviceEvent, install_event_loop
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.errors import DetachRefused
@@ -136,7 +135,7 @@ def test_never_relies_on_asyncio_get_event_loop(test_uri: str) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {os.path.dirname(os.path.dirname(__file__))!r}]
 
         def as_in_python_3_14():
             # 3.14's rule: the running loop, or an error (never a new loop).
@@ -153,13 +152,6 @@ def test_never_relies_on_asyncio_get_event_loop(test_uri: str) -> None:
             print(asyncio.run(_stopped_event_of_a_destroyed_domain({test_uri!r})))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = fresh_python(script)
     results = [line for line in proc.stdout.splitlines() if line.startswith("(")]
     assert results == ["('domain-stopped', 'destroyed')"] * 2, proc.stdout

@@ -18,6 +18,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from _probes import fresh_python
 from aiodetach._eventloop import _ThreadSafeImpl
 
 READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
@@ -174,14 +175,7 @@ def test_install_twice_in_a_row_and_across_loops() -> None:
         print("ok")
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = fresh_python(code)
     assert out.stdout.strip() == "ok"
 
 
@@ -276,14 +270,7 @@ def test_removals_queued_without_a_loop_are_applied_before_watches_move() -> Non
         asyncio.run(second())
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = fresh_python(code)
     assert out.stdout.strip() == "ok"
     assert "event_hook_failed" not in out.stdout + out.stderr
 

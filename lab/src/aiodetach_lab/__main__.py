@@ -52,12 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         removed = domains.cleanup_leftovers(args.uri)
         print(f"removed {removed} leftover lab domain(s)")
         return 0
-    except domains.LabError as exc:
+    except (domains.LabError, KeyboardInterrupt) as exc:
+        # The lab's errors are one line for a person at a terminal; ^C is quiet.
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    raise SystemExit(main())
