@@ -55,7 +55,12 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         self._to_libvirtaio: dict[int, int] = {}
         self._alive: set[int] = set()
         self._ops: deque[Callable[[], None]] = deque()
-        self._ops_lock = threading.Lock()
+        # Reentrant: a thread holding it can run a finalizer at any bytecode
+        # (Python >= 3.12 runs the cyclic GC at the eval loop's checks), and a
+        # libvirt object's __del__ (virDomain, virConnect) calls these hooks
+        # again on the same thread.  With a plain lock that thread waits on
+        # itself for ever (seen on 3.13: a worker thread stuck in _submit).
+        self._ops_lock = threading.RLock()
         self._ff_inflight = 0
 
     # -- ordering machinery ------------------------------------------------

@@ -7,6 +7,7 @@ the loop runs in debug mode (where touching the loop off-thread raises).
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import subprocess
 import sys
@@ -89,6 +90,40 @@ async def test_off_thread_hook_calls_keep_their_order(pipe: tuple[int, int]) -> 
     await asyncio.sleep(0.05)
     assert calls == [], "the handle was removed last: nothing may fire"
     assert impl.is_idle()
+
+
+async def test_a_hook_call_made_again_while_one_is_queued_does_not_deadlock(
+    pipe: tuple[int, int],
+) -> None:
+    """A libvirt object freed by the garbage collector in a worker thread calls
+    the hooks again from inside a hook call (its ``__del__`` runs at whatever
+    bytecode the thread is at).  Simulated: queueing the first call makes the
+    same thread queue a second one.  Both are applied, in the order queued."""
+    loop = asyncio.get_running_loop()
+    impl = _ThreadSafeImpl(loop)
+    r, _ = pipe
+    watch = impl._add_handle(r, READABLE, lambda *a: None, None)
+    await impl.settle()
+    applied: list[str] = []
+
+    class FinalizerOnAppend(collections.deque[Any]):
+        def append(self, op: Any) -> None:
+            if not applied:
+                applied.append("outer queued")
+                impl._submit(lambda: applied.append("from the finalizer"))
+            super().append(op)
+
+    impl._ops = FinalizerOnAppend(impl._ops)
+    worker = threading.Thread(
+        target=impl._submit, args=(lambda: applied.append("outer"),), daemon=True
+    )
+    worker.start()
+    await asyncio.to_thread(worker.join, 5)
+    assert not worker.is_alive(), "the worker thread waits on a lock it holds itself"
+    await impl.settle()
+    assert applied == ["outer queued", "from the finalizer", "outer"]
+    impl._remove_handle(watch)
+    await impl.settle()
 
 
 async def test_timer_added_from_a_thread() -> None:
