@@ -35,11 +35,10 @@ from hypothesis import strategies as st
 
 from _probes import child_env
 from aiodetach import DetachService, DetachSettings
-from aiodetach._libvirt import LibvirtBackend
 from aiodetach._xml import has_alias
 from aiodetach.errors import DetachTimeout, DeviceNotFound
 from aiodetach_lab import domains as _lab
-from aiodetach_lab.requests import sends_in
+from aiodetach_lab.requests import recording_requests, sends_in
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -56,18 +55,6 @@ POINTS = (
 )
 SCSI = {p: f"ua-scsi{i}" for i, p in enumerate(POINTS)}
 BLK = {p: f"ua-blk{i}" for i, p in enumerate(POINTS)}
-
-
-class TimingBackend(LibvirtBackend):
-    """The real backend, noting when each live request of the new service went out."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.sent: list[tuple[str, float]] = []
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        self.sent.append((alias, time.time()))
-        super().detach_live(uuid, alias)
 
 
 @pytest.fixture(scope="module")
@@ -132,36 +119,39 @@ async def _reopen_and_check(
     device again; how each ended."""
     sent = _sent_by_agent(log)
     before = {a: _live_has(uri, dom.name, a) for a in aliases}
-    backend = TimingBackend(uri)
     cfg = DetachSettings(timeout=TIMEOUT, attempts=ATTEMPTS, journal_sync="normal")
     ended: dict[str, str] = {}
-    async with DetachService(uri, backend=backend, settings=cfg, journal=journal) as svc:
-        rows = _rows(journal)  # read after open: the WAL is checkpointed by then or readable
-        for alias in aliases:
-            mine = [r for r in rows if r["alias"] == alias]
-            if alias in sent:
-                assert mine, f"{alias}: a request went out with no journal row"
-            if not before[alias]:
-                assert mine, f"{alias}: the disk left with no journal row (an unplug lost)"
-        windows = {
-            str(r["alias"]): float(r["sent_at"]) + float(r["timeout"])  # type: ignore[arg-type]
-            for r in rows
-        }
 
-        async def ask(alias: str) -> None:
-            try:
-                result = await svc.detach(dom.name, alias=alias, persistent=False)
-                ended[alias] = "resumed" if result.resumed else "detached"
-            except DeviceNotFound:
-                ended[alias] = "gone"
-            except DetachTimeout:
-                ended[alias] = "timeout"
+    async def ask(svc: DetachService, alias: str) -> None:
+        try:
+            result = await svc.detach(dom.name, alias=alias, persistent=False)
+            ended[alias] = "resumed" if result.resumed else "detached"
+        except DeviceNotFound:
+            ended[alias] = "gone"
+        except DetachTimeout:
+            ended[alias] = "timeout"
 
-        await asyncio.gather(*(ask(a) for a in aliases))
-    for alias, at in backend.sent:
-        if alias in windows:
-            assert at >= windows[alias] - 0.005, (
-                f"{alias}: re-sent {windows[alias] - at:.3f} s early"
+    with recording_requests() as requests:
+        async with DetachService(uri, settings=cfg, journal=journal) as svc:
+            rows = _rows(journal)  # read after open: the WAL is checkpointed by then or readable
+            for alias in aliases:
+                mine = [r for r in rows if r["alias"] == alias]
+                if alias in sent:
+                    assert mine, f"{alias}: a request went out with no journal row"
+                if not before[alias]:
+                    assert mine, f"{alias}: the disk left with no journal row (an unplug lost)"
+            windows = {
+                str(r["alias"]): float(r["sent_at"]) + float(r["timeout"])  # type: ignore[arg-type]
+                for r in rows
+            }
+            await asyncio.gather(*(ask(svc, a) for a in aliases))
+    # The rows hold wall-clock times, the recorder monotonic ones.
+    to_wall = time.time() - time.monotonic()
+    for request in requests.requests:
+        at = request.at + to_wall
+        if request.alias in windows:
+            assert at >= windows[request.alias] - 0.005, (
+                f"{request.alias}: re-sent {windows[request.alias] - at:.3f} s early"
             )
     for alias in aliases:
         if alias.startswith("ua-scsi"):
