@@ -32,6 +32,26 @@ def pytest_report_header() -> str:
     return f"aiodetach {aiodetach.__version__} from {Path(aiodetach.__file__).parent}"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # structlog's default console renderer formats exceptions with rich when
+    # rich is importable (twine, in the release group, pulls it in), which is
+    # orders of magnitude slower: the model test, whose raising hook logs a
+    # traceback at every step, then ran for many minutes.  Same output as the
+    # defaults otherwise, and the same in every virtualenv.
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.StackInfoRenderer(),
+            structlog.dev.set_exc_info,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
+    )
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.environ.get("AIODETACH_TEST_INSTALLED") == "1":
         where = Path(aiodetach.__file__).resolve()

@@ -47,8 +47,10 @@ def vm(fake: FakeHypervisor) -> FakeHypervisor:
     return fake
 
 
-async def test_without_a_journal_nothing_is_written(vm: FakeHypervisor, tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+async def test_without_a_journal_nothing_is_written(
+    vm: FakeHypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     async with DetachService(backend=vm, settings=journal_settings()) as svc:
         task = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         while not vm.requests:
