@@ -4,6 +4,7 @@ on the fake hypervisor: in a real pseudo-terminal, and through pipes."""
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import structlog
 
 from _probes import child_env
 from _pty import run_in_pty_cmd
+from aiodetach._cli import configure_logging
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
 BATCH = "\n".join(
@@ -212,3 +215,18 @@ def test_metrics_port_in_use_is_a_clean_error() -> None:
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - our own localhost URL
         return str(resp.read().decode())
+
+
+def test_cli_logging_follows_stderr_when_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI configures structlog once; a stderr replaced afterwards (a test's
+    capture, a caller's redirect) gets the lines, and the stream it replaced,
+    closed by now, is never written to."""
+    configure_logging(as_json=False, verbose=False)
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    structlog.get_logger("aiodetach").warning("aiodetach.first")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    structlog.get_logger("aiodetach").warning("aiodetach.second")
+    assert "aiodetach.second" in second.getvalue()
