@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,11 @@ import pytest
 
 from aiodetach_lab.daemon import PrivateLibvirtd
 
-PRIVATE_ROOT = Path(os.environ.get("AIODETACH_PRIVATE_LIBVIRTD", "/tmp/robust/daemon"))
+# One directory per checkout: a private daemon is stopped (with whatever its PID
+# files name) before it starts, so two checkouts running their real tiers at
+# once on one machine must never share it.
+_CHECKOUT = hashlib.sha256(str(Path(__file__).resolve().parents[3]).encode()).hexdigest()[:8]
+PRIVATE_ROOT = Path(os.environ.get("AIODETACH_PRIVATE_LIBVIRTD", f"/tmp/robust/daemon-{_CHECKOUT}"))
 SECOND_ROOT = PRIVATE_ROOT.with_name(PRIVATE_ROOT.name + "-2")
 
 
