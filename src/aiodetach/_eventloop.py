@@ -243,6 +243,12 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                         remove(descriptor.fd)
         self.loop = loop
         self._thread_id = threading.get_ident()
+        # ff callbacks scheduled on a dead loop never ran: forget them, before
+        # the flush below schedules those of the queued removals on this loop
+        # (forgotten too, they would take the count below zero when they run).
+        self._pending = len(self.callbacks)
+        self._ff_inflight = 0
+        self._finished = None
         # Apply what libvirt asked for while no loop ran *before* moving the
         # watches: a connection closed after its loop ended queued removals of
         # fds that are closed now, and re-watching those would raise EBADF.
@@ -261,10 +267,6 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                         task.cancel()
                 if callback.timeout >= 0:
                     self._apply(functools.partial(callback.update, callback.timeout))
-        # ff callbacks scheduled on a dead loop never ran: forget them.
-        self._pending = len(self.callbacks)
-        self._ff_inflight = 0
-        self._finished = None
 
     async def settle(self, max_iterations: int = 100) -> None:
         """Let queued hook calls and free-callbacks run (after a connection closed)."""
