@@ -35,8 +35,9 @@ from typing import Any, Literal, TypeVar
 import structlog
 
 from ._errors_map import is_connection_error
+from ._reads import SharedReads
 from ._settings import DetachSettings
-from .backend import Backend, BackendError, ErrorCode, EventSink
+from .backend import Backend, BackendError, DomainInfo, ErrorCode, EventSink
 from .errors import ConnectionLost, DetachError, ServiceClosed
 from .instrumentation._dispatch import Hooks
 from .instrumentation._records import ConnectionRecord, ConnectionStep
@@ -76,6 +77,12 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 _T = TypeVar("_T")
 State = Literal["new", "open", "closing", "closed"]
+Readers = Literal["callers", "unplugs"]
+"""Who shares a read: the callers' reads before sending, or the unplugs'
+re-checks.  The two are kept apart: they seldom coincide (a re-check comes a
+``timeout`` after a request), and apart neither ever waits behind the other's
+read (a caller's front is never held up by a re-check's read, and the other
+way round)."""
 
 
 class Connection:
@@ -106,6 +113,8 @@ class Connection:
         self._waiting: set[asyncio.Future[Any]] = set()
         self.close_grace = CLOSE_GRACE
         """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
+        self.reads = SharedReads()
+        """Lookups and definitions shared by the callers asking at the same time."""
 
     @property
     def uri(self) -> str:
@@ -182,6 +191,7 @@ class Connection:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.reads.close()
         executor = self._executor
         if executor is not None:
             deadline = asyncio.get_running_loop().time() + self.close_grace
@@ -298,6 +308,21 @@ class Connection:
                     raise
                 self.lost("call failed: " + err.message)
                 await self.wait_up()
+
+    async def lookup(self, ref: str, *, by: Readers = "callers") -> DomainInfo:
+        """The domain named ``ref`` (name or UUID), from a lookup that started
+        no earlier than this call, shared with the concurrent calls of the
+        same ``by`` (see :mod:`aiodetach._reads`)."""
+        return await self.reads.read(
+            (by, "lookup", ref), lambda: self.read(self.backend.lookup, ref)
+        )
+
+    async def domain_xml(self, uuid: str, *, inactive: bool, by: Readers = "callers") -> str:
+        """One definition of a domain, read no earlier than this call (shared)."""
+        return await self.reads.read(
+            (by, "xml", uuid, inactive),
+            lambda: self.read(self.backend.domain_xml, uuid, inactive=inactive),
+        )
 
     # ------------------------------------------------------- reconnect
     def lost(self, reason: str) -> bool:

@@ -228,8 +228,8 @@ class DetachService:
         found: list[Unplug] = []
         for uuid, rows in by_domain.items():
             try:
-                info = await conn.read(self._backend.lookup, uuid)
-                xml = await conn.read(self._backend.domain_xml, uuid, inactive=False)
+                info = await conn.lookup(uuid)
+                xml = await conn.domain_xml(uuid, inactive=False)
             except BackendError as err:
                 if err.code == ErrorCode.NO_DOMAIN:
                     await self._ended_while_down(journal, rows, "undefined")
@@ -710,13 +710,13 @@ class DetachService:
 
     async def _lookup(self, conn: Connection, ref: str) -> DomainInfo:
         try:
-            return await conn.read(self._backend.lookup, ref)
+            return await conn.lookup(ref)
         except BackendError as err:
             raise map_error(err, domain=ref, alias=None, action="domain lookup") from None
 
     async def _domain_xml(self, conn: Connection, info: DomainInfo, *, inactive: bool) -> str:
         try:
-            return await conn.read(self._backend.domain_xml, info.uuid, inactive=inactive)
+            return await conn.domain_xml(info.uuid, inactive=inactive)
         except BackendError as err:
             raise map_error(err, domain=info.name, alias=None, action="reading the XML") from None
 

@@ -659,7 +659,7 @@ class Unplug:
         """The domain's state now.  Raises DomainStopped if it is not active."""
         conn = self._registry.conn
         try:
-            current = await conn.read(conn.backend.lookup, self.key[0])
+            current = await conn.lookup(self.key[0], by="unplugs")
         except BackendError as err:
             if err.code == ErrorCode.NO_DOMAIN:  # a transient domain went away
                 raise self._stopped("undefined") from None
@@ -675,7 +675,7 @@ class Unplug:
     async def _live_xml(self) -> str:
         conn = self._registry.conn
         try:
-            return await conn.read(conn.backend.domain_xml, self.key[0], inactive=False)
+            return await conn.domain_xml(self.key[0], inactive=False, by="unplugs")
         except BackendError as err:
             raise map_error(
                 err, domain=self.domain, alias=self.key[1], action="reading the XML"
