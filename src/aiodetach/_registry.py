@@ -73,8 +73,7 @@ class Unplugs:
 
     def _start(self, unplug: Unplug) -> None:
         self.by_key[unplug.key] = unplug
-        unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-        task.add_done_callback(unplug.done)  # "ended" pairs with "started", always
+        unplug.start()  # "ended" pairs with "started", always
 
     def forget(self, unplug: Unplug) -> None:
         if self.by_key.get(unplug.key) is unplug:
@@ -86,8 +85,9 @@ class Unplugs:
                 unplug.wake()  # its driver sees the connection down and waits for it
 
     async def close(self) -> None:
-        tasks = [u.task for u in self.by_key.values() if u.task is not None]
-        for task in tasks:
-            task.cancel()
+        unplugs = list(self.by_key.values())
+        tasks = [u.task for u in unplugs if u.task is not None]
+        for unplug in unplugs:
+            unplug.abort()  # a parked one ends here, a driven one when its task is cancelled
         await asyncio.gather(*tasks, return_exceptions=True)
         self.by_key.clear()
