@@ -191,7 +191,7 @@ class Connection:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await self.reads.close()
+        await self.reads.close(self.close_grace)
         executor = self._executor
         if executor is not None:
             deadline = asyncio.get_running_loop().time() + self.close_grace

@@ -121,12 +121,21 @@ class SharedReads:
         """Reads running or queued (for tests)."""
         return sum((s.running is not None) + (s.queued is not None) for s in self._slots.values())
 
-    async def close(self) -> None:
-        """Cancel and await every read (the connection is closing)."""
-        tasks = [t for s in self._slots.values() for t in (s.running, s.queued) if t is not None]
-        for task in tasks:
+    async def close(self, grace: float) -> None:
+        """Await every read (the connection is closing).
+
+        Not cancelled: a closing connection fails them at once with
+        ``ServiceClosed`` (a read stuck in its thread included), and that, not
+        a cancellation, is what their callers must see.  What is still there
+        after ``grace`` seconds is cancelled.
+        """
+        tasks = {t for s in self._slots.values() for t in (s.running, s.queued) if t is not None}
+        if not tasks:
+            return
+        _done, left = await asyncio.wait(tasks, timeout=grace)
+        for task in left:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*left, return_exceptions=True)
         self._slots.clear()
 
 
