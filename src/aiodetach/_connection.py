@@ -37,6 +37,7 @@ import structlog
 from ._errors_map import is_connection_error
 from ._reads import SharedReads
 from ._settings import DetachSettings
+from ._xml import Definition, parse_definition
 from .backend import Backend, BackendError, DomainInfo, ErrorCode, EventSink
 from .errors import ConnectionLost, DetachError, ServiceClosed
 from .instrumentation._dispatch import Hooks
@@ -67,6 +68,10 @@ def _guarded(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Callable[[], _
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]  # what is being called, for tests
     return run
+
+
+def _read_definition(backend: Backend, uuid: str, inactive: bool) -> Definition:
+    return parse_definition(backend.domain_xml(uuid, inactive=inactive))
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -317,11 +322,12 @@ class Connection:
             (by, "lookup", ref), lambda: self.read(self.backend.lookup, ref)
         )
 
-    async def domain_xml(self, uuid: str, *, inactive: bool, by: Readers = "callers") -> str:
-        """One definition of a domain, read no earlier than this call (shared)."""
+    async def definition(self, uuid: str, *, inactive: bool, by: Readers = "callers") -> Definition:
+        """One definition of a domain, read no earlier than this call and parsed
+        in the worker thread, both shared with the concurrent calls of ``by``."""
         return await self.reads.read(
             (by, "xml", uuid, inactive),
-            lambda: self.read(self.backend.domain_xml, uuid, inactive=inactive),
+            lambda: self.read(_read_definition, self.backend, uuid, inactive),
         )
 
     # ------------------------------------------------------- reconnect

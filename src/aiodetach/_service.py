@@ -54,7 +54,7 @@ from ._result import DetachResult, Recovered
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
 from ._unplug import LiveDone, Unplug, Verdict, retrieve
-from ._xml import DeviceRef, Selector, find_device, selector_from
+from ._xml import Definition, DeviceRef, Selector, find_device, selector_from
 from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -229,7 +229,7 @@ class DetachService:
         for uuid, rows in by_domain.items():
             try:
                 info = await conn.lookup(uuid)
-                xml = await conn.domain_xml(uuid, inactive=False)
+                xml = await conn.definition(uuid, inactive=False)
             except BackendError as err:
                 if err.code == ErrorCode.NO_DOMAIN:
                     await self._ended_while_down(journal, rows, "undefined")
@@ -731,9 +731,11 @@ class DetachService:
         except BackendError as err:
             raise map_error(err, domain=ref, alias=None, action="domain lookup") from None
 
-    async def _domain_xml(self, conn: Connection, info: DomainInfo, *, inactive: bool) -> str:
+    async def _domain_xml(
+        self, conn: Connection, info: DomainInfo, *, inactive: bool
+    ) -> Definition:
         try:
-            return await conn.domain_xml(info.uuid, inactive=inactive)
+            return await conn.definition(info.uuid, inactive=inactive)
         except BackendError as err:
             raise map_error(err, domain=info.name, alias=None, action="reading the XML") from None
 

@@ -64,7 +64,7 @@ from ._connection import Connection
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
 from ._journal import Journal, RequestNote, fault_point
 from ._settings import DetachSettings
-from ._xml import has_alias
+from ._xml import Definition, has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -783,10 +783,10 @@ class Unplug:
             raise self._stopped(reason)
         return current.state
 
-    async def _live_xml(self) -> str:
+    async def _live_xml(self) -> Definition:
         conn = self._registry.conn
         try:
-            return await conn.domain_xml(self.key[0], inactive=False, by="unplugs")
+            return await conn.definition(self.key[0], inactive=False, by="unplugs")
         except BackendError as err:
             raise map_error(
                 err, domain=self.domain, alias=self.key[1], action="reading the XML"
