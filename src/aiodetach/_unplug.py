@@ -29,7 +29,15 @@ Inputs that are not the driver's own I/O land in :meth:`Unplug.decide`
 (libvirt events, the domain stopping), :meth:`Unplug.wake` (resumed,
 connection lost) and the caller count (``join`` / :meth:`Unplug.leave`).
 They only record and wake; the driver acts on them at one place, the top of
-:meth:`Unplug.run`, which every step returns to.  Hence the rules:
+:meth:`Unplug._drive`, which every step returns to.  Hence the rules:
+
+- **No task while it waits.**  The driver is a task only while it has I/O
+  to do (sending, re-checking, riding out a reconnect, backing off,
+  lingering).  In ``WAITING`` it *parks*: the task ends, and a timer for the
+  window's end or a wake-up (an event, a lost connection) drives it on in a
+  new task, or ends it on the spot when a verdict came (:meth:`Unplug._resume`).
+  Callers wait on a plain future each (:meth:`Unplug.follow`), so ten
+  thousand pending unplugs hold no task and no ``shield`` of their own.
 
 - **A verdict is honoured wherever it lands**: an event that arrives while a
   request is in its thread, during a re-check or a state read, is acted on
@@ -369,7 +377,10 @@ class Unplug:
         its coroutine frames is most of what each would hold (measured: ~1.3
         KiB of ~5 KiB per pending detach)."""
         self._parked = True
-        self.timer = self._loop.call_at(self.deadline, self._resume, True)
+        self.timer = self._loop.call_at(self.deadline, self._window_over)
+
+    def _window_over(self) -> None:
+        self._resume(True)  # (a method of its own: no argument tuple held per timer)
 
     def _resume(self, expired: bool) -> None:
         if not self._parked:
