@@ -38,6 +38,7 @@ from _common import (
     URI,
     Row,
     configure_logging,
+    daemon_pid,
     eprint,
     finish,
     fmt_ratio,
@@ -50,7 +51,6 @@ from _common import (
 )
 
 from aiodetach import DetachService, DetachSettings
-from aiodetach._lab import libvirtd_pid
 from aiodetach.errors import DetachTimeout
 
 WAIT = 2.0
@@ -97,7 +97,7 @@ async def measure(
 
     specs = scsi_disks(disks)
     pci = virtio_disks(1)[0]
-    pid = libvirtd_pid()
+    pid = daemon_pid()
     stats: dict[str, Stats] = {}
     with bench_domain([*specs, pci], "detect") as lab:
         conn = libvirt.open(URI)

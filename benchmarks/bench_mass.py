@@ -38,7 +38,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -46,6 +45,7 @@ from _common import (
     URI,
     Row,
     configure_logging,
+    daemon_pid,
     eprint,
     finish,
     fmt_ratio,
@@ -61,9 +61,7 @@ from _common import (
 from _labkit import bench_domain, disk_device_xml, live_aliases, unavailable
 
 from aiodetach import DetachService
-from aiodetach._lab import DiskSpec, libvirtd_pid
-
-SYSTEM_PIDFILE = Path("/run/libvirtd.pid")
+from aiodetach._lab import DiskSpec
 
 TIME_TARGET = 1.03
 CPU_TARGET = 1.2
@@ -173,15 +171,6 @@ def restore(conn: libvirt.virConnect, scenario: Scenario) -> None:
         for spec in specs:
             if spec.alias not in present:
                 dom.attachDeviceFlags(disk_device_xml(lab, spec), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-
-
-def daemon_pid() -> int | None:
-    """The libvirtd serving ``qemu:///system``: its pid file, not the first
-    ``libvirtd`` found (tests run private daemons on this machine too)."""
-    try:
-        return int(SYSTEM_PIDFILE.read_text().strip())
-    except (OSError, ValueError):
-        return libvirtd_pid()
 
 
 async def measure(scenarios: list[Scenario], rounds: int) -> dict[str, dict[str, Sample]]:

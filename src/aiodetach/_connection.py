@@ -302,8 +302,18 @@ class Connection:
         return asyncio.get_running_loop().run_in_executor(executor, _guarded(fn))
 
     async def read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """An idempotent call: if the connection drops, wait for it and ask again."""
+        """An idempotent call: if the connection drops, wait for it and ask again.
+
+        Never asked of a connection known to be down: it waits for the
+        reconnect first (:class:`ConnectionLost` once given up on).  A shared
+        read (:mod:`aiodetach._reads`) may start long after its callers came,
+        behind a read that hung in a partition; by then a reconnect's connect
+        may be holding the backend for minutes (a TCP connect into a partition
+        sits in SYN retries for ~2 min), and a read sent then would wait for it.
+        """
         while True:
+            if not self.is_up:
+                await self.wait_up()
             try:
                 return await self.call(fn, *args, **kwargs)
             except BackendError as err:

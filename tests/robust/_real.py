@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 import pytest
 
+from aiodetach import DetachService
 from aiodetach._lab import remove_domain
 from aiodetach._libvirt import LibvirtBackend
 
@@ -56,17 +57,36 @@ def record_requests(monkeypatch: pytest.MonkeyPatch) -> SentLog:
     return log
 
 
-def record_xml_reads(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record when LibvirtBackend.domain_xml is called (the re-checks of a reconnect)."""
-    reads: list[float] = []
+def record_domain_xml_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str]]:
+    """Record when, and of which domain, LibvirtBackend.domain_xml is called."""
+    reads: list[tuple[float, str]] = []
     original = LibvirtBackend.domain_xml
 
     def counting(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
-        reads.append(time.monotonic())
+        reads.append((time.monotonic(), uuid))
         return original(self, uuid, inactive=inactive)
 
     monkeypatch.setattr(LibvirtBackend, "domain_xml", counting)
     return reads
+
+
+def rechecked(
+    services: Sequence[DetachService],
+    reads: list[tuple[float, str]],
+    since: float,
+    uuids: Iterable[str],
+) -> Callable[[], bool]:
+    """True once every pending unplug has re-read its domain's live XML since
+    ``since``: the unplugs of one domain share that read (aiodetach._reads),
+    so one read per domain, and no shared read left running or queued."""
+    wanted = set(uuids)
+
+    def done() -> bool:
+        seen = {uuid for t, uuid in reads if t > since}
+        idle = all(s._conn is None or s._conn.reads.in_flight() == 0 for s in services)
+        return wanted <= seen and idle
+
+    return done
 
 
 def live_xml(uri: str, uuid: str, *, inactive: bool = False) -> str:
