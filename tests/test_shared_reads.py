@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from aiodetach import DetachService, DetachSettings
 from aiodetach._reads import SharedReads
-from aiodetach.backend import BackendError, DomainInfo, ErrorCode
+from aiodetach.backend import BackendError, DomainInfo, ErrorCode, ErrorDomain
 from aiodetach.errors import DetachError, DetachTimeout
 from aiodetach.testing import FakeHypervisor, Unplug
 
@@ -137,6 +137,30 @@ async def test_a_failing_shared_read_names_each_callers_own_device(
     assert [(e.domain, e.alias) for e in errors] == [("vm", f"ua-d{i}") for i in range(4)]
     assert len({id(e) for e in errors}) == 4  # each caller its own error object
     assert counting.requests == []
+
+
+async def test_a_connection_lost_mid_read_is_ridden_out_for_every_joiner(
+    counting: CountingFake,
+) -> None:
+    """The shared read fails with a connection error: as with a read of one's
+    own, the connection is re-opened and the read asked again, for all."""
+    dom = counting.add_domain("vm")
+    for i in range(10):
+        dom.add_disk(f"sd{i}", alias=f"ua-d{i}", unplug=Unplug.now())
+    settings = DetachSettings(reconnect_backoff_max=0.05)
+    async with DetachService(backend=counting, settings=settings) as svc:
+        counting.fail_next["domain_xml"] = BackendError(
+            ErrorCode.INTERNAL_ERROR,
+            "internal error: client socket is closed",
+            origin=ErrorDomain.RPC,
+        )
+        results = await asyncio.gather(
+            *(svc.detach("vm", alias=f"ua-d{i}", persistent=False) for i in range(10))
+        )
+        assert svc.reconnects == 1
+    assert all(r.confirmed_by == "event" for r in results)
+    assert len(counting.requests) == 10
+    assert counting.reads["live"] <= 3  # the failed one, and the one asked again (shared)
 
 
 async def test_post_timeout_rechecks_of_one_domain_are_shared(counting: CountingFake) -> None:
