@@ -119,6 +119,11 @@ class Connection:
         self.close_grace = CLOSE_GRACE
         """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
         self.reads = SharedReads()
+        self.on_lost: Callable[[], None] | None = None
+        """Called whenever a loss starts a reconnect, whoever noticed it (a
+        close callback, a failed call, a failed shared read): the registry
+        wakes its parked unplugs here so they wait for the reconnect's verdict
+        rather than for the end of their window."""
         """Lookups and definitions shared by the callers asking at the same time."""
 
     @property
@@ -352,6 +357,8 @@ class Connection:
         self.record("lost", reason)
         self._up.clear()
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+        if self.on_lost is not None:
+            self.on_lost()
         return True
 
     def revive(self) -> None:

@@ -36,6 +36,7 @@ class Unplugs:
         self.journal = journal
         self.by_key: dict[Key, Unplug] = {}
         """Read by the event intake's hot path: one lookup per event."""
+        conn.on_lost = self._wake_all
 
     def join(
         self,
@@ -80,9 +81,11 @@ class Unplugs:
             del self.by_key[unplug.key]
 
     def connection_lost(self, reason: str) -> None:
-        if self.conn.lost(reason):
-            for unplug in self.by_key.values():
-                unplug.wake()  # its driver sees the connection down and waits for it
+        self.conn.lost(reason)  # wakes every unplug through on_lost if it is news
+
+    def _wake_all(self) -> None:
+        for unplug in self.by_key.values():
+            unplug.wake()  # its driver sees the connection down and waits for it
 
     async def close(self) -> None:
         unplugs = list(self.by_key.values())

@@ -347,8 +347,11 @@ class Unplug:
         return self.phase is Phase.DONE
 
     def abort(self) -> None:
-        """End it as cancelled (the service closes); a driver task is cancelled instead."""
-        if self.task is not None:
+        """End it as cancelled (the service closes); a running driver task is
+        cancelled instead.  A task that has just parked the unplug is already
+        done (its done-callback, which clears ``task``, runs one step later):
+        cancelling it would do nothing and leave the unplug parked on its timer."""
+        if self.task is not None and not self.task.done():
             self.task.cancel()
         elif self.phase is not Phase.DONE:
             self._end(asyncio.CancelledError())

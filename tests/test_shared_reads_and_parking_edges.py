@@ -831,6 +831,9 @@ async def test_detach_iter_closed_early_while_reads_in_flight(gf: GateFake) -> N
 
 
 async def test_batch_aborted_while_unplugs_park_then_retry_joins(gf: GateFake) -> None:
+    """A retry after BatchAborted joins every unplug whose request reached
+    libvirt; one whose caller was cancelled before sending was abandoned, and
+    its retry sends the one and only request.  Either way: one request each."""
     dom = gf.add_domain("vm")
     for i in range(6):
         dom.add_disk(f"sd{i}", alias=f"ua-d{i}", unplug=Unplug.manual())
@@ -846,13 +849,19 @@ async def test_batch_aborted_while_unplugs_park_then_retry_joins(gf: GateFake) -
         ]
         with pytest.raises(BatchAborted):
             await svc.detach_many(reqs, per_domain=None, on_progress=boom)
-        pending = {a for _u, a in svc.pending()}
-        retry = [asyncio.create_task(svc.detach("vm", alias=a, persistent=False)) for a in pending]
+        sent_before = {r.alias for r in gf.requests}
         await _settle()
-        for a in pending:
-            gf.complete("vm", a)
-        results = await asyncio.wait_for(asyncio.gather(*retry), 5)
-    assert all(r.joined for r in results)
+        pending = {a for _u, a in svc.pending()}
+        assert pending == sent_before - {"ua-z"}  # the unsent ones were abandoned
+        retry = {
+            a: asyncio.create_task(svc.detach("vm", alias=a, persistent=False))
+            for a in (f"ua-d{i}" for i in range(6))
+        }
+        await _settle()
+        for i in range(6):
+            gf.complete("vm", f"ua-d{i}")
+        results = await asyncio.wait_for(asyncio.gather(*retry.values()), 5)
+    assert {r.alias for r in results if r.joined} == pending
     per = Counter(r.alias for r in gf.requests)
     assert all(v == 1 for v in per.values()), per
 
