@@ -167,6 +167,23 @@ def proc_cpu_ns(pid: int) -> float | None:
     return total / 1e9
 
 
+SYSTEM_DAEMON_PIDFILE = "/run/libvirtd.pid"
+
+
+def daemon_pid() -> int | None:
+    """The libvirtd serving ``qemu:///system``, from its pid file.
+
+    Not the first process named ``libvirtd``: the test suite runs private
+    daemons (``tests/real/private``) on the same machine, and measuring one of
+    those would count nothing of the benchmark, or someone else's load.
+    """
+    try:
+        with open(SYSTEM_DAEMON_PIDFILE) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def self_cpu_seconds() -> float:
     """CPU time of this process, all threads (user + system)."""
     return time.process_time()

@@ -39,6 +39,7 @@ from _common import (
     URI,
     Row,
     configure_logging,
+    daemon_pid,
     eprint,
     finish,
     fmt_ratio,
@@ -51,7 +52,6 @@ from _common import (
 )
 from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout
-from aiodetach_lab.domains import libvirtd_pid
 
 WAIT = 2.0
 
@@ -97,7 +97,7 @@ async def measure(
 
     specs = scsi_disks(disks)
     pci = virtio_disks(1)[0]
-    pid = libvirtd_pid()
+    pid = daemon_pid()
     stats: dict[str, Stats] = {}
     with bench_domain([*specs, pci], "detect") as lab:
         conn = libvirt.open(URI)

@@ -34,6 +34,7 @@ BENCHMARKS = [
     "loop_lag",
     "overhead",
     "scale",
+    "mass",
     "seed_bug",
 ]
 

@@ -35,8 +35,10 @@ from typing import Any, Literal, TypeVar
 import structlog
 
 from ._errors_map import is_connection_error
+from ._reads import SharedReads
 from ._settings import DetachSettings
-from .backend import Backend, BackendError, ErrorCode, EventSink
+from ._xml import Definition, parse_definition
+from .backend import Backend, BackendError, DomainInfo, ErrorCode, EventSink
 from .errors import ConnectionLost, DetachError, ServiceClosed
 from .instrumentation._dispatch import Hooks
 from .instrumentation._records import ConnectionRecord, ConnectionStep
@@ -68,6 +70,10 @@ def _guarded(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Callable[[], _
     return run
 
 
+def _read_definition(backend: Backend, uuid: str, inactive: bool) -> Definition:
+    return parse_definition(backend.domain_xml(uuid, inactive=inactive))
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve a dropped call's outcome (no 'exception never retrieved')."""
     if not future.cancelled():
@@ -76,6 +82,12 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 _T = TypeVar("_T")
 State = Literal["new", "open", "closing", "closed"]
+Readers = Literal["callers", "unplugs"]
+"""Who shares a read: the callers' reads before sending, or the unplugs'
+re-checks.  The two are kept apart: they seldom coincide (a re-check comes a
+``timeout`` after a request), and apart neither ever waits behind the other's
+read (a caller's front is never held up by a re-check's read, and the other
+way round)."""
 
 
 class Connection:
@@ -106,6 +118,13 @@ class Connection:
         self._waiting: set[asyncio.Future[Any]] = set()
         self.close_grace = CLOSE_GRACE
         """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
+        self.reads = SharedReads()
+        self.on_lost: Callable[[], None] | None = None
+        """Called whenever a loss starts a reconnect, whoever noticed it (a
+        close callback, a failed call, a failed shared read): the registry
+        wakes its parked unplugs here so they wait for the reconnect's verdict
+        rather than for the end of their window."""
+        """Lookups and definitions shared by the callers asking at the same time."""
 
     @property
     def uri(self) -> str:
@@ -182,6 +201,7 @@ class Connection:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.reads.close(self.close_grace)
         executor = self._executor
         if executor is not None:
             deadline = asyncio.get_running_loop().time() + self.close_grace
@@ -287,8 +307,18 @@ class Connection:
         return asyncio.get_running_loop().run_in_executor(executor, _guarded(fn))
 
     async def read(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """An idempotent call: if the connection drops, wait for it and ask again."""
+        """An idempotent call: if the connection drops, wait for it and ask again.
+
+        Never asked of a connection known to be down: it waits for the
+        reconnect first (:class:`ConnectionLost` once given up on).  A shared
+        read (:mod:`aiodetach._reads`) may start long after its callers came,
+        behind a read that hung in a partition; by then a reconnect's connect
+        may be holding the backend for minutes (a TCP connect into a partition
+        sits in SYN retries for ~2 min), and a read sent then would wait for it.
+        """
         while True:
+            if not self.is_up:
+                await self.wait_up()
             try:
                 return await self.call(fn, *args, **kwargs)
             except BackendError as err:
@@ -298,6 +328,22 @@ class Connection:
                     raise
                 self.lost("call failed: " + err.message)
                 await self.wait_up()
+
+    async def lookup(self, ref: str, *, by: Readers = "callers") -> DomainInfo:
+        """The domain named ``ref`` (name or UUID), from a lookup that started
+        no earlier than this call, shared with the concurrent calls of the
+        same ``by`` (see :mod:`aiodetach._reads`)."""
+        return await self.reads.read(
+            (by, "lookup", ref), lambda: self.read(self.backend.lookup, ref)
+        )
+
+    async def definition(self, uuid: str, *, inactive: bool, by: Readers = "callers") -> Definition:
+        """One definition of a domain, read no earlier than this call and parsed
+        in the worker thread, both shared with the concurrent calls of ``by``."""
+        return await self.reads.read(
+            (by, "xml", uuid, inactive),
+            lambda: self.read(_read_definition, self.backend, uuid, inactive),
+        )
 
     # ------------------------------------------------------- reconnect
     def lost(self, reason: str) -> bool:
@@ -311,6 +357,8 @@ class Connection:
         self.record("lost", reason)
         self._up.clear()
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+        if self.on_lost is not None:
+            self.on_lost()
         return True
 
     def revive(self) -> None:

@@ -142,7 +142,7 @@ class PersistentStep:
             self._unplugs.connection_lost("call failed: " + err.message)
             await conn.wait_up()
             try:
-                xml = await conn.read(conn.backend.domain_xml, info.uuid, inactive=True)
+                xml = await conn.definition(info.uuid, inactive=True)
                 if find_same_device(xml, dev) is None:
                     return
                 await conn.call(conn.backend.detach_config, info.uuid, dev.xml)

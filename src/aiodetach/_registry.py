@@ -36,6 +36,7 @@ class Unplugs:
         self.journal = journal
         self.by_key: dict[Key, Unplug] = {}
         """Read by the event intake's hot path: one lookup per event."""
+        conn.on_lost = self._wake_all
 
     def join(
         self,
@@ -73,21 +74,23 @@ class Unplugs:
 
     def _start(self, unplug: Unplug) -> None:
         self.by_key[unplug.key] = unplug
-        unplug.task = task = asyncio.get_running_loop().create_task(unplug.run())
-        task.add_done_callback(unplug.done)  # "ended" pairs with "started", always
+        unplug.start()  # "ended" pairs with "started", always
 
     def forget(self, unplug: Unplug) -> None:
         if self.by_key.get(unplug.key) is unplug:
             del self.by_key[unplug.key]
 
     def connection_lost(self, reason: str) -> None:
-        if self.conn.lost(reason):
-            for unplug in self.by_key.values():
-                unplug.wake()  # its driver sees the connection down and waits for it
+        self.conn.lost(reason)  # wakes every unplug through on_lost if it is news
+
+    def _wake_all(self) -> None:
+        for unplug in self.by_key.values():
+            unplug.wake()  # its driver sees the connection down and waits for it
 
     async def close(self) -> None:
-        tasks = [u.task for u in self.by_key.values() if u.task is not None]
-        for task in tasks:
-            task.cancel()
+        unplugs = list(self.by_key.values())
+        tasks = [u.task for u in unplugs if u.task is not None]
+        for unplug in unplugs:
+            unplug.abort()  # a parked one ends here, a driven one when its task is cancelled
         await asyncio.gather(*tasks, return_exceptions=True)
         self.by_key.clear()

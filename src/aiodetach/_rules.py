@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._xml import DeviceRef, Selector, find_device, find_same_device
+from ._xml import DeviceRef, Domain, Selector, find_device, find_same_device
 from .backend import DomainInfo
 from .errors import DeviceNotFound, DomainNotPersistent, DomainNotRunning, InvalidRequest
 
@@ -74,8 +74,8 @@ def plan_devices(
     selector: Selector,
     live: bool | None,
     persistent: bool | None,
-    live_xml: str | None,
-    persistent_xml: str | None,
+    live_xml: Domain | None,
+    persistent_xml: Domain | None,
     *,
     removed: Callable[[DeviceRef | None], DeviceRef | None] = lambda _live: None,
 ) -> Plan:

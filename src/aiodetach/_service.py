@@ -53,8 +53,8 @@ from ._registry import Unplugs
 from ._result import DetachResult, Recovered
 from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
-from ._unplug import LiveDone, Unplug, Verdict
-from ._xml import DeviceRef, Selector, find_device, selector_from
+from ._unplug import LiveDone, Unplug, Verdict, retrieve
+from ._xml import Definition, DeviceRef, Selector, find_device, selector_from
 from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -228,8 +228,8 @@ class DetachService:
         found: list[Unplug] = []
         for uuid, rows in by_domain.items():
             try:
-                info = await conn.read(self._backend.lookup, uuid)
-                xml = await conn.read(self._backend.domain_xml, uuid, inactive=False)
+                info = await conn.lookup(uuid)
+                xml = await conn.definition(uuid, inactive=False)
             except BackendError as err:
                 if err.code == ErrorCode.NO_DOMAIN:
                     await self._ended_while_down(journal, rows, "undefined")
@@ -272,9 +272,11 @@ class DetachService:
                 found.append(unplug)
                 self._note_recovered(entry, "removed" if gone else "pending", info.name)
         # The ones decided end at their first step: open() returns without them pending.
-        decided = [u.task for u in found if u.verdict is not None and u.task is not None]
+        decided = [u.follow() for u in found if u.verdict is not None and not u.over]
         if decided:
-            await asyncio.gather(*decided, return_exceptions=True)
+            await asyncio.wait(decided)  # never cancels them
+            for future in decided:
+                retrieve(future)
 
     async def _ended_while_down(self, journal: Journal, rows: list[Entry], reason: str) -> None:
         for entry in rows:
@@ -415,14 +417,49 @@ class DetachService:
         )
         self._record(call, "started")
         try:
-            result = await self._detach_call(
+            step = await self._detach_call(
                 call, domain, alias, target, mac, xml, live=live, persistent=persistent
             )
+            if isinstance(step, DetachResult):
+                result = step
+            else:
+                # The live half is awaited here, in the caller's outermost frame:
+                # the frames of the steps before it are gone while ten thousand wait.
+                unplug, mine = step.unplug, step.mine
+                try:
+                    result = step.result(call, await mine)
+                except BaseException as exc:
+                    raise self._live_error(call, exc)  # noqa: B904 - it sets its own cause
+                finally:
+                    unplug.unfollow(mine)
+                    unplug.leave()  # whatever ended the wait: result, error, cancellation
         except BaseException as exc:
             self._record(call, "finished", error=exc, outcome=outcome_of(exc))
             raise
         self._record(call, "finished", result=result, outcome="removed")
         return result
+
+    def _live_error(self, call: _Progress, exc: BaseException) -> BaseException:
+        """What a caller whose unplug ended in ``exc`` raises (the rules of
+        :meth:`_detach_call`, for the live wait that :meth:`detach` does)."""
+        err: BaseException
+        cause: BaseException | None
+        if isinstance(exc, asyncio.CancelledError):
+            current = asyncio.current_task()
+            if not (self._closing and not (current is not None and current.cancelling())):
+                return exc
+            err, cause = self._closed_under(call), None
+        elif self._closing and isinstance(
+            exc, (ConnectionLost, HypervisorError, ServiceClosed, RuntimeError)
+        ):
+            err, cause = self._closed_under(call), exc  # what a close does is not an outcome
+        elif isinstance(exc, DetachError):
+            err, cause = call.complete(exc), exc.__cause__
+        else:
+            return exc
+        err.__cause__ = cause  # as ``raise err from cause``
+        err.__suppress_context__ = True
+        return err
 
     def _record(self, call: _Progress, kind: DetachStep, **fields: Any) -> None:
         if self._hooks:
@@ -451,7 +488,7 @@ class DetachService:
         *,
         live: bool | None,
         persistent: bool | None,
-    ) -> DetachResult:
+    ) -> DetachResult | _Live:
         ref = domain_ref(domain)
         try:
             selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
@@ -503,7 +540,7 @@ class DetachService:
         selector: Any,
         live: bool | None,
         persistent: bool | None,
-    ) -> DetachResult:
+    ) -> DetachResult | _Live:
         assert self._persistent is not None
         assert self._unplugs is not None
         persistent_step = self._persistent
@@ -541,8 +578,6 @@ class DetachService:
         finally:
             persistent_step.release(ticket)
 
-        live_done: LiveDone | None = None
-        joined = resumed = False
         if plan.live is not None:
             if plan.live.alias is None:
                 raise DetachRefused(
@@ -556,7 +591,8 @@ class DetachService:
                 info.name,
                 plan.live.alias,
                 run_id=info.run_id,
-                device=_fingerprint(plan.live),
+                # What the journal knows the device by; nothing else needs it.
+                device=_fingerprint(plan.live) if self._journal is not None else None,
             )
             resumed = unplug.resumed
             self._record(
@@ -572,27 +608,8 @@ class DetachService:
                 unplug.persistent_done = True
             elif do_persistent and plan.persistent is None and unplug.persistent_done:
                 progress.persistent_done = True
-            task = unplug.task
-            assert task is not None
-            try:
-                live_done = await asyncio.shield(task)
-            finally:
-                unplug.leave()  # whatever ended the wait: result, error, cancellation
-
-        result = DetachResult(
-            domain_uuid=info.uuid,
-            domain_name=info.name,
-            alias=progress.alias,
-            device=plan.found.description,
-            live=live_done is not None,
-            persistent=progress.persistent_done,
-            attempts=live_done.sent if live_done else 0,
-            elapsed=time.monotonic() - progress.started,
-            confirmed_by=live_done.confirmed_by if live_done else None,
-            joined=joined,
-            resumed=resumed,
-        )
-        return result
+            return _Live(unplug, unplug.follow(), info, plan.found.description, joined, resumed)
+        return _Live.result_of(info, plan.found.description, progress, None)
 
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
@@ -710,13 +727,15 @@ class DetachService:
 
     async def _lookup(self, conn: Connection, ref: str) -> DomainInfo:
         try:
-            return await conn.read(self._backend.lookup, ref)
+            return await conn.lookup(ref)
         except BackendError as err:
             raise map_error(err, domain=ref, alias=None, action="domain lookup") from None
 
-    async def _domain_xml(self, conn: Connection, info: DomainInfo, *, inactive: bool) -> str:
+    async def _domain_xml(
+        self, conn: Connection, info: DomainInfo, *, inactive: bool
+    ) -> Definition:
         try:
-            return await conn.read(self._backend.domain_xml, info.uuid, inactive=inactive)
+            return await conn.definition(info.uuid, inactive=inactive)
         except BackendError as err:
             raise map_error(err, domain=info.name, alias=None, action="reading the XML") from None
 
@@ -791,6 +810,48 @@ class _Identities:
                     self._failed[ref] = copy.copy(exc)
                     raise
         return known
+
+
+@dataclass(slots=True)
+class _Live:
+    """A call whose live half is under way: what its result needs once the
+    unplug ends (small on purpose: one is held per waiting caller)."""
+
+    unplug: Unplug
+    mine: asyncio.Future[LiveDone]  # see Unplug.follow
+    info: DomainInfo
+    description: str
+    joined: bool
+    resumed: bool
+
+    def result(self, call: _Progress, done: LiveDone) -> DetachResult:
+        return self.result_of(
+            self.info, self.description, call, done, joined=self.joined, resumed=self.resumed
+        )
+
+    @staticmethod
+    def result_of(
+        info: DomainInfo,
+        description: str,
+        call: _Progress,
+        done: LiveDone | None,
+        *,
+        joined: bool = False,
+        resumed: bool = False,
+    ) -> DetachResult:
+        return DetachResult(
+            domain_uuid=info.uuid,
+            domain_name=info.name,
+            alias=call.alias,
+            device=description,
+            live=done is not None,
+            persistent=call.persistent_done,
+            attempts=done.sent if done else 0,
+            elapsed=time.monotonic() - call.started,
+            confirmed_by=done.confirmed_by if done else None,
+            joined=joined,
+            resumed=resumed,
+        )
 
 
 @dataclass(slots=True)

@@ -29,7 +29,15 @@ Inputs that are not the driver's own I/O land in :meth:`Unplug.decide`
 (libvirt events, the domain stopping), :meth:`Unplug.wake` (resumed,
 connection lost) and the caller count (``join`` / :meth:`Unplug.leave`).
 They only record and wake; the driver acts on them at one place, the top of
-:meth:`Unplug.run`, which every step returns to.  Hence the rules:
+:meth:`Unplug._drive`, which every step returns to.  Hence the rules:
+
+- **No task while it waits.**  The driver is a task only while it has I/O
+  to do (sending, re-checking, riding out a reconnect, backing off,
+  lingering).  In ``WAITING`` it *parks*: the task ends, and a timer for the
+  window's end or a wake-up (an event, a lost connection) drives it on in a
+  new task, or ends it on the spot when a verdict came (:meth:`Unplug._resume`).
+  Callers wait on a plain future each (:meth:`Unplug.follow`), so ten
+  thousand pending unplugs hold no task and no ``shield`` of their own.
 
 - **A verdict is honoured wherever it lands**: an event that arrives while a
   request is in its thread, during a re-check or a state read, is acted on
@@ -64,10 +72,11 @@ from ._connection import Connection
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
 from ._journal import Journal, RequestNote, fault_point
 from ._settings import DetachSettings
-from ._xml import has_alias
+from ._xml import Definition, has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import (
     ConnectionLost,
+    DetachError,
     DetachFailed,
     DetachTimeout,
     DomainStopped,
@@ -83,6 +92,10 @@ if TYPE_CHECKING:
 __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
 Key = tuple[str, str]
+
+_OUTSIDE = [False]
+"""No request of this unplug is inside libvirt (never written: each request
+gets a list of its own, see ``Unplug._send``)."""
 
 BUSY_BACKOFF_MAX = 5.0
 """Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
@@ -124,8 +137,10 @@ class Unplug:
     """One device's live unplug: its phase, its inputs and its driver."""
 
     __slots__ = (
+        "_followers",
         "_inside",
         "_loop",
+        "_parked",
         "_registry",
         "_request",
         "accepted",
@@ -185,7 +200,7 @@ class Unplug:
         self.handed = False  # a request of ours reached libvirt (set in its worker thread)
         self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
         self._request: asyncio.Future[bool] | None = None  # the latest request's thread
-        self._inside = [False]  # whether that request is inside libvirt (set in its thread)
+        self._inside = _OUTSIDE  # whether that request is inside libvirt (set in its thread)
         self.sent = 0  # requests that counted (busy refusals do not)
         self.used = 0  # attempts used up
         self.busy_refusals = 0
@@ -195,7 +210,9 @@ class Unplug:
         self.generation = 0  # of the connection the last request went out on
         self.waiter: asyncio.Future[bool] | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[LiveDone] | None = None
+        self.task: asyncio.Task[None] | None = None  # the driver, while it has a step to run
+        self._parked = False  # WAITING with no task: a wake-up or the deadline resumes it
+        self._followers: list[asyncio.Future[LiveDone]] | None = None  # see follow()
         self.persistent_done = False  # a caller removed the device from the persistent definition
         self.resume: Phase | None = None  # what IDLE goes on with (None: DetachTimeout is due)
         self.idle_until = 0.0
@@ -214,9 +231,33 @@ class Unplug:
         self.wake()
 
     def wake(self) -> None:
+        if self._parked:
+            # Resumed in a step of its own: an event's dispatch only schedules it.
+            self._loop.call_soon(self._resume, False)
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
+
+    def follow(self) -> asyncio.Future[LiveDone]:
+        """A future of the caller's own that gets how the unplug ended.
+
+        The caller's cancellation cancels only that future, never the unplug:
+        what ``asyncio.shield`` of a shared future would do, for one plain
+        future per caller (the unplug has no future or task of its own while
+        it waits, see :meth:`_park`).  Hand it back to :meth:`unfollow`.
+        """
+        mine: asyncio.Future[LiveDone] = self._loop.create_future()
+        if self._followers is None:
+            self._followers = [mine]
+        else:
+            self._followers.append(mine)
+        return mine
+
+    def unfollow(self, mine: asyncio.Future[LiveDone]) -> None:
+        followers = self._followers
+        if followers is not None and mine in followers:
+            followers.remove(mine)
 
     def join(self) -> None:
         """A caller waits for this unplug (the first, or one asking again)."""
@@ -278,30 +319,112 @@ class Unplug:
             self.record("request_sent")
         self.record("ended", outcome=outcome, error=error)
 
-    def done(self, task: asyncio.Task[LiveDone]) -> None:
-        """Done callback of the driver task: an unplug cancelled before its
-        first step (a service closing at once) never ran its ``finally``."""
-        retrieve(task)
-        if self.phase is not Phase.DONE:
-            self.phase = Phase.DONE
-            self._ended(None if not task.cancelled() else asyncio.CancelledError())
+    def _end(self, error: BaseException | None, done: LiveDone | None = None) -> None:
+        """The unplug is over: leave the registry, journal and report it, then
+        tell the callers (in that order, as one step)."""
+        self.phase = Phase.DONE
+        self._parked = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._registry.forget(self)
+        self._note_end(error)
+        self._ended(error)
+        followers, self._followers = self._followers, None
+        for mine in followers or ():
+            if mine.done():
+                continue
+            if error is None:
+                assert done is not None
+                mine.set_result(done)
+            elif isinstance(error, asyncio.CancelledError):
+                mine.cancel()
+            else:
+                mine.set_exception(error)
+
+    @property
+    def over(self) -> bool:
+        return self.phase is Phase.DONE
+
+    def abort(self) -> None:
+        """End it as cancelled (the service closes); a running driver task is
+        cancelled instead.  A task that has just parked the unplug is already
+        done (its done-callback, which clears ``task``, runs one step later):
+        cancelling it would do nothing and leave the unplug parked on its timer."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        elif self.phase is not Phase.DONE:
+            self._end(asyncio.CancelledError())
 
     # ------------------------------------------------------------- driver
-    async def run(self) -> LiveDone:
-        """Drive the unplug to its end.  The one place where verdicts are acted on."""
-        error: BaseException | None = None
+    def start(self) -> None:
+        """Begin driving it (the registry calls this once)."""
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.task = task = self._loop.create_task(self._drive())
+        task.add_done_callback(self._driven)
+
+    def _driven(self, task: asyncio.Task[None]) -> None:
+        """Done callback of a driver task: one cancelled before its first step
+        (a service closing at once) never ran its ``except``."""
+        if self.task is task:
+            self.task = None
+        retrieve(task)
+        if task.cancelled() and self.phase is not Phase.DONE:
+            self._end(asyncio.CancelledError())
+
+    def _park(self) -> None:
+        """Wait for the window's end or a wake-up with no task at all: this is
+        where ten thousand pending unplugs spend their time, and a task with
+        its coroutine frames is most of what each would hold (measured: ~1.3
+        KiB of ~5 KiB per pending detach)."""
+        self._parked = True
+        self.timer = self._loop.call_at(self.deadline, self._window_over)
+
+    def _window_over(self) -> None:
+        self._resume(True)  # (a method of its own: no argument tuple held per timer)
+
+    def _resume(self, expired: bool) -> None:
+        if not self._parked:
+            return  # resumed already (the timer and a wake-up both came)
+        self._parked = False
+        timer, self.timer = self.timer, None
+        if expired:
+            self.deadline = min(self.deadline, self._loop.time())  # the window is over
+        elif timer is not None:
+            timer.cancel()
+        if self.verdict is not None and not self.early:
+            # The usual end (DEVICE_REMOVED): acted on here, with no task.
+            try:
+                done = self._finish(self.verdict)
+            except DetachError as exc:
+                self._end(exc)
+            else:
+                self._end(None, done)
+            return
+        self._spawn()
+
+    async def _drive(self) -> None:
+        """Drive the unplug until it ends, or parks while its window runs (the
+        next wake-up or the window's end drives it on).  The one place where
+        verdicts are acted on (:meth:`_resume` is its shortcut for a verdict
+        that arrived while parked)."""
         try:
             while True:
                 if self.verdict is not None:
                     if not self.early:
-                        return self._finish(self.verdict)
+                        done = self._finish(self.verdict)
+                        self._end(None, done)
+                        return
                     await self._confirm_early()
                     continue
                 phase = self.phase
                 if phase is Phase.QUEUED:
                     await self._send()
                 elif phase is Phase.WAITING:
-                    await self._wait_window()
+                    if await self._wait_window():
+                        return  # parked: no task until the next wake-up
                 elif phase is Phase.RECHECKING:
                     await self._recheck()
                 elif phase is Phase.PAUSED:
@@ -313,15 +436,10 @@ class Unplug:
                 else:  # pragma: no cover - SENDING/DONE never reach here
                     raise AssertionError(f"unplug {self.key} in phase {phase}")  # noqa: TRY301
         except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.phase = Phase.DONE
-            if self.timer is not None:
-                self.timer.cancel()
-            self._registry.forget(self)
-            self._note_end(error)
-            self._ended(error)
+            if self.phase is not Phase.DONE:
+                self._end(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancellation and the like: the task says so too
 
     async def _send(self) -> None:
         if self.callers == 0:
@@ -456,6 +574,9 @@ class Unplug:
         retrieve(future)
         if future.cancelled():
             return
+        if self._request is future:
+            # Answered: not inside libvirt any more, and nothing to hold while waiting.
+            self._request, self._inside = None, _OUTSIDE
         error = future.exception()
         if isinstance(error, BackendError) and is_busy(error) and not self.accepted:
             # Not taken ("guest is busy" before anything of ours was accepted):
@@ -508,19 +629,23 @@ class Unplug:
         self.deadline = self._loop.time() + self._registry.settings.timeout
         self.phase = Phase.WAITING
 
-    async def _wait_window(self) -> None:
+    async def _wait_window(self) -> bool:
+        """The attempt's window runs: True when parked until it ends or a
+        wake-up comes (then the driver task ends, see :meth:`_park`)."""
         conn = self._registry.conn
         while self.verdict is None:
             if not conn.is_up or self.generation != conn.generation:
                 await self._ride_out_reconnect()
                 continue
-            if await self._sleep(self.deadline):
-                if self.verdict is None:
-                    if self.callers == 0:
-                        self._idle(Phase.RECHECKING)  # the window is over and nobody waits
-                    else:
-                        self.phase = Phase.RECHECKING
-                return
+            if self._loop.time() < self.deadline:
+                self._park()
+                return True
+            if self.callers == 0:
+                self._idle(Phase.RECHECKING)  # the window is over and nobody waits
+            else:
+                self.phase = Phase.RECHECKING
+            return False
+        return False
 
     async def _ride_out_reconnect(self) -> None:
         """Events of a lost connection are lost for good: once back, ask the
@@ -659,7 +784,7 @@ class Unplug:
         """The domain's state now.  Raises DomainStopped if it is not active."""
         conn = self._registry.conn
         try:
-            current = await conn.read(conn.backend.lookup, self.key[0])
+            current = await conn.lookup(self.key[0], by="unplugs")
         except BackendError as err:
             if err.code == ErrorCode.NO_DOMAIN:  # a transient domain went away
                 raise self._stopped("undefined") from None
@@ -672,10 +797,10 @@ class Unplug:
             raise self._stopped(reason)
         return current.state
 
-    async def _live_xml(self) -> str:
+    async def _live_xml(self) -> Definition:
         conn = self._registry.conn
         try:
-            return await conn.read(conn.backend.domain_xml, self.key[0], inactive=False)
+            return await conn.definition(self.key[0], inactive=False, by="unplugs")
         except BackendError as err:
             raise map_error(
                 err, domain=self.domain, alias=self.key[1], action="reading the XML"

@@ -17,12 +17,14 @@ from typing import Literal
 from .errors import InvalidRequest
 
 __all__ = [
+    "Definition",
     "DeviceRef",
     "Selector",
     "find_device",
     "find_same_device",
     "has_alias",
     "list_devices",
+    "parse_definition",
     "selector_from",
 ]
 
@@ -64,6 +66,31 @@ class DeviceRef:
     xml: str
     description: str
     identity: Identity | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """The ``<devices>`` of one domain definition, parsed once.
+
+    Concurrent callers share one read of a definition (:mod:`aiodetach._reads`),
+    and with it one parse: in a mass detach each of N callers parsing the
+    same XML was most of the CPU aiodetach added to raw libvirt.  The
+    elements are only read, never changed.  Every function below takes it or
+    the XML text.
+    """
+
+    devices: tuple[ET.Element, ...]
+
+
+def parse_definition(domain_xml: str) -> Definition:
+    """Parse a domain's XML (from libvirt) down to its devices."""
+    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt, not the user
+    devices = root.find("devices")
+    return Definition(tuple(devices) if devices is not None else ())
+
+
+Domain = str | Definition
+"""A domain definition: libvirt's XML, or that XML parsed (:class:`Definition`)."""
 
 
 def selector_from(
@@ -182,15 +209,11 @@ def _key_of(elem: ET.Element, kind: str) -> object:
     return ("hostdev", _hostdev_source_key(elem))
 
 
-def find_device(domain_xml: str, sel: Selector) -> DeviceRef | None:
+def find_device(domain_xml: Domain, sel: Selector) -> DeviceRef | None:
     """Return the device ``sel`` names in ``domain_xml``, or ``None``."""
     tag, key = _matcher(sel)
     kind = key[0] if isinstance(key, tuple) else "alias"
-    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt, not the user
-    devices = root.find("devices")
-    if devices is None:
-        return None
-    for elem in devices:
+    for elem in _devices(domain_xml):
         if tag is not None and elem.tag != tag:
             continue
         if _key_of(elem, str(kind)) == key:
@@ -198,13 +221,16 @@ def find_device(domain_xml: str, sel: Selector) -> DeviceRef | None:
     return None
 
 
-def has_alias(domain_xml: str, alias: str) -> bool:
+def has_alias(domain_xml: Domain, alias: str) -> bool:
     """True if any device of ``domain_xml`` carries ``alias`` (the re-check after a timeout)."""
-    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt
-    return any(node.get("name") == alias for node in root.iterfind("devices/*/alias"))
+    return any(
+        node.get("name") == alias
+        for elem in _devices(domain_xml)
+        for node in elem.iterfind("alias")
+    )
 
 
-def list_devices(domain_xml: str) -> list[DeviceRef]:
+def list_devices(domain_xml: Domain) -> list[DeviceRef]:
     """Every device of ``domain_xml``, in document order, with its identity.
 
     ``<emulator>`` sits among the devices but is the path of the QEMU binary,
@@ -213,7 +239,7 @@ def list_devices(domain_xml: str) -> list[DeviceRef]:
     return [_ref(elem) for elem in _devices(domain_xml) if elem.tag != "emulator"]
 
 
-def find_same_device(domain_xml: str, dev: DeviceRef) -> DeviceRef | None:
+def find_same_device(domain_xml: Domain, dev: DeviceRef) -> DeviceRef | None:
     """The device in ``domain_xml`` (the *other* definition) that is ``dev``.
 
     Why this exists: a device has a live and a persistent definition, and
@@ -256,10 +282,10 @@ def find_same_device(domain_xml: str, dev: DeviceRef) -> DeviceRef | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _devices(domain_xml: str) -> list[ET.Element]:
-    root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt, not the user
-    devices = root.find("devices")
-    return list(devices) if devices is not None else []
+def _devices(domain_xml: Domain) -> tuple[ET.Element, ...]:
+    if isinstance(domain_xml, Definition):
+        return domain_xml.devices
+    return parse_definition(domain_xml).devices
 
 
 def _ref(elem: ET.Element) -> DeviceRef:

@@ -71,7 +71,7 @@ def _others() -> set[asyncio.Task[Any]]:
 def _left_running(base: set[asyncio.Task[Any]]) -> list[str]:
     """Tasks started since ``base`` still running, apart from unplug drivers
     (an unplug goes on for its device when its callers leave)."""
-    return [repr(t) for t in _others() - base if ".run" not in repr(t.get_coro())]
+    return [repr(t) for t in _others() - base if "Unplug._drive" not in repr(t.get_coro())]
 
 
 # -- what a batch may be given --------------------------------------------------------

@@ -174,6 +174,15 @@ class _VirtualClockLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.now
 
+    def create_task(self, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        # A task a caller starts (its shared read, see aiodetach._reads) is
+        # that caller's front too: its calls are never held as the unplug's.
+        task = super().create_task(coro, **kwargs)
+        shared_read = getattr(coro, "__qualname__", "") == "SharedReads._run"
+        if shared_read and asyncio.current_task(self) in self.callers:
+            self.callers.add(task)
+        return task
+
     def run_in_executor(self, executor: Any, func: Any, *args: Any) -> asyncio.Future[Any]:  # type: ignore[override]
         own = asyncio.current_task(self) not in self.callers
         if executor is not None and self.closing:

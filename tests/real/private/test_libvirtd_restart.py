@@ -26,8 +26,9 @@ from .._real import (
     domains_removed,
     guest_ejects,
     live_xml,
+    rechecked,
+    record_domain_xml_reads,
     record_requests,
-    record_xml_reads,
     until,
 )
 
@@ -47,7 +48,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
 ) -> None:
     daemon = private_libvirtd
     sent = record_requests(monkeypatch)
-    xml_reads = record_xml_reads(monkeypatch)
+    xml_reads = record_domain_xml_reads(monkeypatch)
     tag = _uuid.uuid4().hex[:6]
     names = [f"rr-{tag}-{i}" for i in range(DOMAINS)]
     disks = _disks(DISKS)
@@ -108,7 +109,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
             # Let every pending detach re-check the live XML after the reconnect
             # first, so that what follows can only be learnt from an event.
             await until(
-                lambda: sum(1 for t in xml_reads if t > killed_at) >= DOMAINS * DISKS,
+                rechecked(services, xml_reads, killed_at, uuids),
                 20,
                 "the re-checks after the reconnect",
             )

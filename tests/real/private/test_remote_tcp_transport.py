@@ -22,8 +22,9 @@ from .._real import (
     domains_removed,
     guest_ejects,
     live_xml,
+    rechecked,
+    record_domain_xml_reads,
     record_requests,
-    record_xml_reads,
     until,
 )
 
@@ -65,7 +66,7 @@ async def test_daemon_restart_over_tcp(
     over TCP and hears the guest's answer there, with no second request."""
     daemon = private_libvirtd
     sent = record_requests(monkeypatch)
-    xml_reads = record_xml_reads(monkeypatch)
+    xml_reads = record_domain_xml_reads(monkeypatch)
     name = f"rt-{_uuid.uuid4().hex[:6]}"
     uuid = await asyncio.to_thread(daemon.define, name, DISKS)
     with domains_removed(daemon.uri, [uuid]):
@@ -82,11 +83,10 @@ async def test_daemon_restart_over_tcp(
             await asyncio.to_thread(daemon.kill)
             await asyncio.to_thread(daemon.start)
             await until(lambda: svc.reconnects == 1, 30, "the reconnect over TCP")
-            # Both re-checks of the live XML after the reconnect come first, so
-            # that what follows can only be learnt from an event on the new connection.
-            await until(
-                lambda: sum(1 for t in xml_reads if t > killed_at) >= 2, 20, "the re-checks"
-            )
+            # Both re-checks of the live XML after the reconnect come first (one
+            # read, shared by the domain's two unplugs), so that what follows can
+            # only be learnt from an event on the new connection.
+            await until(rechecked([svc], xml_reads, killed_at, [uuid]), 20, "the re-checks")
             await asyncio.to_thread(
                 guest_ejects, daemon.uri, uuid, [slots["ua-v0"], slots["ua-v1"]]
             )
