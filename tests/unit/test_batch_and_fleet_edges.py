@@ -68,10 +68,26 @@ def _others() -> set[asyncio.Task[Any]]:
     return {t for t in asyncio.all_tasks() if t is not me}
 
 
+_GOES_ON = ("Unplug._drive", "PersistentStep._config_detach", "SharedReads._run")
+"""What rightly outlives its callers: an unplug goes on for its device, a
+config detach already handed to libvirt is seen through, and a shared read
+already in a worker thread finishes (later callers may join it; cancelling
+the task would not stop the thread).  All end by ``aclose()``, which
+:func:`_nothing_after_close` checks."""
+
+
 def _left_running(base: set[asyncio.Task[Any]]) -> list[str]:
-    """Tasks started since ``base`` still running, apart from unplug drivers
-    (an unplug goes on for its device when its callers leave)."""
-    return [repr(t) for t in _others() - base if "Unplug._drive" not in repr(t.get_coro())]
+    """Tasks started since ``base`` still running, apart from :data:`_GOES_ON`."""
+    return [
+        repr(t)
+        for t in _others() - base
+        if not any(name in repr(t.get_coro()) for name in _GOES_ON)
+    ]
+
+
+def _nothing_after_close(base: set[asyncio.Task[Any]]) -> list[str]:
+    """Once the service is closed, not even those are left."""
+    return [repr(t) for t in _others() - base if not t.done()]
 
 
 # -- what a batch may be given --------------------------------------------------------
@@ -259,6 +275,7 @@ async def test_system_exit_from_a_progress_callback_propagates_and_stops_the_bat
         with pytest.raises(SystemExit):
             await svc.detach_many(batch, per_domain=None, on_progress=on_progress)
         assert _left_running(base) == []
+    assert _nothing_after_close(base) == []
 
 
 @pytest.mark.parametrize("cancels", [1, 2])
@@ -277,6 +294,7 @@ async def test_cancelling_detach_many_leaves_nothing_of_the_batch_running(
         with pytest.raises(asyncio.CancelledError):
             await task
         assert _left_running(base) == []
+    assert _nothing_after_close(base) == []
 
 
 async def test_closing_the_service_under_detach_many_gives_the_rest_service_closed(
