@@ -106,6 +106,10 @@ _INIT_SCRIPT = f"""#!/bin/busybox sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s /bin
 export PATH=/bin
+# The memory blocks present at boot, taken *before* the ready line: a DIMM
+# hot-plugged right after it must never be counted among them (under TCG the
+# listing below could otherwise run after the hot-plug and skip its blocks).
+seen=" $(echo /sys/devices/system/memory/memory*) "
 echo {READY_LINE}
 if grep -q aiodetach.control=ttyS1 /proc/cmdline; then
   # clocal: open() of the port must not wait for a carrier; -echo: send nothing back.
@@ -117,7 +121,6 @@ if grep -q aiodetach.control=ttyS1 /proc/cmdline; then
   done < /dev/ttyS1 &
 fi
 if grep -q aiodetach.pin_hotplugged_memory /proc/cmdline; then
-  seen=" $(echo /sys/devices/system/memory/memory*) "
   while :; do
     for b in /sys/devices/system/memory/memory*; do
       case "$seen" in *" $b "*) continue;; esac
