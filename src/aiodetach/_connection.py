@@ -119,12 +119,12 @@ class Connection:
         self.close_grace = CLOSE_GRACE
         """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
         self.reads = SharedReads()
+        """Lookups and definitions shared by the callers asking at the same time."""
         self.on_lost: Callable[[], None] | None = None
         """Called whenever a loss starts a reconnect, whoever noticed it (a
         close callback, a failed call, a failed shared read): the registry
         wakes its parked unplugs here so they wait for the reconnect's verdict
         rather than for the end of their window."""
-        """Lookups and definitions shared by the callers asking at the same time."""
 
     @property
     def uri(self) -> str:

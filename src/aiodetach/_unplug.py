@@ -395,15 +395,19 @@ class Unplug:
         elif timer is not None:
             timer.cancel()
         if self.verdict is not None and not self.early:
-            # The usual end (DEVICE_REMOVED): acted on here, with no task.
-            try:
-                done = self._finish(self.verdict)
-            except DetachError as exc:
-                self._end(exc)
-            else:
-                self._end(None, done)
+            self._conclude()  # the usual end (DEVICE_REMOVED): acted on here, with no task
             return
         self._spawn()
+
+    def _conclude(self) -> None:
+        """End on the verdict (not an early one: that is confirmed first)."""
+        assert self.verdict is not None
+        try:
+            done = self._finish(self.verdict)
+        except DetachError as exc:
+            self._end(exc)
+        else:
+            self._end(None, done)
 
     async def _drive(self) -> None:
         """Drive the unplug until it ends, or parks while its window runs (the
@@ -414,8 +418,7 @@ class Unplug:
             while True:
                 if self.verdict is not None:
                     if not self.early:
-                        done = self._finish(self.verdict)
-                        self._end(None, done)
+                        self._conclude()
                         return
                     await self._confirm_early()
                     continue
