@@ -31,16 +31,7 @@ from aiodetach import DetachService, DetachSettings
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach_lab import domains as _lab
 from aiodetach_lab.bench import bench_domain, live_aliases, reattach, scsi_disks, unavailable
-
-
-class CountingBackend(LibvirtBackend):
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.sent = 0
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        super().detach_live(uuid, alias)
-        self.sent += 1
+from aiodetach_lab.requests import recording_requests
 
 
 async def one_mode(
@@ -55,14 +46,15 @@ async def one_mode(
         for i in range(per)
         for lab in labs
     ]
-    backend = CountingBackend(URI)
     settings = DetachSettings(attempts=3, timeout=10)
-    async with DetachService(URI, backend=backend, settings=settings) as svc:
-        t0 = time.perf_counter()
-        ok = await run(svc, requests)
-        took = time.perf_counter() - t0
-    eprint(f"  {name}: {fmt_s(took)} for {len(requests)} disks, {ok} ok, {backend.sent} requests")
-    return took, ok, backend.sent
+    with recording_requests() as log:
+        async with DetachService(URI, backend=LibvirtBackend(URI), settings=settings) as svc:
+            t0 = time.perf_counter()
+            ok = await run(svc, requests)
+            took = time.perf_counter() - t0
+    sent = len(log.accepted())
+    eprint(f"  {name}: {fmt_s(took)} for {len(requests)} disks, {ok} ok, {sent} requests")
+    return took, ok, sent
 
 
 async def sequential(svc: DetachService, requests: list[dict[str, object]]) -> int:

@@ -38,7 +38,6 @@ import os
 import re
 import statistics
 import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -51,10 +50,10 @@ import structlog
 from _common import Row, met
 from aiodetach import DetachService, DetachSettings, install_event_loop
 from aiodetach._libvirt import LibvirtBackend
-from aiodetach.backend import BackendError
 from aiodetach.errors import DetachError
 from aiodetach_lab import domains as _lab
 from aiodetach_lab import guest as _guest
+from aiodetach_lab.requests import recording_requests
 
 URI = os.environ.get("AIODETACH_BENCH_URI", "qemu:///system")
 BOOT_TIMEOUT = 120.0
@@ -358,25 +357,6 @@ def run_blind(
 # --------------------------------------------------------------- aiodetach
 
 
-class _RecordingBackend(LibvirtBackend):
-    """The real backend, recording libvirt's answer to each live request."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.answers: list[tuple[str, str | None]] = []
-        self._answers_lock = threading.Lock()
-
-    def detach_live(self, uuid: str, alias: str) -> None:
-        try:
-            super().detach_live(uuid, alias)
-        except BackendError as err:
-            with self._answers_lock:
-                self.answers.append((alias, err.message))
-            raise
-        with self._answers_lock:
-            self.answers.append((alias, None))
-
-
 async def _aiodetach_runs(
     uri: str, guest: _Guest, aliases: Sequence[str], wait_s: float
 ) -> list[DeviceRun]:
@@ -384,35 +364,36 @@ async def _aiodetach_runs(
     runs: list[DeviceRun] = []
     # A service given its own backend does not bind libvirt's events itself.
     impl = install_event_loop()
-    backend = _RecordingBackend(uri)
+    backend = LibvirtBackend(uri)
     settings = DetachSettings(timeout=wait_s, attempts=8)
     conn = libvirt.open(uri)
     try:
         dom = conn.lookupByName(guest.name)
-        async with DetachService(uri, backend=backend, settings=settings) as svc:
-            for alias in aliases:
-                run = DeviceRun(label, alias)
-                offset = _serial_size(guest.serial_log)
-                before = len(backend.answers)
-                t0 = time.monotonic()
-                try:
-                    result = await svc.detach(guest.name, alias=alias, persistent=False)
-                except DetachError as exc:
-                    run.verdict = f"{type(exc).__name__}: {exc}"
-                else:
-                    run.reported_ok = True
-                    run.verdict = f"removed, confirmed by {result.confirmed_by}"
-                run.reported_after = time.monotonic() - t0
-                answers = backend.answers[before:]
-                run.requests = len(answers)
-                run.refusals = [msg for _a, msg in answers if msg is not None]
-                run.removed_after = await asyncio.to_thread(
-                    _wait_gone, dom, alias, t0, time.monotonic() + SETTLE_TIMEOUT
-                )
-                await asyncio.sleep(0.2)
-                run.presses, run.cancels = _guest_lines(guest.serial_log, offset)
-                _progress(run)
-                runs.append(run)
+        with recording_requests() as log:
+            async with DetachService(uri, backend=backend, settings=settings) as svc:
+                for alias in aliases:
+                    run = DeviceRun(label, alias)
+                    offset = _serial_size(guest.serial_log)
+                    before = len(log.requests)
+                    t0 = time.monotonic()
+                    try:
+                        result = await svc.detach(guest.name, alias=alias, persistent=False)
+                    except DetachError as exc:
+                        run.verdict = f"{type(exc).__name__}: {exc}"
+                    else:
+                        run.reported_ok = True
+                        run.verdict = f"removed, confirmed by {result.confirmed_by}"
+                    run.reported_after = time.monotonic() - t0
+                    answers = log.requests[before:]
+                    run.requests = len(answers)
+                    run.refusals = [r.error for r in answers if r.error is not None]
+                    run.removed_after = await asyncio.to_thread(
+                        _wait_gone, dom, alias, t0, time.monotonic() + SETTLE_TIMEOUT
+                    )
+                    await asyncio.sleep(0.2)
+                    run.presses, run.cancels = _guest_lines(guest.serial_log, offset)
+                    _progress(run)
+                    runs.append(run)
         await impl.settle()
     finally:
         conn.close()

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Hashable
 from typing import Literal
 
 from ._connection import Connection
 from ._errors_map import is_connection_error, map_error
+from ._recent import Recent
 from ._registry import Unplugs
 from ._xml import DeviceRef, Selector, find_device, find_same_device
 from .backend import BackendError, DomainInfo
@@ -45,23 +45,14 @@ class PersistentStep:
         self._conn = conn
         self._unplugs = unplugs
         self._ops: dict[Key, tuple[asyncio.Task[None], DeviceRef]] = {}
-        self._seq = 0  # bumped by every config detach that completes
-        self._completed: dict[Key, tuple[int, DeviceRef]] = {}  # with _seq at completion
-        self._callers: Counter[int] = Counter()  # tickets of callers in flight
+        self._completed: Recent[Key, DeviceRef] = Recent()  # config detaches that landed
 
     def ticket(self) -> int:
         """Take when a detach begins; give back with :meth:`release`."""
-        self._callers[self._seq] += 1
-        return self._seq
+        return self._completed.ticket()
 
     def release(self, ticket: int) -> None:
-        self._callers[ticket] -= 1
-        if self._callers[ticket] <= 0:
-            del self._callers[ticket]
-        # Only a caller whose ticket predates a completion can need its record.
-        oldest = min(self._callers, default=self._seq)
-        for key in [k for k, (seq, _dev) in self._completed.items() if seq <= oldest]:
-            del self._completed[key]
+        self._completed.release(ticket)
 
     def removed_since(
         self, uuid: str, ticket: int, selector: Selector, live_dev: DeviceRef | None
@@ -74,9 +65,7 @@ class PersistentStep:
         so it shares that detach instead of failing with "not found".
         """
         candidates = [dev for key, (_task, dev) in self._ops.items() if key[0] == uuid]
-        candidates += [
-            dev for key, (seq, dev) in self._completed.items() if key[0] == uuid and seq > ticket
-        ]
+        candidates += [dev for key, dev in self._completed.since(ticket) if key[0] == uuid]
         for dev in candidates:
             if live_dev is not None and live_dev.identity is not None:
                 if dev.identity == live_dev.identity:
@@ -98,8 +87,7 @@ class PersistentStep:
         detach follows.  The caller reports the step (its record names the call)."""
         key: Key = (info.uuid, dev.identity if dev.identity is not None else dev.xml)
         op = self._ops.get(key)
-        done = self._completed.get(key)
-        if op is None and done is not None and done[0] > ticket:
+        if op is None and self._completed.get(key, ticket) is not None:
             # Another caller's config detach of this device, since we began.
             return "persistent_joined"
         if op is None:
@@ -121,9 +109,7 @@ class PersistentStep:
         if task.cancelled():
             return
         if task.exception() is None:  # retrieved either way: its callers may be gone
-            self._seq += 1
-            if self._callers:
-                self._completed[key] = (self._seq, dev)
+            self._completed.add(key, dev)
 
     async def close(self) -> None:
         tasks = [task for task, _dev in self._ops.values()]

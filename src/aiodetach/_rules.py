@@ -67,6 +67,7 @@ class Plan:
     live: DeviceRef | None
     persistent: DeviceRef | None
     found: DeviceRef  # as the caller will see it described (live first)
+    gone: bool = False  # ``live`` was unplugged by another caller since this one began
 
 
 def plan_devices(
@@ -78,6 +79,7 @@ def plan_devices(
     persistent_xml: Domain | None,
     *,
     removed: Callable[[DeviceRef | None], DeviceRef | None] = lambda _live: None,
+    unplugged: Callable[[DeviceRef | None], DeviceRef | None] = lambda _pers: None,
 ) -> Plan:
     """Find the device in each definition asked for, and apply the not-found rules.
 
@@ -88,7 +90,9 @@ def plan_devices(
     (disk target, MAC, hostdev source, controller type and index, guest
     address), and both halves are done.  ``removed(live_dev)`` names a device
     whose config detach by another caller is under way or done since this
-    caller began (see :mod:`aiodetach._persistent`).
+    caller began (see :mod:`aiodetach._persistent`); ``unplugged(pers_dev)``
+    one that another caller's unplug removed from the live definition since
+    this caller began (see :mod:`aiodetach._recent`).
     """
     live_dev = find_device(live_xml, selector) if live_xml is not None else None
     pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
@@ -96,6 +100,12 @@ def plan_devices(
         pers_dev = find_same_device(persistent_xml, live_dev)
     if live_xml is not None and live_dev is None and pers_dev is not None:
         live_dev = find_same_device(live_xml, pers_dev)
+    gone = False
+    if live_xml is not None and live_dev is None:
+        # Another caller's unplug of this device may have ended just before
+        # our read: ``unplugged`` finds it, and this caller shares its outcome.
+        live_dev = unplugged(pers_dev)
+        gone = live_dev is not None
     if persistent_xml is not None and pers_dev is None:
         # Another caller's config detach of this device may have landed just
         # before our read: ``removed`` finds it, and this caller shares it.
@@ -140,7 +150,7 @@ def plan_devices(
             domain=info.name,
             alias=alias,
         )
-    return Plan(live_dev, pers_dev, found)
+    return Plan(live_dev, pers_dev, found, gone)
 
 
 def _user_alias(alias: str | None) -> bool:

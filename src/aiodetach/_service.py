@@ -544,7 +544,32 @@ class DetachService:
         assert self._persistent is not None
         assert self._unplugs is not None
         persistent_step = self._persistent
+        unplugs = self._unplugs
+        # Tickets: what another caller's unplug or config detach of this device
+        # ends between our reads and our join is ours too (aiodetach._recent).
         ticket = persistent_step.ticket()
+        unplug_ticket = unplugs.ticket()
+        try:
+            return await self._plan_and_join(
+                conn, progress, selector, live, persistent, ticket, unplug_ticket
+            )
+        finally:
+            unplugs.release(unplug_ticket)
+
+    async def _plan_and_join(
+        self,
+        conn: Connection,
+        progress: _Progress,
+        selector: Any,
+        live: bool | None,
+        persistent: bool | None,
+        ticket: int,
+        unplug_ticket: int,
+    ) -> DetachResult | _Live:
+        assert self._persistent is not None
+        assert self._unplugs is not None
+        persistent_step = self._persistent
+        unplugs = self._unplugs
         try:
             conn.revive()
             await conn.wait_up()
@@ -553,6 +578,7 @@ class DetachService:
             do_live, do_persistent = halves(info, live, persistent)
             # Only the devices' own XML is kept: a whole domain definition per
             # pending detach adds up when thousands wait.
+            mark = unplugs.mark()
             live_xml = await self._domain_xml(conn, info, inactive=False) if do_live else None
             pers_xml = await self._domain_xml(conn, info, inactive=True) if do_persistent else None
             plan = plan_devices(
@@ -564,6 +590,9 @@ class DetachService:
                 pers_xml,
                 removed=lambda live_dev: persistent_step.removed_since(
                     info.uuid, ticket, selector, live_dev
+                ),
+                unplugged=lambda pers_dev: unplugs.removed_since(
+                    info.uuid, unplug_ticket, selector, pers_dev
                 ),
             )
             del live_xml, pers_xml
@@ -586,10 +615,13 @@ class DetachService:
                     domain=info.name,
                 )
             self._usable()
-            unplug, joined = self._unplugs.join(
+            unplug, joined = unplugs.join(
                 info.uuid,
                 info.name,
                 plan.live.alias,
+                ref=plan.live,
+                since=unplug_ticket if plan.gone else mark,
+                gone=plan.gone,
                 run_id=info.run_id,
                 # What the journal knows the device by; nothing else needs it.
                 device=_fingerprint(plan.live) if self._journal is not None else None,

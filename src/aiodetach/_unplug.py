@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -72,7 +73,7 @@ from ._connection import Connection
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
 from ._journal import Journal, RequestNote, fault_point
 from ._settings import DetachSettings
-from ._xml import Definition, has_alias
+from ._xml import Definition, DeviceRef, has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -155,17 +156,20 @@ class Unplug:
         "generation",
         "handed",
         "id",
+        "identity",
         "idle_until",
         "journal_row",
         "key",
         "persistent_done",
         "phase",
+        "result",
         "resume",
         "resumed",
         "run_id",
         "sent",
         "started",
         "started_wall",
+        "tag",
         "task",
         "timer",
         "used",
@@ -181,6 +185,7 @@ class Unplug:
         *,
         run_id: str | None = None,
         device: str | None = None,
+        ref: DeviceRef | None = None,
     ) -> None:
         self._registry = registry
         self._loop = asyncio.get_running_loop()
@@ -188,6 +193,11 @@ class Unplug:
         self.domain = domain  # the name, for errors and logs
         self.run_id = run_id  # the domain's run (journal: was it re-started since?)
         self.device = device  # what identifies the device besides its alias (journal)
+        # What a caller who read the definition after the device was gone
+        # matches it by (see aiodetach._recent); the device's XML is not kept.
+        self.tag = sys.intern(ref.tag) if ref is not None else None
+        self.identity = ref.identity if ref is not None else None
+        self.result: LiveDone | None = None  # how it ended, if the device was removed
         self.id = next_unplug_id()  # names it in the hooks' records
         self.started = time.monotonic()
         self.started_wall = time.time()
@@ -248,7 +258,12 @@ class Unplug:
         it waits, see :meth:`_park`).  Hand it back to :meth:`unfollow`.
         """
         mine: asyncio.Future[LiveDone] = self._loop.create_future()
-        if self._followers is None:
+        if self.phase is Phase.DONE:
+            # Over already: a caller sharing an unplug that removed the device
+            # between its read and its join (see aiodetach._recent).
+            assert self.result is not None, "only an unplug that removed the device is shared"
+            mine.set_result(self.result)
+        elif self._followers is None:
             self._followers = [mine]
         else:
             self._followers.append(mine)
@@ -323,6 +338,7 @@ class Unplug:
         """The unplug is over: leave the registry, journal and report it, then
         tell the callers (in that order, as one step)."""
         self.phase = Phase.DONE
+        self.result = done
         self._parked = False
         if self.timer is not None:
             self.timer.cancel()

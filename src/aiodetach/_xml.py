@@ -20,10 +20,12 @@ __all__ = [
     "Definition",
     "DeviceRef",
     "Selector",
+    "ended_device",
     "find_device",
     "find_same_device",
     "has_alias",
     "list_devices",
+    "names_device",
     "parse_definition",
     "selector_from",
 ]
@@ -219,6 +221,44 @@ def find_device(domain_xml: Domain, sel: Selector) -> DeviceRef | None:
         if _key_of(elem, str(kind)) == key:
             return _ref(elem)
     return None
+
+
+def ended_device(tag: str | None, alias: str, identity: Identity | None) -> DeviceRef:
+    """A device already unplugged, known by what its unplug kept: its tag,
+    alias and identity (its XML is gone with it, so ``xml`` is empty).
+
+    A caller whose read came after another caller's unplug removed the
+    device shares that unplug (see :mod:`aiodetach._recent`); this is the
+    device as its result and records describe it, in :func:`_describe`'s words.
+    """
+    tag = tag or "device"  # an unplug taken up from the journal keeps no tag
+    parts = [tag]
+    if identity is not None and len(identity) == 2 and tag in ("disk", "interface"):
+        parts.append(f"{'target' if tag == 'disk' else 'mac'}={identity[1]!r}")
+    elif identity is not None and len(identity) == 3 and tag == "controller":
+        parts.append(f"type={identity[1]!r} index={identity[2]!r}")
+    parts.append(f"alias={alias!r}")
+    return DeviceRef(tag, alias, "", " ".join(parts), identity)
+
+
+def names_device(sel: Selector, tag: str | None, alias: str, identity: Identity | None) -> bool:
+    """Whether ``sel`` names the device with this tag, alias and identity,
+    without its XML (a device already unplugged: see :func:`ended_device`).
+
+    By alias, disk target or MAC, as :func:`find_device` would match them.  A
+    hostdev named by its XML is matched through its persistent copy instead
+    (the caller finds it by identity there), so it is not matched here.
+    """
+    want_tag, key = _matcher(sel)
+    if want_tag is not None and want_tag != tag:
+        return False
+    assert isinstance(key, tuple)
+    kind, value = key
+    if kind == "alias":
+        return bool(alias == value)
+    if kind in ("target", "mac"):
+        return identity == (tag, value)
+    return False
 
 
 def has_alias(domain_xml: Domain, alias: str) -> bool:

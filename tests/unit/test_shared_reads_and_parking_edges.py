@@ -1126,17 +1126,6 @@ async def test_every_caller_of_a_failing_read_cancelled_nothing_unretrieved(gf: 
     assert _others() == set()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known race, open under the mass-detach work: a caller's reads and its join of the "
-        "device's unplug are not one step. If another caller's unplug (or config detach) "
-        "ends between them, the late caller reports persistent=False, sends a second live "
-        "request for an alias already gone, or gets DeviceNotFound. Shared reads widen the "
-        "window (seen on 3.13 under CI load); the fix is a registry that remembers unplugs "
-        "completed since a caller began, as PersistentStep does for config detaches"
-    ),
-)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=6))
 def test_staggered_callers_of_one_device_all_get_both_halves(

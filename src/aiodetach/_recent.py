@@ -1,0 +1,76 @@
+"""What ended since a caller began: the memory behind "one request per device".
+
+A detach reads the domain's definitions, then acts on what it read (joins
+the device's unplug, shares its config detach).  Those two steps are not
+one: another caller's unplug or config detach of the same device can end
+in between.  Without a record of it, the late caller either does not find
+the device (and raises "not found" for a detach that did happen) or finds it
+in a read taken just before it went and sends a second request for a device
+already gone.
+
+So each caller takes a :meth:`Recent.ticket` when it begins and gives it back
+once it has acted; whatever ends meanwhile is kept (:meth:`Recent.add`) until
+no caller that began before it is left.  With nobody in flight nothing is
+kept at all, so an idle or steady service holds no records.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["Recent"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """Values that ended since the oldest caller in flight began, by key."""
+
+    __slots__ = ("_callers", "_ended", "seq")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        """Bumped by every :meth:`add`: a ticket, or a mark taken later, is a value of it."""
+        self._ended: dict[K, tuple[int, V]] = {}
+        self._callers: Counter[int] = Counter()  # tickets in flight
+
+    def ticket(self) -> int:
+        """Take when a caller begins; give it back with :meth:`release`."""
+        self._callers[self.seq] += 1
+        return self.seq
+
+    def release(self, ticket: int) -> None:
+        self._callers[ticket] -= 1
+        if self._callers[ticket] <= 0:
+            del self._callers[ticket]
+        if not self._ended:
+            return
+        # Only a caller whose ticket predates an end can need its record.  The
+        # oldest ticket is the first key: tickets are taken in rising order (a
+        # ticket given back and taken again is the current, highest one).
+        oldest = next(iter(self._callers), self.seq)
+        for key in [k for k, (seq, _v) in self._ended.items() if seq <= oldest]:
+            del self._ended[key]
+
+    def add(self, key: K, value: V) -> None:
+        """``value`` ended now; kept while a caller that began before is in flight."""
+        self.seq += 1
+        if self._callers:
+            self._ended[key] = (self.seq, value)
+
+    def get(self, key: K, since: int) -> V | None:
+        """What ended under ``key`` after ``since`` (a ticket or a later mark)."""
+        found = self._ended.get(key)
+        return found[1] if found is not None and found[0] > since else None
+
+    def since(self, since: int) -> Iterator[tuple[K, V]]:
+        """Everything that ended after ``since``."""
+        for key, (seq, value) in self._ended.items():
+            if seq > since:
+                yield key, value
+
+    def __len__(self) -> int:
+        return len(self._ended)
