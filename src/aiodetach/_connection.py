@@ -329,18 +329,18 @@ class Connection:
                 self.lost("call failed: " + err.message)
                 await self.wait_up()
 
-    async def lookup(self, ref: str, *, by: Readers = "callers") -> DomainInfo:
+    def lookup(self, ref: str, *, by: Readers = "callers") -> asyncio.Future[DomainInfo]:
         """The domain named ``ref`` (name or UUID), from a lookup that started
         no earlier than this call, shared with the concurrent calls of the
         same ``by`` (see :mod:`aiodetach._reads`)."""
-        return await self.reads.read(
-            (by, "lookup", ref), lambda: self.read(self.backend.lookup, ref)
-        )
+        return self.reads.read((by, "lookup", ref), lambda: self.read(self.backend.lookup, ref))
 
-    async def definition(self, uuid: str, *, inactive: bool, by: Readers = "callers") -> Definition:
+    def definition(
+        self, uuid: str, *, inactive: bool, by: Readers = "callers"
+    ) -> asyncio.Future[Definition]:
         """One definition of a domain, read no earlier than this call and parsed
         in the worker thread, both shared with the concurrent calls of ``by``."""
-        return await self.reads.read(
+        return self.reads.read(
             (by, "xml", uuid, inactive),
             lambda: self.read(_read_definition, self.backend, uuid, inactive),
         )

@@ -87,7 +87,7 @@ class PersistentStep:
         detach follows.  The caller reports the step (its record names the call)."""
         key: Key = (info.uuid, dev.identity if dev.identity is not None else dev.xml)
         op = self._ops.get(key)
-        if op is None and self._completed.get(key, ticket) is not None:
+        if op is None and self._completed.get(key, ticket):
             # Another caller's config detach of this device, since we began.
             return "persistent_joined"
         if op is None:

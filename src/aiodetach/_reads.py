@@ -22,8 +22,11 @@ lookup, say) still join it.  Every read therefore started after each of its
 callers arrived, and N callers arriving together cost at most two reads.
 
 A read runs in a task of its own, so one caller's cancellation never cancels
-it for the others (each caller waits through ``asyncio.shield``); its
-failure reaches every caller of that read as the same exception, which each
+it for the others: each caller waits on a plain future of its own, which the
+read's one done-callback settles (what ``asyncio.shield`` would do, without
+its coroutine, outer future and two callbacks per caller: in a mass detach
+ten thousand callers wait on one read, and that was most of the memory the
+ramp took).  Its failure reaches every caller of that read as the same exception, which each
 caller maps to its own typed error (naming its own domain and alias).  A
 connection lost mid-read is :meth:`Connection.read`'s business, as for a
 read of one's own: the read waits for the reconnect and asks again.
@@ -40,15 +43,41 @@ __all__ = ["SharedReads"]
 _T = TypeVar("_T")
 
 
+class _Read(Generic[_T]):
+    """One read's task and the callers' futures it settles."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[_T] | None = None
+        self.waiters: list[asyncio.Future[_T]] = []
+
+    def settle(self, task: asyncio.Task[_T]) -> None:
+        """The task's done-callback: each caller still waiting gets its outcome."""
+        waiters, self.waiters = self.waiters, []
+        if task.cancelled():
+            for mine in waiters:
+                mine.cancel()
+            return
+        error = task.exception()  # retrieved even if every caller left
+        for mine in waiters:
+            if mine.done():
+                continue  # that caller was cancelled
+            if error is not None:
+                mine.set_exception(error)
+            else:
+                mine.set_result(task.result())
+
+
 class _Slot(Generic[_T]):
     """The read in flight for one key, and the one queued behind it."""
 
     __slots__ = ("queued", "running", "started")
 
     def __init__(self) -> None:
-        self.running: asyncio.Task[_T] | None = None
+        self.running: _Read[_T] | None = None
         self.started = False  # whether ``running`` has begun its read
-        self.queued: asyncio.Task[_T] | None = None
+        self.queued: _Read[_T] | None = None
 
 
 class SharedReads:
@@ -59,50 +88,58 @@ class SharedReads:
     def __init__(self) -> None:
         self._slots: dict[Hashable, _Slot[Any]] = {}
 
-    async def read(self, key: Hashable, start: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        """The result of a read of ``key`` that starts no earlier than now.
+    def read(
+        self, key: Hashable, start: Callable[[], Coroutine[Any, Any, _T]]
+    ) -> asyncio.Future[_T]:
+        """The result of a read of ``key`` that starts no earlier than now: a
+        future of the caller's own (cancelling it leaves the read alone).
 
         ``start()`` makes the read; it is called only if this caller starts
         one (every caller of one key must mean the same read).
         """
-        return await asyncio.shield(self._next(key, start))
+        read = self._next(key, start)
+        assert read.task is not None
+        mine: asyncio.Future[_T] = read.task.get_loop().create_future()
+        read.waiters.append(mine)
+        return mine
 
-    def _next(
-        self, key: Hashable, start: Callable[[], Coroutine[Any, Any, _T]]
-    ) -> asyncio.Task[_T]:
+    def _next(self, key: Hashable, start: Callable[[], Coroutine[Any, Any, _T]]) -> _Read[_T]:
         slot: _Slot[_T] | None = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot()
         if slot.running is None:
-            task = slot.running = self._spawn(key, slot, None, start)
+            read = slot.running = self._spawn(key, slot, None, start)
             slot.started = False
         elif not slot.started:
-            task = slot.running  # created, but its read has not begun: still ours to join
+            read = slot.running  # created, but its read has not begun: still ours to join
         elif slot.queued is None:
-            task = slot.queued = self._spawn(key, slot, slot.running, start)
+            read = slot.queued = self._spawn(key, slot, slot.running, start)
         else:
-            task = slot.queued
-        return task
+            read = slot.queued
+        return read
 
     def _spawn(
         self,
         key: Hashable,
         slot: _Slot[_T],
-        after: asyncio.Task[_T] | None,
+        after: _Read[_T] | None,
         start: Callable[[], Coroutine[Any, Any, _T]],
-    ) -> asyncio.Task[_T]:
-        task = asyncio.get_running_loop().create_task(self._run(key, slot, after, start))
-        task.add_done_callback(_retrieve)  # every caller may have left
-        return task
+    ) -> _Read[_T]:
+        read: _Read[_T] = _Read()
+        read.task = asyncio.get_running_loop().create_task(
+            self._run(key, slot, read, after.task if after is not None else None, start)
+        )
+        read.task.add_done_callback(read.settle)
+        return read
 
     async def _run(
         self,
         key: Hashable,
         slot: _Slot[_T],
+        me: _Read[_T],
         after: asyncio.Task[_T] | None,
         start: Callable[[], Coroutine[Any, Any, _T]],
     ) -> _T:
-        me = asyncio.current_task()
         try:
             if after is not None:
                 await asyncio.wait((after,))  # its outcome is its callers', not ours
@@ -129,7 +166,12 @@ class SharedReads:
         a cancellation, is what their callers must see.  What is still there
         after ``grace`` seconds is cancelled.
         """
-        tasks = {t for s in self._slots.values() for t in (s.running, s.queued) if t is not None}
+        tasks = {
+            r.task
+            for s in self._slots.values()
+            for r in (s.running, s.queued)
+            if r is not None and r.task is not None
+        }
         if not tasks:
             return
         _done, left = await asyncio.wait(tasks, timeout=grace)
@@ -137,8 +179,3 @@ class SharedReads:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
         self._slots.clear()
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()

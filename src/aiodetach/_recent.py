@@ -34,7 +34,7 @@ class Recent(Generic[K, V]):
     def __init__(self) -> None:
         self.seq = 0
         """Bumped by every :meth:`add`: a ticket, or a mark taken later, is a value of it."""
-        self._ended: dict[K, tuple[int, V]] = {}
+        self._ended: dict[K, list[tuple[int, V]]] = {}  # one key may end more than once
         self._callers: Counter[int] = Counter()  # tickets in flight
 
     def ticket(self) -> int:
@@ -52,25 +52,29 @@ class Recent(Generic[K, V]):
         # oldest ticket is the first key: tickets are taken in rising order (a
         # ticket given back and taken again is the current, highest one).
         oldest = next(iter(self._callers), self.seq)
-        for key in [k for k, (seq, _v) in self._ended.items() if seq <= oldest]:
-            del self._ended[key]
+        for key in list(self._ended):
+            kept = [(seq, value) for seq, value in self._ended[key] if seq > oldest]
+            if kept:
+                self._ended[key] = kept
+            else:
+                del self._ended[key]
 
     def add(self, key: K, value: V) -> None:
         """``value`` ended now; kept while a caller that began before is in flight."""
         self.seq += 1
         if self._callers:
-            self._ended[key] = (self.seq, value)
+            self._ended.setdefault(key, []).append((self.seq, value))
 
-    def get(self, key: K, since: int) -> V | None:
-        """What ended under ``key`` after ``since`` (a ticket or a later mark)."""
-        found = self._ended.get(key)
-        return found[1] if found is not None and found[0] > since else None
+    def get(self, key: K, since: int) -> list[V]:
+        """What ended under ``key`` after ``since`` (a ticket or a later mark), oldest first."""
+        return [value for seq, value in self._ended.get(key, ()) if seq > since]
 
     def since(self, since: int) -> Iterator[tuple[K, V]]:
         """Everything that ended after ``since``."""
-        for key, (seq, value) in self._ended.items():
-            if seq > since:
-                yield key, value
+        for key, ended in self._ended.items():
+            for seq, value in ended:
+                if seq > since:
+                    yield key, value
 
     def __len__(self) -> int:
         return len(self._ended)

@@ -14,13 +14,15 @@ starting a second unplug of a device already gone.  The event intake reads
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from ._connection import Connection
+from ._deadlines import Deadlines
 from ._journal import Entry, Journal
 from ._recent import Recent
 from ._settings import DetachSettings
 from ._unplug import Key, Unplug
-from ._xml import DeviceRef, Selector, ended_device, names_device
+from ._xml import DeviceRef, Identity, Selector, ended_device, names_device
 from .instrumentation._dispatch import Hooks
 
 __all__ = ["Unplugs"]
@@ -42,6 +44,9 @@ class Unplugs:
         self.journal = journal
         self.by_key: dict[Key, Unplug] = {}
         """Read by the event intake's hot path: one lookup per event."""
+        self.loop = asyncio.get_running_loop()
+        self.deadlines = Deadlines(self.loop)
+        """The windows of parked unplugs, on one timer."""
         self.removed: Recent[Key, Unplug] = Recent()
         """Unplugs that removed their device since the oldest caller in flight began."""
         conn.on_lost = self._wake_all
@@ -61,21 +66,27 @@ class Unplugs:
     def removed_since(
         self, uuid: str, ticket: int, selector: Selector, other: DeviceRef | None
     ) -> DeviceRef | None:
-        """The device this caller means, if an unplug removed it from the live
-        definition since the caller began (so its read did not show it).
+        """The device this caller means, if its read of the live definition no
+        longer showed it because an unplug removed it: one that ended since
+        the caller began, or one still in flight whose device left the live
+        definition before its event reached us (libvirt updates the definition
+        first, then emits ``DEVICE_REMOVED``).
 
         Matched by the device's identity in the ``other`` definition, when the
         caller found it there, else by the caller's selector (alias, disk
-        target, MAC).
+        target, MAC, or device XML by identity).  The in-flight unplugs of the
+        domain are scanned: this runs only when a read missed the device.
         """
-        for (u, alias), unplug in self.removed.since(ticket):
-            if u != uuid:
-                continue
+        candidates = [(k[1], u) for k, u in self.removed.since(ticket) if k[0] == uuid]
+        candidates += [(k[1], u) for k, u in self.by_key.items() if k[0] == uuid]
+        for alias, unplug in candidates:
+            identity = unplug.identity
+            tag = str(identity[0]) if identity else None  # an identity begins with the tag
             if other is not None and other.identity is not None:
-                if other.identity == unplug.identity and other.tag == unplug.tag:
-                    return ended_device(unplug.tag, alias, unplug.identity)
-            elif names_device(selector, unplug.tag, alias, unplug.identity):
-                return ended_device(unplug.tag, alias, unplug.identity)
+                if other.identity == identity:
+                    return ended_device(tag, alias, identity)
+            elif names_device(selector, tag, alias, identity):
+                return ended_device(tag, alias, identity)
         return None
 
     def join(
@@ -94,24 +105,27 @@ class Unplugs:
 
         ``since``: the caller's mark (:meth:`mark`) when its read showed the
         device, its ticket when the read did not (``gone``).  An unplug that
-        removed the device after it is this caller's outcome, unless (the read
-        showed it) another unplug of that alias is already in flight or the
-        device read has another identity: then the alias names a device
-        attached since.
+        removed *that* device (the same identity) after it is this caller's
+        outcome, when the read did not show the device, when nothing is in
+        flight for the alias, or when what is in flight is another device
+        attached under the alias since.
         """
-        key = (uuid, alias)
+        # Interned: libvirt's aliases (scsi0-0-0-1, net0, …) recur in every domain.
+        key = (uuid, sys.intern(alias))
         unplug = self.by_key.get(key)
-        if since is not None and (gone or unplug is None):
-            ended = self.removed.get(key, since)
-            if ended is not None and (
-                gone
-                or ref is None
-                or ref.identity is None
-                or ended.identity is None
-                or ref.identity == ended.identity
-            ):
-                ended.join()
-                return ended, True
+        if since is not None:
+            mine = ref.identity if ref is not None else None
+            other_device = (
+                unplug is not None
+                and mine is not None
+                and unplug.identity is not None
+                and unplug.identity != mine
+            )
+            if gone or unplug is None or other_device:
+                ended = self._removed_device(key, since, mine)
+                if ended is not None:
+                    ended.join()
+                    return ended, True
         joined = unplug is not None
         if unplug is None:
             unplug = Unplug(self, key, domain, run_id=run_id, device=device, ref=ref)
@@ -122,12 +136,20 @@ class Unplugs:
             unplug.join()
         return unplug, joined
 
-    def take_up(self, entry: Entry, run_id: str | None) -> Unplug:
+    def _removed_device(self, key: Key, since: int, identity: Identity | None) -> Unplug | None:
+        """The newest unplug of ``key`` that removed a device with ``identity``
+        (any, if either is unknown) after ``since``."""
+        for ended in reversed(self.removed.get(key, since)):
+            if identity is None or ended.identity is None or ended.identity == identity:
+                return ended
+        return None
+
+    def take_up(self, entry: Entry, run_id: str | None, ref: DeviceRef | None = None) -> Unplug:
         """An unplug of an earlier run of this process, found unfinished in the
         journal and still attached: a real entry of the registry (``pending()``,
         joins, hooks, metrics see it), with nobody waiting yet."""
         key = (entry.domain_uuid, entry.alias)
-        unplug = Unplug(self, key, entry.domain_name, run_id=run_id, device=entry.device)
+        unplug = Unplug(self, key, entry.domain_name, run_id=run_id, device=entry.device, ref=ref)
         unplug.take_up(entry, self.settings.timeout)
         self._start(unplug)
         unplug.record("started")
@@ -159,3 +181,4 @@ class Unplugs:
             unplug.abort()  # a parked one ends here, a driven one when its task is cancelled
         await asyncio.gather(*tasks, return_exceptions=True)
         self.by_key.clear()
+        self.deadlines.close()

@@ -104,8 +104,13 @@ def plan_devices(
     if live_xml is not None and live_dev is None:
         # Another caller's unplug of this device may have ended just before
         # our read: ``unplugged`` finds it, and this caller shares its outcome.
-        live_dev = unplugged(pers_dev)
-        gone = live_dev is not None
+        ended = unplugged(pers_dev)
+        if ended is not None:
+            live_dev, gone = ended, True
+            if persistent_xml is not None and pers_dev is None:
+                # Named by what only the live definition carried (a libvirt
+                # alias): the persistent copy, by the identity the unplug kept.
+                pers_dev = find_same_device(persistent_xml, ended)
     if persistent_xml is not None and pers_dev is None:
         # Another caller's config detach of this device may have landed just
         # before our read: ``removed`` finds it, and this caller shares it.

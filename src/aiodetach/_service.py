@@ -51,10 +51,10 @@ from ._many import (
 from ._persistent import PersistentStep
 from ._registry import Unplugs
 from ._result import DetachResult, Recovered
-from ._rules import DomainRef, check_flags, domain_ref, halves, plan_devices
+from ._rules import DomainRef, Plan, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
 from ._unplug import LiveDone, Unplug, Verdict, retrieve
-from ._xml import Definition, DeviceRef, Selector, find_device, selector_from
+from ._xml import DeviceRef, Selector, describe, find_device, selector_from
 from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -261,12 +261,12 @@ class DetachService:
                 live = find_device(xml, Selector("alias", entry.alias))
                 if (entry.domain_uuid, entry.alias) in self._unplugs.by_key:
                     continue
-                unplug = self._unplugs.take_up(entry, info.run_id)
                 # Gone, or the alias names another device now (the one asked
                 # for left, and something else was attached under its alias).
                 gone = live is None or (
                     entry.device is not None and _fingerprint(live) != entry.device
                 )
+                unplug = self._unplugs.take_up(entry, info.run_id, None if gone else live)
                 if gone:
                     unplug.decide(Verdict.GONE)
                 found.append(unplug)
@@ -420,14 +420,17 @@ class DetachService:
             step = await self._detach_call(
                 call, domain, alias, target, mac, xml, live=live, persistent=persistent
             )
-            if isinstance(step, DetachResult):
+            if step is not None:
                 result = step
             else:
                 # The live half is awaited here, in the caller's outermost frame:
                 # the frames of the steps before it are gone while ten thousand wait.
-                unplug, mine = step.unplug, step.mine
+                # (Nothing ran since the join: the unplug has not ended unseen.)
+                unplug = call.unplug
+                assert unplug is not None
+                mine = unplug.follow()
                 try:
-                    result = step.result(call, await mine)
+                    result = call.result(await mine)
                 except BaseException as exc:
                     raise self._live_error(call, exc)  # noqa: B904 - it sets its own cause
                 finally:
@@ -488,7 +491,7 @@ class DetachService:
         *,
         live: bool | None,
         persistent: bool | None,
-    ) -> DetachResult | _Live:
+    ) -> DetachResult | None:
         ref = domain_ref(domain)
         try:
             selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
@@ -540,7 +543,15 @@ class DetachService:
         selector: Any,
         live: bool | None,
         persistent: bool | None,
-    ) -> DetachResult | _Live:
+    ) -> DetachResult | None:
+        """Look up, read, plan, do the persistent half and join the unplug.
+
+        One frame, awaiting plain futures (shared reads hand each caller its
+        own): while ten thousand callers wait on one read, each holds this
+        frame and its caller's, nothing more.  Returns the result, or None
+        when the live half is under way (``progress`` then says what the
+        caller follows, see :meth:`detach`).
+        """
         assert self._persistent is not None
         assert self._unplugs is not None
         persistent_step = self._persistent
@@ -550,98 +561,115 @@ class DetachService:
         ticket = persistent_step.ticket()
         unplug_ticket = unplugs.ticket()
         try:
-            return await self._plan_and_join(
-                conn, progress, selector, live, persistent, ticket, unplug_ticket
-            )
+            try:
+                conn.revive()
+                await conn.wait_up()
+                try:
+                    info = await conn.lookup(progress.domain)
+                except BackendError as err:
+                    raise map_error(
+                        err, domain=progress.domain, alias=None, action="domain lookup"
+                    ) from None
+                progress.domain = info.name
+                do_live, do_persistent = halves(info, live, persistent)
+                # Only the devices' own XML is kept: a whole domain definition
+                # per pending detach adds up when thousands wait.
+                mark = unplugs.mark()
+                try:
+                    live_xml = await conn.definition(info.uuid, inactive=False) if do_live else None
+                    pers_xml = (
+                        await conn.definition(info.uuid, inactive=True) if do_persistent else None
+                    )
+                except BackendError as err:
+                    raise map_error(
+                        err, domain=info.name, alias=None, action="reading the XML"
+                    ) from None
+                plan = plan_devices(
+                    info,
+                    selector,
+                    live,
+                    persistent,
+                    live_xml,
+                    pers_xml,
+                    removed=lambda live_dev: persistent_step.removed_since(
+                        info.uuid, ticket, selector, live_dev
+                    ),
+                    unplugged=lambda pers_dev: unplugs.removed_since(
+                        info.uuid, unplug_ticket, selector, pers_dev
+                    ),
+                )
+                del live_xml, pers_xml
+                shown = plan.found.alias or progress.alias
+                progress.alias = (plan.live.alias if plan.live else None) or shown
+                if plan.persistent is not None:
+                    step = await persistent_step.detach(
+                        info, plan.persistent, ticket, live_follows=plan.live is not None
+                    )
+                    progress.persistent_done = step != "persistent_missing_ignored"
+                    self._record(progress, step)
+            finally:
+                persistent_step.release(ticket)
+            if plan.live is None:
+                return _result(info, plan.found.description, progress, None)
+            self._join(progress, info, plan, do_persistent, mark, unplug_ticket)
+            return None  # the caller follows the unplug (DetachService.detach)
         finally:
             unplugs.release(unplug_ticket)
 
-    async def _plan_and_join(
+    def _join(
         self,
-        conn: Connection,
         progress: _Progress,
-        selector: Any,
-        live: bool | None,
-        persistent: bool | None,
-        ticket: int,
+        info: DomainInfo,
+        plan: Plan,
+        do_persistent: bool,
+        mark: int,
         unplug_ticket: int,
-    ) -> DetachResult | _Live:
-        assert self._persistent is not None
+    ) -> None:
+        """Join the device's unplug (started if none is in flight): ``progress``
+        says which, for :meth:`detach` to follow."""
         assert self._unplugs is not None
-        persistent_step = self._persistent
-        unplugs = self._unplugs
-        try:
-            conn.revive()
-            await conn.wait_up()
-            info = await self._lookup(conn, progress.domain)
-            progress.domain = info.name
-            do_live, do_persistent = halves(info, live, persistent)
-            # Only the devices' own XML is kept: a whole domain definition per
-            # pending detach adds up when thousands wait.
-            mark = unplugs.mark()
-            live_xml = await self._domain_xml(conn, info, inactive=False) if do_live else None
-            pers_xml = await self._domain_xml(conn, info, inactive=True) if do_persistent else None
-            plan = plan_devices(
-                info,
-                selector,
-                live,
-                persistent,
-                live_xml,
-                pers_xml,
-                removed=lambda live_dev: persistent_step.removed_since(
-                    info.uuid, ticket, selector, live_dev
-                ),
-                unplugged=lambda pers_dev: unplugs.removed_since(
-                    info.uuid, unplug_ticket, selector, pers_dev
-                ),
+        live_dev = plan.live
+        assert live_dev is not None
+        if live_dev.alias is None:
+            raise DetachRefused(
+                "the device has no alias in the live XML, so libvirt cannot unplug it by "
+                "alias (libvirt assigns one to every device of a running domain)",
+                domain=info.name,
             )
-            del live_xml, pers_xml
-            shown = plan.found.alias or progress.alias
-            progress.alias = (plan.live.alias if plan.live else None) or shown
-            if plan.persistent is not None:
-                step = await persistent_step.detach(
-                    info, plan.persistent, ticket, live_follows=plan.live is not None
-                )
-                progress.persistent_done = step != "persistent_missing_ignored"
-                self._record(progress, step)
-        finally:
-            persistent_step.release(ticket)
-
-        if plan.live is not None:
-            if plan.live.alias is None:
-                raise DetachRefused(
-                    "the device has no alias in the live XML, so libvirt cannot unplug it by "
-                    "alias (libvirt assigns one to every device of a running domain)",
-                    domain=info.name,
-                )
-            self._usable()
-            unplug, joined = unplugs.join(
-                info.uuid,
-                info.name,
-                plan.live.alias,
-                ref=plan.live,
-                since=unplug_ticket if plan.gone else mark,
-                gone=plan.gone,
-                run_id=info.run_id,
-                # What the journal knows the device by; nothing else needs it.
-                device=_fingerprint(plan.live) if self._journal is not None else None,
-            )
-            resumed = unplug.resumed
-            self._record(
-                progress,
-                "unplug_joined" if joined else "unplug_started",
-                unplug_id=unplug.id,
-                resumed=resumed,
-            )
-            # The persistent half is the device's, like its unplug: a caller who
-            # joins after another caller removed the device from the persistent
-            # definition (so did not find it there) shares that outcome.
-            if progress.persistent_done:
-                unplug.persistent_done = True
-            elif do_persistent and plan.persistent is None and unplug.persistent_done:
-                progress.persistent_done = True
-            return _Live(unplug, unplug.follow(), info, plan.found.description, joined, resumed)
-        return _Live.result_of(info, plan.found.description, progress, None)
+        self._usable()
+        unplug, joined = self._unplugs.join(
+            info.uuid,
+            info.name,
+            live_dev.alias,
+            ref=live_dev,
+            since=unplug_ticket if plan.gone else mark,
+            gone=plan.gone,
+            run_id=info.run_id,
+            # What the journal knows the device by; nothing else needs it.
+            device=_fingerprint(live_dev) if self._journal is not None else None,
+        )
+        resumed = unplug.resumed
+        progress.alias = unplug.key[1]  # the same name, the registry's (interned) string
+        self._record(
+            progress,
+            "unplug_joined" if joined else "unplug_started",
+            unplug_id=unplug.id,
+            resumed=resumed,
+        )
+        # The persistent half is the device's, like its unplug: a caller who
+        # joins after another caller removed the device from the persistent
+        # definition (so did not find it there) shares that outcome.
+        if progress.persistent_done:
+            unplug.persistent_done = True
+        elif do_persistent and plan.persistent is None and unplug.persistent_done:
+            progress.persistent_done = True
+        # No string of its own while it waits when the unplug's identity and
+        # alias say the same (the usual case): one per pending detach.
+        description: str | None = plan.found.description
+        if description == _described(unplug):
+            description = None
+        progress.unplug, progress.info, progress.description = unplug, info, description
+        progress.joined, progress.resumed = joined, resumed
 
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
@@ -763,14 +791,6 @@ class DetachService:
         except BackendError as err:
             raise map_error(err, domain=ref, alias=None, action="domain lookup") from None
 
-    async def _domain_xml(
-        self, conn: Connection, info: DomainInfo, *, inactive: bool
-    ) -> Definition:
-        try:
-            return await conn.definition(info.uuid, inactive=inactive)
-        except BackendError as err:
-            raise map_error(err, domain=info.name, alias=None, action="reading the XML") from None
-
 
 _E = TypeVar("_E", bound=DetachError)
 
@@ -783,6 +803,32 @@ def _fingerprint(device: DeviceRef) -> str:
     if device.identity is None:
         return device.description
     return f"{device.description} {device.identity!r}"
+
+
+def _result(
+    info: DomainInfo, description: str, call: _Progress, done: LiveDone | None
+) -> DetachResult:
+    return DetachResult(
+        domain_uuid=info.uuid,
+        domain_name=info.name,
+        alias=call.alias,
+        device=description,
+        live=done is not None,
+        persistent=call.persistent_done,
+        attempts=done.sent if done else 0,
+        elapsed=time.monotonic() - call.started,
+        confirmed_by=done.confirmed_by if done else None,
+        joined=call.joined,
+        resumed=call.resumed,
+    )
+
+
+def _described(unplug: Unplug) -> str | None:
+    """The device as its unplug's identity and alias describe it (None: no identity)."""
+    identity = unplug.identity
+    if identity is None:
+        return None
+    return describe(str(identity[0]), unplug.key[1], identity)
 
 
 def _shown(domain: object) -> str:
@@ -845,48 +891,6 @@ class _Identities:
 
 
 @dataclass(slots=True)
-class _Live:
-    """A call whose live half is under way: what its result needs once the
-    unplug ends (small on purpose: one is held per waiting caller)."""
-
-    unplug: Unplug
-    mine: asyncio.Future[LiveDone]  # see Unplug.follow
-    info: DomainInfo
-    description: str
-    joined: bool
-    resumed: bool
-
-    def result(self, call: _Progress, done: LiveDone) -> DetachResult:
-        return self.result_of(
-            self.info, self.description, call, done, joined=self.joined, resumed=self.resumed
-        )
-
-    @staticmethod
-    def result_of(
-        info: DomainInfo,
-        description: str,
-        call: _Progress,
-        done: LiveDone | None,
-        *,
-        joined: bool = False,
-        resumed: bool = False,
-    ) -> DetachResult:
-        return DetachResult(
-            domain_uuid=info.uuid,
-            domain_name=info.name,
-            alias=call.alias,
-            device=description,
-            live=done is not None,
-            persistent=call.persistent_done,
-            attempts=done.sent if done else 0,
-            elapsed=time.monotonic() - call.started,
-            confirmed_by=done.confirmed_by if done else None,
-            joined=joined,
-            resumed=resumed,
-        )
-
-
-@dataclass(slots=True)
 class _Progress:
     """What one detach call has learnt and done so far, for its errors."""
 
@@ -895,6 +899,22 @@ class _Progress:
     detach_id: int = 0  # names the call in the hooks' records
     started: float = 0.0  # time.monotonic() when the call began
     persistent_done: bool = False
+    # Once the live half is under way, what its result needs when the unplug
+    # ends (here rather than in an object of its own: one per waiting caller).
+    unplug: Unplug | None = None
+    info: DomainInfo | None = None
+    description: str | None = None  # None: as _described(unplug) says
+    joined: bool = False
+    resumed: bool = False
+
+    def result(self, done: LiveDone) -> DetachResult:
+        """The call's result once its unplug removed the device."""
+        assert self.unplug is not None
+        assert self.info is not None
+        description = self.description
+        if description is None:
+            description = _described(self.unplug) or ""  # never None: see _plan_and_join
+        return _result(self.info, description, self, done)
 
     def complete(self, err: _E) -> _E:
         """``err`` naming this call's domain, alias and persistent outcome.

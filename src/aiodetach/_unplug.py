@@ -33,9 +33,10 @@ They only record and wake; the driver acts on them at one place, the top of
 
 - **No task while it waits.**  The driver is a task only while it has I/O
   to do (sending, re-checking, riding out a reconnect, backing off,
-  lingering).  In ``WAITING`` it *parks*: the task ends, and a timer for the
-  window's end or a wake-up (an event, a lost connection) drives it on in a
-  new task, or ends it on the spot when a verdict came (:meth:`Unplug._resume`).
+  lingering).  In ``WAITING`` it *parks*: the task ends, and the window's
+  end (one timer for all parked unplugs, :mod:`aiodetach._deadlines`) or a
+  wake-up (an event, a lost connection) drives it on in a new task, or ends
+  it on the spot when a verdict came (:meth:`Unplug._resume`).
   Callers wait on a plain future each (:meth:`Unplug.follow`), so ten
   thousand pending unplugs hold no task and no ``shield`` of their own.
 
@@ -70,10 +71,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ._connection import Connection
+from ._deadlines import Deadlines
 from ._errors_map import is_alias_missing, is_busy, is_connection_error, is_in_progress, map_error
 from ._journal import Journal, RequestNote, fault_point
 from ._settings import DetachSettings
-from ._xml import Definition, DeviceRef, has_alias
+from ._xml import Definition, DeviceRef, Identity, has_alias
 from .backend import BackendError, DomainState, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -97,6 +99,8 @@ Key = tuple[str, str]
 _OUTSIDE = [False]
 """No request of this unplug is inside libvirt (never written: each request
 gets a list of its own, see ``Unplug._send``)."""
+
+_RES = time.get_clock_info("monotonic").resolution  # the loop's clock (see _deadlines)
 
 BUSY_BACKOFF_MAX = 5.0
 """Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
@@ -140,7 +144,7 @@ class Unplug:
     __slots__ = (
         "_followers",
         "_inside",
-        "_loop",
+        "_journalled",
         "_parked",
         "_registry",
         "_request",
@@ -148,7 +152,6 @@ class Unplug:
         "busy_refusals",
         "busy_since",
         "callers",
-        "confirmed_by",
         "deadline",
         "device",
         "domain",
@@ -157,19 +160,13 @@ class Unplug:
         "handed",
         "id",
         "identity",
-        "idle_until",
-        "journal_row",
         "key",
         "persistent_done",
         "phase",
         "result",
         "resume",
-        "resumed",
-        "run_id",
         "sent",
         "started",
-        "started_wall",
-        "tag",
         "task",
         "timer",
         "used",
@@ -188,22 +185,17 @@ class Unplug:
         ref: DeviceRef | None = None,
     ) -> None:
         self._registry = registry
-        self._loop = asyncio.get_running_loop()
         self.key = key
         self.domain = domain  # the name, for errors and logs
-        self.run_id = run_id  # the domain's run (journal: was it re-started since?)
-        self.device = device  # what identifies the device besides its alias (journal)
+        self._journalled = (
+            _Journalled(run_id, device, time.time()) if registry.journal is not None else None
+        )
         # What a caller who read the definition after the device was gone
         # matches it by (see aiodetach._recent); the device's XML is not kept.
-        self.tag = sys.intern(ref.tag) if ref is not None else None
-        self.identity = ref.identity if ref is not None else None
+        self.identity = _shared(ref.identity) if ref is not None else None
         self.result: LiveDone | None = None  # how it ended, if the device was removed
         self.id = next_unplug_id()  # names it in the hooks' records
         self.started = time.monotonic()
-        self.started_wall = time.time()
-        self.journal_row: int | None = None  # its row in the journal, once a request was noted
-        self.resumed = False  # taken up from the journal after a restart
-        self.confirmed_by: Literal["event", "xml"] | None = None
         self.phase = Phase.QUEUED
         self.verdict: Decision | None = None
         self.early = False  # the verdict arrived before any request of ours reached libvirt
@@ -216,16 +208,22 @@ class Unplug:
         self.busy_refusals = 0
         self.busy_since: float | None = None
         self.callers = 0
-        self.deadline = 0.0
+        self.deadline = 0.0  # when the window (WAITING), back-off or linger (IDLE) ends
         self.generation = 0  # of the connection the last request went out on
         self.waiter: asyncio.Future[bool] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None  # the driver, while it has a step to run
         self._parked = False  # WAITING with no task: a wake-up or the deadline resumes it
-        self._followers: list[asyncio.Future[LiveDone]] | None = None  # see follow()
+        # see follow(): one caller's future alone (the usual case), or a list
+        self._followers: asyncio.Future[LiveDone] | list[asyncio.Future[LiveDone]] | None = None
         self.persistent_done = False  # a caller removed the device from the persistent definition
         self.resume: Phase | None = None  # what IDLE goes on with (None: DetachTimeout is due)
-        self.idle_until = 0.0
+
+    @property
+    def resumed(self) -> bool:
+        """Taken up from the journal after a restart."""
+        journalled = self._journalled
+        return journalled is not None and journalled.resumed
 
     # ------------------------------------------------------------- inputs
     def decide(self, verdict: Decision) -> None:
@@ -243,7 +241,7 @@ class Unplug:
     def wake(self) -> None:
         if self._parked:
             # Resumed in a step of its own: an event's dispatch only schedules it.
-            self._loop.call_soon(self._resume, False)
+            self._registry.loop.call_soon(self._resume, False)
             return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -257,21 +255,25 @@ class Unplug:
         future per caller (the unplug has no future or task of its own while
         it waits, see :meth:`_park`).  Hand it back to :meth:`unfollow`.
         """
-        mine: asyncio.Future[LiveDone] = self._loop.create_future()
+        mine: asyncio.Future[LiveDone] = self._registry.loop.create_future()
         if self.phase is Phase.DONE:
             # Over already: a caller sharing an unplug that removed the device
             # between its read and its join (see aiodetach._recent).
             assert self.result is not None, "only an unplug that removed the device is shared"
             mine.set_result(self.result)
         elif self._followers is None:
-            self._followers = [mine]
-        else:
+            self._followers = mine  # no list for the one caller most unplugs have
+        elif isinstance(self._followers, list):
             self._followers.append(mine)
+        else:
+            self._followers = [self._followers, mine]
         return mine
 
     def unfollow(self, mine: asyncio.Future[LiveDone]) -> None:
         followers = self._followers
-        if followers is not None and mine in followers:
+        if followers is mine:
+            self._followers = None
+        elif isinstance(followers, list) and mine in followers:
             followers.remove(mine)
 
     def join(self) -> None:
@@ -339,7 +341,8 @@ class Unplug:
         tell the callers (in that order, as one step)."""
         self.phase = Phase.DONE
         self.result = done
-        self._parked = False
+        if self._parked:
+            self._unpark()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -347,7 +350,11 @@ class Unplug:
         self._note_end(error)
         self._ended(error)
         followers, self._followers = self._followers, None
-        for mine in followers or ():
+        if followers is None:
+            followers = []
+        elif not isinstance(followers, list):
+            followers = [followers]
+        for mine in followers:
             if mine.done():
                 continue
             if error is None:
@@ -378,7 +385,7 @@ class Unplug:
         self._spawn()
 
     def _spawn(self) -> None:
-        self.task = task = self._loop.create_task(self._drive())
+        self.task = task = self._registry.loop.create_task(self._drive())
         task.add_done_callback(self._driven)
 
     def _driven(self, task: asyncio.Task[None]) -> None:
@@ -396,18 +403,50 @@ class Unplug:
         its coroutine frames is most of what each would hold (measured: ~1.3
         KiB of ~5 KiB per pending detach)."""
         self._parked = True
-        self.timer = self._loop.call_at(self.deadline, self._window_over)
+        if self.timer is not None:
+            # The driver's last sleep's (spent or cancelled): while parked,
+            # ``timer`` is set only for a window that is not on the queue.
+            self.timer.cancel()
+            self.timer = None
+        if not self._registry.deadlines.add(self):
+            # Its window ends before the last one queued (one taken up from
+            # the journal, say): a timer of its own.
+            self.timer = self._registry.loop.call_at(self.deadline, self._window_over)
+
+    def window_over(self) -> bool:
+        """Its entry in the shared deadlines came up (see :mod:`aiodetach._deadlines`):
+        resume if it is still parked on that window (not woken since, not
+        parked again on a later one, not on a timer of its own).  False: the
+        entry was stale."""
+        now = self._registry.loop.time()
+        if self._parked and self.timer is None and self.deadline <= now + _RES:
+            self._parked = False  # its entry is used up (taken off the queue)
+            self._go_on(True)
+            return True
+        return False
+
+    def parked_on(self, when: float) -> bool:
+        return self._parked and self.timer is None and self.deadline == when
 
     def _window_over(self) -> None:
         self._resume(True)  # (a method of its own: no argument tuple held per timer)
 
+    def _unpark(self) -> None:
+        """Leave the park before its queue entry came up (that entry is stale)."""
+        self._parked = False
+        if self.timer is None:
+            self._registry.deadlines.left()
+
     def _resume(self, expired: bool) -> None:
         if not self._parked:
             return  # resumed already (the timer and a wake-up both came)
-        self._parked = False
+        self._unpark()
+        self._go_on(expired)
+
+    def _go_on(self, expired: bool) -> None:
         timer, self.timer = self.timer, None
         if expired:
-            self.deadline = min(self.deadline, self._loop.time())  # the window is over
+            self.deadline = min(self.deadline, self._registry.loop.time())  # the window is over
         elif timer is not None:
             timer.cancel()
         if self.verdict is not None and not self.early:
@@ -473,6 +512,7 @@ class Unplug:
         backend = conn.backend
         uuid, alias = self.key
         journal = self._registry.journal
+        journalled = self._journalled
         note = self._note() if journal is not None else None
 
         def request() -> bool:
@@ -481,17 +521,17 @@ class Unplug:
             # whose unplug an event decided meanwhile.
             if self.callers == 0 or (self.verdict is not None and not self.early):
                 return False
-            if journal is not None and note is not None:
+            if journal is not None and journalled is not None and note is not None:
                 # Durable before libvirt hears of it: a restart finds it.
-                self.journal_row = journal.note_request(self.journal_row, note)
+                journalled.row = journal.note_request(journalled.row, note)
             # From here on an event for this alias can be our request's own.
             self.handed = inside[0] = True
             try:
                 backend.detach_live(uuid, alias)
             finally:
                 # The guest's window starts when libvirt answers (see _start_window).
-                if journal is not None and self.journal_row is not None:
-                    journal.answered_soon(self.journal_row)
+                if journal is not None and journalled is not None and journalled.row is not None:
+                    journal.answered_soon(journalled.row)
             if journal is not None:
                 fault_point("request.sent")
             return True
@@ -519,19 +559,21 @@ class Unplug:
 
     def _note(self) -> RequestNote:
         settings = self._registry.settings
+        journalled = self._journalled
+        assert journalled is not None  # noted only with a journal
         return RequestNote(
             uri=self._registry.conn.uri,
             domain_uuid=self.key[0],
             domain_name=self.domain,
-            run_id=self.run_id,
+            run_id=journalled.run_id,
             alias=self.key[1],
-            device=self.device,
+            device=journalled.device,
             sent=self.sent,
             used=self.used,
             timeout=settings.timeout,
             attempts=settings.attempts,
             persistent_done=self.persistent_done,
-            started_at=self.started_wall,
+            started_at=journalled.started_wall,
         )
 
     def _note_end(self, error: BaseException | None) -> None:
@@ -542,11 +584,13 @@ class Unplug:
         daemon given up on (:class:`ConnectionLost`), a journal that failed.
         Such a row stays unfinished and the next ``open()`` takes it up.
         """
-        journal, row = self._registry.journal, self.journal_row
+        journal, journalled = self._registry.journal, self._journalled
+        row = journalled.row if journalled is not None else None
         if journal is None or row is None:
             return
         if error is None:
-            journal.finish_soon(row, "removed", self.confirmed_by)
+            assert self.result is not None
+            journal.finish_soon(row, "removed", self.result.confirmed_by)
         elif isinstance(error, Abandoned):
             journal.finish_soon(row, "abandoned")
         elif not isinstance(
@@ -564,22 +608,24 @@ class Unplug:
         re-send rules apply with the attempts it used counted.  With the
         window over, it lingers ``timeout`` for a caller, as any unplug whose
         callers left (rule 3)."""
-        self.resumed = True
-        self.journal_row = entry.row
+        journalled = self._journalled
+        assert journalled is not None  # taken up from a journal
+        journalled.resumed = True
+        journalled.row = entry.row
         self.sent, self.used = entry.sent, entry.used
         self.accepted = self.handed = True  # events for the alias are our request's
         self.persistent_done = entry.persistent_done
-        self.started_wall = entry.started_at
+        journalled.started_wall = entry.started_at
         self.generation = self._registry.conn.generation
         # A clock set back must not stretch the window beyond one timeout.
         now = time.time()
         left = min(max(entry.window_end(now) - now, 0.0), entry.timeout)
         if left > 0:
-            self.deadline = self._loop.time() + left
+            self.deadline = self._registry.loop.time() + left
             self.phase = Phase.WAITING
         else:
             self.resume = Phase.RECHECKING
-            self.idle_until = self._loop.time() + timeout
+            self.deadline = self._registry.loop.time() + timeout  # the linger's end
             self.phase = Phase.IDLE
 
     def _answered(self, future: asyncio.Future[bool]) -> None:
@@ -645,7 +691,7 @@ class Unplug:
         # The clock starts once libvirt has answered, not when the request was
         # queued: a request that waited for a worker thread in a mass detach
         # spent none of the guest's time.
-        self.deadline = self._loop.time() + self._registry.settings.timeout
+        self.deadline = self._registry.loop.time() + self._registry.settings.timeout
         self.phase = Phase.WAITING
 
     async def _wait_window(self) -> bool:
@@ -656,7 +702,7 @@ class Unplug:
             if not conn.is_up or self.generation != conn.generation:
                 await self._ride_out_reconnect()
                 continue
-            if self._loop.time() < self.deadline:
+            if self._registry.loop.time() < self.deadline:
                 self._park()
                 return True
             if self.callers == 0:
@@ -710,7 +756,7 @@ class Unplug:
         """No clock runs while paused.  Woken by libvirt's RESUMED; looks again
         every ``timeout`` seconds in case that event was lost."""
         while True:
-            await self._sleep(self._loop.time() + self._registry.settings.timeout)
+            await self._sleep(self._registry.loop.time() + self._registry.settings.timeout)
             if self.verdict is not None:
                 return
             state = await self._domain_state()
@@ -724,7 +770,7 @@ class Unplug:
     def _start_back_off(self) -> None:
         """QEMU refused with "guest is busy" and nothing of ours is pending."""
         settings = self._registry.settings
-        now = self._loop.time()
+        now = self._registry.loop.time()
         if self.busy_since is None:
             self.busy_since = now
         elif now - self.busy_since >= settings.timeout:
@@ -753,7 +799,9 @@ class Unplug:
 
     def _idle(self, resume: Phase | None) -> None:
         self.resume = resume
-        self.idle_until = self._loop.time() + self._registry.settings.timeout
+        # No window runs any more (each caller of _idle is past it): the
+        # deadline is the linger's end.
+        self.deadline = self._registry.loop.time() + self._registry.settings.timeout
         self.phase = Phase.IDLE
 
     async def _linger(self) -> None:
@@ -762,7 +810,7 @@ class Unplug:
         kept for one more ``timeout``: a caller who asks again (after its own
         deadline, say) carries on from here instead of starting over, so a
         retry loop can neither re-send early nor send more than ``attempts``."""
-        expired = await self._sleep(self.idle_until)
+        expired = await self._sleep(self.deadline)
         if self.verdict is not None:
             return
         if self.callers == 0:
@@ -795,8 +843,8 @@ class Unplug:
         """
         if self.timer is not None:
             self.timer.cancel()  # the previous wait's, if it was woken early
-        self.waiter = waiter = self._loop.create_future()
-        self.timer = self._loop.call_at(deadline, _expire, waiter)
+        self.waiter = waiter = self._registry.loop.create_future()
+        self.timer = self._registry.loop.call_at(deadline, _expire, waiter)
         return waiter
 
     async def _domain_state(self) -> DomainState:
@@ -835,7 +883,6 @@ class Unplug:
             confirmed_by: Literal["event", "xml"] = (
                 "event" if decision is Verdict.REMOVED else "xml"
             )
-            self.confirmed_by = confirmed_by
             self.record("removed", confirmed_by=confirmed_by)
             return LiveDone(self.sent, confirmed_by)
         if decision is Verdict.FAILED:
@@ -872,6 +919,20 @@ class Unplug:
         )
 
 
+class _Journalled:
+    """What only the journal needs of an unplug: with no journal, none of it
+    is held (a few dozen bytes for each of thousands of pending unplugs)."""
+
+    __slots__ = ("device", "resumed", "row", "run_id", "started_wall")
+
+    def __init__(self, run_id: str | None, device: str | None, started_wall: float) -> None:
+        self.run_id = run_id  # the domain's run (was it re-started since?)
+        self.device = device  # what identifies the device besides its alias
+        self.started_wall = started_wall
+        self.row: int | None = None  # its row in the journal, once a request was noted
+        self.resumed = False  # taken up from the journal after a restart
+
+
 class Registry(Protocol):
     """What an unplug needs from the service (see :mod:`aiodetach._registry`)."""
 
@@ -879,6 +940,8 @@ class Registry(Protocol):
     settings: DetachSettings
     hooks: Hooks
     journal: Journal | None
+    deadlines: Deadlines
+    loop: asyncio.AbstractEventLoop
 
     def forget(self, unplug: Unplug) -> None: ...
 
@@ -888,6 +951,27 @@ class Registry(Protocol):
 def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(True)
+
+
+_IDENTITIES: dict[Identity, Identity] = {}
+_IDENTITIES_MAX = 4096
+
+
+def _shared(identity: Identity | None) -> Identity | None:
+    """One copy of each identity (its strings interned): the same targets and
+    tags recur across thousands of pending unplugs, and each would otherwise
+    hold its own tuple and the strings of its own parse of a definition.
+    The table is bounded (emptied when full): MACs and hostdev sources are
+    unique, and it is only a cache."""
+    if identity is None:
+        return None
+    found = _IDENTITIES.get(identity)
+    if found is None:
+        if len(_IDENTITIES) >= _IDENTITIES_MAX:
+            _IDENTITIES.clear()
+        found = tuple(sys.intern(part) if type(part) is str else part for part in identity)
+        _IDENTITIES[found] = found
+    return found
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "Definition",
     "DeviceRef",
     "Selector",
+    "describe",
     "ended_device",
     "find_device",
     "find_same_device",
@@ -228,26 +229,38 @@ def ended_device(tag: str | None, alias: str, identity: Identity | None) -> Devi
     alias and identity (its XML is gone with it, so ``xml`` is empty).
 
     A caller whose read came after another caller's unplug removed the
-    device shares that unplug (see :mod:`aiodetach._recent`); this is the
-    device as its result and records describe it, in :func:`_describe`'s words.
+    device shares that unplug (see :mod:`aiodetach._recent`).
     """
     tag = tag or "device"  # an unplug taken up from the journal keeps no tag
+    return DeviceRef(tag, alias, "", describe(tag, alias, identity), identity)
+
+
+def describe(tag: str, alias: str | None, identity: Identity | None) -> str:
+    """A device described from its tag, alias and identity alone, in the words
+    :func:`_describe` finds in its XML (for disks, interfaces, controllers and
+    the rest; a MAC lower-cased).  A waiting caller holds no description of
+    its own when this gives the same (see ``aiodetach._service._Progress``)."""
     parts = [tag]
     if identity is not None and len(identity) == 2 and tag in ("disk", "interface"):
         parts.append(f"{'target' if tag == 'disk' else 'mac'}={identity[1]!r}")
-    elif identity is not None and len(identity) == 3 and tag == "controller":
+    elif (
+        identity is not None
+        and len(identity) == 3
+        and tag == "controller"
+        and identity[1] != "address"  # a controller without an index: by guest address
+    ):
         parts.append(f"type={identity[1]!r} index={identity[2]!r}")
-    parts.append(f"alias={alias!r}")
-    return DeviceRef(tag, alias, "", " ".join(parts), identity)
+    if alias:
+        parts.append(f"alias={alias!r}")
+    return " ".join(parts)
 
 
 def names_device(sel: Selector, tag: str | None, alias: str, identity: Identity | None) -> bool:
     """Whether ``sel`` names the device with this tag, alias and identity,
     without its XML (a device already unplugged: see :func:`ended_device`).
 
-    By alias, disk target or MAC, as :func:`find_device` would match them.  A
-    hostdev named by its XML is matched through its persistent copy instead
-    (the caller finds it by identity there), so it is not matched here.
+    By alias, disk target or MAC, as :func:`find_device` would match them; a
+    hostdev named by its XML by the identity of that XML (its source).
     """
     want_tag, key = _matcher(sel)
     if want_tag is not None and want_tag != tag:
@@ -258,7 +271,8 @@ def names_device(sel: Selector, tag: str | None, alias: str, identity: Identity 
         return bool(alias == value)
     if kind in ("target", "mac"):
         return identity == (tag, value)
-    return False
+    # A hostdev named by its XML: by the identity that XML gives (its source).
+    return identity is not None and _identity(_parse_user_xml(sel.value)) == identity
 
 
 def has_alias(domain_xml: Domain, alias: str) -> bool:

@@ -236,7 +236,7 @@ async def _model(ops: list[Op]) -> None:
     for op, arg in ops:
         if op == "arrive":
             clock += 1
-            task = asyncio.create_task(reads.read(arg, start(arg)))
+            task = asyncio.create_task(_awaiting(reads.read(arg, start(arg))))
             callers.append((arg, clock, task))
         elif op == "cancel" and callers:
             callers[arg % len(callers)][2].cancel()
@@ -267,3 +267,8 @@ async def _model(ops: list[Op]) -> None:
             started = task.result()
         assert started > arrived, "served a read that started before the caller arrived"
     assert reads.in_flight() == 0
+
+
+async def _awaiting(future: asyncio.Future[int]) -> int:
+    """A caller: a task awaiting its own future from ``SharedReads.read``."""
+    return await future

@@ -600,10 +600,13 @@ class DetachMachine(RuleBasedStateMachine):
         self.next_id += 1
         self.expected[cid] = None
         u = self.unplug
-        if not self.live:
+        if not self.live and u is None:
             self.expected[cid] = _Expected("not-found")
         elif u is not None:
-            u.callers.add(cid)  # joins it, orphan or not: no new request
+            # Joins it, orphan or not: no new request.  Also when the device
+            # already left the live XML (its event lost or not yet here): the
+            # unplug in flight is the one that removed it.
+            u.callers.add(cid)
             self.joined.add(cid)
             if u.phase is P.IDLE:
                 self.want_hold = hold

@@ -105,6 +105,10 @@ class _OtelHook:
             callers = self._joined.get(unplug_id)
             if callers is not None:
                 callers.discard(r.detach_id)
+                if not callers:
+                    # Nobody left to tell (a caller that shared an unplug already
+                    # ended, say, comes after its "ended"): keep no empty entry.
+                    del self._joined[unplug_id]
         attrs: dict[str, Any] = {
             "aiodetach.domain": r.domain,
             "aiodetach.alias": r.alias,
