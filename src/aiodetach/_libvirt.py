@@ -8,13 +8,16 @@ message, which the service maps to typed errors in one function.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import threading
 import uuid as _uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
+from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
 __all__ = ["LibvirtBackend"]
@@ -39,10 +42,8 @@ _CLOSE_REASONS = {
 }
 
 
-def _one_at_a_time(
-    method: Callable[Concatenate[LibvirtBackend, _P], _T],
-) -> Callable[Concatenate[LibvirtBackend, _P], _T]:
-    """Let at most one call of this backend be inside libvirt at a time.
+class _Lane:
+    """One connection of the backend, with at most one call inside it at a time.
 
     Measured on libvirt 9.0's client over ``qemu+tcp`` (tests/real/private/
     test_fleet_partition.py, docs/libvirt-behaviour.md): when the network
@@ -52,16 +53,50 @@ def _one_at_a_time(
     dies of SIGSEGV inside ``virNetClientSendWithReply``.  With one call in
     flight keepalive fails it cleanly and reports the close.  Closing a
     connection while another thread is inside a call on it is unsafe as
-    well, so ``close`` takes the same lock.
+    well, so a lane is closed (and opened) under its lock too.
+
+    Concurrency comes from several lanes instead: each call takes a whole
+    connection, so every call in flight is alone on its own.
     """
 
-    def serialised(backend: LibvirtBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with backend._calls:
-            return method(backend, *args, **kwargs)
+    __slots__ = ("conn", "domains", "lock")
 
-    serialised.__name__ = method.__name__
-    serialised.__doc__ = method.__doc__
-    return serialised
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.conn: libvirt.virConnect | None = None
+        self.domains: dict[str, libvirt.virDomain] = {}
+        """virDomain objects of *this* connection (a virDomain calls through the
+        connection it was looked up on), so a lane never reuses another's."""
+
+    def connection(self) -> libvirt.virConnect:
+        conn = self.conn
+        if conn is None:
+            raise BackendError(
+                ErrorCode.INTERNAL_ERROR, "not connected to libvirt", origin=ErrorDomain.RPC
+            )
+        return conn
+
+    def domain(self, uuid: str) -> libvirt.virDomain:
+        dom = self.domains.get(uuid)
+        if dom is None:
+            conn = self.connection()
+            dom = _wrap(lambda: conn.lookupByUUIDString(uuid))
+            self.domains[uuid] = dom
+        return dom
+
+
+def _on_a_lane(
+    method: Callable[Concatenate[LibvirtBackend, _Lane, _P], _T],
+) -> Callable[Concatenate[LibvirtBackend, _P], _T]:
+    """Run the call on a lane of its own for its whole duration (see :class:`_Lane`)."""
+
+    def on_a_lane(backend: LibvirtBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with backend._free_lane() as lane:
+            return method(backend, lane, *args, **kwargs)
+
+    on_a_lane.__name__ = method.__name__
+    on_a_lane.__doc__ = method.__doc__
+    return on_a_lane
 
 
 def _wrap(fn: Callable[[], _T]) -> _T:
@@ -76,28 +111,84 @@ def _wrap(fn: Callable[[], _T]) -> _T:
 
 
 class LibvirtBackend:
-    """One libvirt connection with the device and lifecycle callbacks on it."""
+    """Libvirt connections with the device and lifecycle callbacks on the first.
+
+    ``lanes`` is how many connections calls may use at once, the first
+    included (``DetachSettings.connections``): one call in flight per
+    connection (see :class:`_Lane`), so with ``lanes=1`` every call waits for
+    the one before it to return.  The first connection alone carries the
+    callbacks and the close notification: the extra ones only make calls.
+    """
 
     uses_libvirt_events = True
     """The service runs libvirt's event loop on asyncio for backends saying so."""
 
-    def __init__(self, uri: str, *, keepalive: tuple[int, int] = (5, 3)) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        keepalive: tuple[int, int] = (5, 3),
+        lanes: int = DEFAULT_CONNECTIONS,
+    ) -> None:
+        if not 1 <= lanes <= MAX_CONNECTIONS:
+            raise ValueError(f"lanes must be between 1 and {MAX_CONNECTIONS}, not {lanes!r}")
         self._uri = uri
         self._keepalive = keepalive
-        self._lock = threading.Lock()
-        self._calls = threading.RLock()  # see _one_at_a_time
-        self._conn: libvirt.virConnect | None = None
-        self._callback_ids: list[int] = []
-        self._domains: dict[str, libvirt.virDomain] = {}
+        self._lanes = tuple(_Lane() for _ in range(lanes))
+        self._turn = itertools.count()
+        self._callback_ids: list[int] = []  # on the first lane's connection, under its lock
 
     @property
     def uri(self) -> str:
         return self._uri
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    @contextlib.contextmanager
+    def _free_lane(self) -> Iterator[_Lane]:
+        """A lane no other call is inside: the first free one, or else wait for
+        one in turn (the waits spread over the lanes, calls take about as long)."""
+        for lane in self._lanes:
+            if lane.lock.acquire(blocking=False):
+                break
+        else:
+            lane = self._lanes[next(self._turn) % len(self._lanes)]
+            lane.lock.acquire()
+        try:
+            yield lane
+        finally:
+            lane.lock.release()
+
     # -- connection ----------------------------------------------------------
-    @_one_at_a_time
     def open(self, sink: EventSink, *, read_only: bool) -> None:
+        """Open the first connection with the callbacks, then the extra lanes.
+
+        Under every lane's lock: a call made meanwhile waits for the new
+        connections.  If any of them fails, those already opened are closed.
+        """
         opener = libvirt.openReadOnly if read_only else libvirt.open
+        with contextlib.ExitStack() as held:
+            for lane in self._lanes:
+                held.enter_context(lane.lock)
+            conn, ids = self._open_first(opener, sink)
+            extra: list[libvirt.virConnect] = []
+            try:
+                for _ in self._lanes[1:]:
+                    extra.append(self._open_extra(opener))
+            except BaseException:
+                for other in extra:
+                    self._close_conn(other, [])
+                self._close_conn(conn, ids)
+                raise
+            for lane, opened in zip(self._lanes, [conn, *extra], strict=True):
+                lane.conn, lane.domains = opened, {}
+            self._callback_ids = ids
+
+    def _open_first(
+        self, opener: Callable[[str], libvirt.virConnect], sink: EventSink
+    ) -> tuple[libvirt.virConnect, list[int]]:
         conn = _wrap(lambda: opener(self._uri))
 
         def removed(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
@@ -121,81 +212,74 @@ class LibvirtBackend:
         def closed(_c: Any, reason: int, _o: Any) -> None:
             sink.connection_closed(_CLOSE_REASONS.get(reason, str(reason)))
 
+        ids: list[int] = []
         try:
-            ids = [
-                _wrap(
-                    lambda: conn.domainEventRegisterAny(
-                        None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None
-                    )
-                ),
-                _wrap(
-                    lambda: conn.domainEventRegisterAny(
-                        None,
-                        libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
-                        removal_failed,
-                        None,
-                    )
-                ),
-                _wrap(
-                    lambda: conn.domainEventRegisterAny(
-                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
-                    )
-                ),
-            ]
+            for event_id, callback in (
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed),
+                (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, removal_failed),
+                (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+            ):
+                register = functools.partial(
+                    conn.domainEventRegisterAny, None, event_id, callback, None
+                )
+                ids.append(_wrap(register))
             _wrap(lambda: conn.registerCloseCallback(closed, None))
-            # Notice a hung daemon or a partitioned network, not only a closed
-            # socket: after `count` unanswered keepalives, `interval` s apart.
-            interval, count = self._keepalive
-            try:
-                _wrap(lambda: conn.setKeepAlive(interval, count))
-            except BackendError as err:
-                # An in-process driver (test:///default) has no keepalive: nothing to lose.
-                if err.code != libvirt.VIR_ERR_NO_SUPPORT:
-                    raise
-        except BackendError:
+            self._set_keepalive(conn)
+        except BaseException:
+            self._close_conn(conn, ids)
+            raise
+        return conn, ids
+
+    def _open_extra(self, opener: Callable[[str], libvirt.virConnect]) -> libvirt.virConnect:
+        """A lane for calls only: no callbacks, but keepalive like the first,
+        so that a call in flight on it into a partition fails just the same."""
+        conn = _wrap(lambda: opener(self._uri))
+        try:
+            self._set_keepalive(conn)
+        except BaseException:
             self._close_conn(conn, [])
             raise
-        with self._lock:
-            self._conn, self._callback_ids, self._domains = conn, ids, {}
+        return conn
 
-    @_one_at_a_time
+    def _set_keepalive(self, conn: libvirt.virConnect) -> None:
+        # Notice a hung daemon or a partitioned network, not only a closed
+        # socket: after `count` unanswered keepalives, `interval` s apart.
+        interval, count = self._keepalive
+        try:
+            _wrap(lambda: conn.setKeepAlive(interval, count))
+        except BackendError as err:
+            # An in-process driver (test:///default) has no keepalive: nothing to lose.
+            if err.code != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
+
     def close(self) -> None:
-        with self._lock:
-            conn, ids = self._conn, self._callback_ids
-            self._conn, self._callback_ids, self._domains = None, [], {}
-        if conn is not None:
-            self._close_conn(conn, ids)
+        """Close every lane, each under its own lock: never under a call."""
+        for i, lane in enumerate(self._lanes):
+            with lane.lock:
+                conn, lane.conn, lane.domains = lane.conn, None, {}
+                ids, self._callback_ids = (self._callback_ids, []) if i == 0 else ([], [])
+                if conn is not None:
+                    self._close_conn(conn, ids)
 
     @staticmethod
     def _close_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
         for cid in ids:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(cid)
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
+        if ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
     def _connection(self) -> libvirt.virConnect:
-        conn = self._conn
-        if conn is None:
-            raise BackendError(
-                ErrorCode.INTERNAL_ERROR, "not connected to libvirt", origin=ErrorDomain.RPC
-            )
-        return conn
+        """The first connection, the one with the callbacks (for tests)."""
+        return self._lanes[0].connection()
 
     # -- domains -------------------------------------------------------------
-    def _domain(self, uuid: str) -> libvirt.virDomain:
-        dom = self._domains.get(uuid)
-        if dom is None:
-            conn = self._connection()
-            dom = _wrap(lambda: conn.lookupByUUIDString(uuid))
-            self._domains[uuid] = dom
-        return dom
-
-    @_one_at_a_time
-    def lookup(self, ref: str) -> DomainInfo:
-        conn = self._connection()
+    @_on_a_lane
+    def lookup(self, lane: _Lane, ref: str) -> DomainInfo:
+        conn = lane.connection()
         try:
             is_uuid = str(_uuid.UUID(ref)) == ref.lower()
         except ValueError:
@@ -209,7 +293,7 @@ class LibvirtBackend:
         active = bool(_wrap(dom.isActive))
         persistent = bool(_wrap(dom.isPersistent))
         uuid = dom.UUIDString()
-        self._domains[uuid] = dom
+        lane.domains[uuid] = dom
         run_id = str(_wrap(dom.ID)) if active else None
         return DomainInfo(
             uuid=uuid,
@@ -219,27 +303,27 @@ class LibvirtBackend:
             run_id=run_id,
         )
 
-    @_one_at_a_time
-    def domain_xml(self, uuid: str, *, inactive: bool) -> str:
-        dom = self._domain(uuid)
+    @_on_a_lane
+    def domain_xml(self, lane: _Lane, uuid: str, *, inactive: bool) -> str:
+        dom = lane.domain(uuid)
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         try:
             return _wrap(lambda: dom.XMLDesc(flags))
         except BackendError as exc:
             if exc.code == ErrorCode.NO_DOMAIN:
-                self._domains.pop(uuid, None)
+                lane.domains.pop(uuid, None)
             raise
 
-    @_one_at_a_time
-    def detach_live(self, uuid: str, alias: str) -> None:
-        dom = self._domain(uuid)
+    @_on_a_lane
+    def detach_live(self, lane: _Lane, uuid: str, alias: str) -> None:
+        dom = lane.domain(uuid)
         # detachDeviceAlias never waits for the guest (detachDeviceFlags blocks
         # up to 5 s holding the domain's job); completion is the event's business.
         _wrap(lambda: dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE))
 
-    @_one_at_a_time
-    def detach_config(self, uuid: str, device_xml: str) -> None:
-        dom = self._domain(uuid)
+    @_on_a_lane
+    def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
+        dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
 
 

@@ -126,6 +126,7 @@ class DetachService:
             else LibvirtBackend(
                 uri,
                 keepalive=(self._settings.keepalive_interval, self._settings.keepalive_count),
+                lanes=self._settings.connections,
             )
         )
         self._read_only = read_only
