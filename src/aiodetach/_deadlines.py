@@ -16,9 +16,11 @@ what is left of it) is refused, and that unplug keeps a timer of its own.
 An unplug woken before its deadline (the usual end: its event came) leaves
 its entry behind, *stale*: removing it from the middle of a queue would cost
 a scan per wake-up.  Stale entries are counted, and once they are more than
-half of the queue it is compacted in one pass, so an ended unplug is not kept
-alive by its entry for long (with the last parked unplug, at once) and the
-queue stays within twice the parked unplugs.
+half of the queue it is compacted in one pass (when an unplug leaves its park,
+and when entries come up), so the queue stays within about twice the parked
+unplugs, and once the last parked unplug is gone nothing is kept at all.  An
+ended unplug may otherwise be kept by its stale entry until that entry's
+deadline, while more than half of the queue is live.
 """
 
 from __future__ import annotations
@@ -70,17 +72,15 @@ class Deadlines:
             return False
         queue.append(when)
         self._parked.append(unplug)
-        if self._handle is None:
-            self._handle = self._loop.call_at(when, self._fire)
+        self._schedule()
         return True
 
     def _fire(self) -> None:
         self._handle = None
-        queue, parked = self._when, self._parked
         now = self._loop.time() + _RESOLUTION
-        while queue and queue[0] <= now:
-            queue.popleft()
-            unplug = parked.popleft()
+        while self._when and self._when[0] <= now:
+            self._when.popleft()
+            unplug = self._parked.popleft()
             try:
                 if not unplug.window_over():
                     self._stale = max(self._stale - 1, 0)
@@ -88,8 +88,15 @@ class Deadlines:
                 self._loop.call_exception_handler(
                     {"message": "aiodetach: resuming a parked unplug failed", "exception": exc}
                 )
-        if queue:
-            self._handle = self._loop.call_at(queue[0], self._fire)
+        if self._stale * 2 > len(self._when):
+            # What is left is mostly stale (the last live entry just came up,
+            # say): drop it now rather than at its old deadlines.
+            self._compact()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._handle is None and self._when:
+            self._handle = self._loop.call_at(self._when[0], self._fire)
 
     def left(self) -> None:
         """An unplug left its park before its entry came up: the entry is stale."""

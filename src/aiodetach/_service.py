@@ -54,7 +54,7 @@ from ._result import DetachResult, Recovered
 from ._rules import DomainRef, Plan, check_flags, domain_ref, halves, plan_devices
 from ._settings import DetachSettings
 from ._unplug import LiveDone, Unplug, Verdict, retrieve
-from ._xml import DeviceRef, Selector, describe, find_device, selector_from
+from ._xml import Definition, DeviceRef, Selector, describe, find_device, selector_from
 from .backend import Backend, BackendError, DomainInfo, ErrorCode
 from .errors import (
     ConnectionLost,
@@ -585,19 +585,8 @@ class DetachService:
                     raise map_error(
                         err, domain=info.name, alias=None, action="reading the XML"
                     ) from None
-                plan = plan_devices(
-                    info,
-                    selector,
-                    live,
-                    persistent,
-                    live_xml,
-                    pers_xml,
-                    removed=lambda live_dev: persistent_step.removed_since(
-                        info.uuid, ticket, selector, live_dev
-                    ),
-                    unplugged=lambda pers_dev: unplugs.removed_since(
-                        info.uuid, unplug_ticket, selector, pers_dev
-                    ),
+                plan = self._plan(
+                    info, selector, live, persistent, live_xml, pers_xml, ticket, unplug_ticket
                 )
                 del live_xml, pers_xml
                 shown = plan.found.alias or progress.alias
@@ -616,6 +605,38 @@ class DetachService:
             return None  # the caller follows the unplug (DetachService.detach)
         finally:
             unplugs.release(unplug_ticket)
+
+    def _plan(
+        self,
+        info: DomainInfo,
+        selector: Any,
+        live: bool | None,
+        persistent: bool | None,
+        live_xml: Definition | None,
+        pers_xml: Definition | None,
+        ticket: int,
+        unplug_ticket: int,
+    ) -> Plan:
+        """:func:`plan_devices`, with what ended since the caller began.  A
+        function of its own: the closures' cells live in this short frame, not
+        in :meth:`_detach`'s, which ten thousand callers hold while they wait."""
+        assert self._persistent is not None
+        assert self._unplugs is not None
+        persistent_step, unplugs = self._persistent, self._unplugs
+        return plan_devices(
+            info,
+            selector,
+            live,
+            persistent,
+            live_xml,
+            pers_xml,
+            removed=lambda live_dev: persistent_step.removed_since(
+                info.uuid, ticket, selector, live_dev
+            ),
+            unplugged=lambda pers_dev: unplugs.removed_since(
+                info.uuid, unplug_ticket, selector, pers_dev
+            ),
+        )
 
     def _join(
         self,
@@ -920,16 +941,11 @@ class _Progress:
     def complete(self, err: _E) -> _E:
         """``err`` naming this call's domain, alias and persistent outcome.
 
-        A copy when anything is added: callers joined to one unplug share the
-        exception object, and one caller's persistent half is not another's.
+        Always a copy: callers joined to one unplug (or one config detach)
+        share the exception object, and each must own what it raises (its
+        traceback, its notes, its cause, its persistent half).  Errors are
+        rare; a copy each is cheap.
         """
-        missing = (
-            (err.domain is None and self.domain is not None)
-            or (err.alias is None and self.alias is not None)
-            or (self.persistent_done and not err.persistent_done)
-        )
-        if not missing:
-            return err
         done = copy.copy(err)
         done.domain = err.domain or self.domain
         done.alias = err.alias or self.alias
