@@ -237,10 +237,10 @@ async def test_aclose_with_many_parked_ends_everything_promptly_and_keeps_nothin
 
 
 async def test_ended_unplug_not_kept_by_a_stale_queue_entry_once_nothing_is_parked() -> None:
-    """B is woken early (its entry goes stale, 1 of 2: not compacted); A's
-    entry comes up and A ends on its timeout.  Nothing is parked any more, so
-    the queue should keep nothing: the docstring says an ended unplug is
-    released "with the last parked unplug, at once"."""
+    """B is woken early (its entry goes stale, 1 of 2: not compacted yet);
+    A's entry comes up and A ends on its timeout.  Nothing is parked any
+    more, so the queue keeps nothing (compacted when what is left after a
+    firing is mostly stale), rather than B until its old deadline."""
     fake = FakeHypervisor()
     dom = fake.add_domain("vm")
     dom.add_disk("vda", alias="ua-a", unplug=Unplug.never())

@@ -214,9 +214,9 @@ async def test_late_caller_shares_its_unplug_though_the_alias_was_unplugged_agai
     """The late caller's live read shows disk sdb (ua-d).  Before it joins,
     sdb's unplug ends, a disk sdc is attached under ua-d and unplugged by a
     third caller.  The late caller's device was removed by the first unplug:
-    it must share that one, not send a request for ua-d (gone) of its own.
-    (The registry keeps one ended unplug per (domain, alias): the second
-    overwrites the first.)"""
+    it must share that one, not send a request for ua-d (gone) of its own
+    (the registry keeps every unplug of the alias that ended meanwhile, and
+    picks the one whose device has the identity the caller read)."""
     dom = gf.add_domain("vm")
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
@@ -245,7 +245,7 @@ async def test_late_caller_is_not_handed_the_unplug_of_a_device_attached_under_i
     sdb's unplug ends (removed), disk sdc is attached under ua-d and a third
     caller's unplug of sdc is in flight.  The late caller's device is gone:
     it must share sdb's outcome, not wait on (and inherit the failure of)
-    sdc's unplug.  Join only checks identity when nothing is in flight."""
+    sdc's unplug (identity is checked against what is in flight too)."""
     dom = gf.add_domain("vm")
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
@@ -528,8 +528,8 @@ async def test_otel_hook_keeps_nothing_after_a_straddler_shared_an_ended_unplug(
     gf: GateFake,
 ) -> None:
     """The sharer's ``unplug_joined`` names an unplug whose ``ended`` record
-    went out before it: the hook files the caller under that unplug and
-    nothing ever removes the entry (one per shared unplug, forever).
+    went out before it: once the caller finishes, the hook keeps nothing
+    of it (no empty entry per shared unplug, which would grow forever).
     Inspects the hook's private maps: there is no public view of them."""
     dom = gf.add_domain("vm")
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
