@@ -25,15 +25,6 @@ from aiodetach.testing import Unplug
 from .test_shared_reads_and_parking_edges import GateFake, _holding, _settle
 
 
-@pytest.fixture
-def gf() -> Any:
-    hv = GateFake()
-    yield hv
-    for gate in hv.hold.values():
-        gate.set()
-    hv.cancel_timers()
-
-
 def _selector(how: str) -> dict[str, Any]:
     return {"alias": {"alias": "ua-d"}, "target": {"target": "sdb"}}[how]
 

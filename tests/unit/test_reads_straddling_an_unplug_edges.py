@@ -37,15 +37,6 @@ HOSTDEV_XML = (
 )
 
 
-@pytest.fixture
-def gf() -> Any:
-    hv = GateFake()
-    yield hv
-    for gate in hv.hold.values():
-        gate.set()
-    hv.cancel_timers()
-
-
 class Rec:
     def __init__(self) -> None:
         self.records: list[Any] = []

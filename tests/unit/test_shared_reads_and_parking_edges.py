@@ -83,15 +83,6 @@ class GateFake(FakeHypervisor):
         return xml
 
 
-@pytest.fixture
-def gf() -> Any:
-    hv = GateFake()
-    yield hv
-    for gate in hv.hold.values():
-        gate.set()
-    hv.cancel_timers()
-
-
 async def _holding(fake: GateFake, kind: str) -> None:
     await asyncio.to_thread(fake.holding[kind].wait, 10)
     fake.holding[kind].clear()
