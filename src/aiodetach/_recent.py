@@ -75,6 +75,3 @@ class Recent(Generic[K, V]):
             for seq, value in ended:
                 if seq > since:
                     yield key, value
-
-    def __len__(self) -> int:
-        return len(self._ended)
