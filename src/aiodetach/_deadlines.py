@@ -40,9 +40,9 @@ _RESOLUTION = time.get_clock_info("monotonic").resolution
 class Parked(Protocol):
     deadline: float
 
-    def window_over(self) -> bool:
-        """The window it was parked on may be over: resume if it still waits on
-        it (True), else its entry was stale (False)."""
+    def window_over(self, when: float) -> bool:
+        """The window ending at ``when`` is over: resume if it is still parked
+        on it (True), else its entry was stale (False)."""
 
     def parked_on(self, when: float) -> bool:
         """Still parked on the queue's entry for the window ending at ``when``."""
@@ -79,10 +79,10 @@ class Deadlines:
         self._handle = None
         now = self._loop.time() + _RESOLUTION
         while self._when and self._when[0] <= now:
-            self._when.popleft()
+            when = self._when.popleft()
             unplug = self._parked.popleft()
             try:
-                if not unplug.window_over():
+                if not unplug.window_over(when):
                     self._stale = max(self._stale - 1, 0)
             except Exception as exc:
                 self._loop.call_exception_handler(

@@ -81,12 +81,11 @@ class Unplugs:
         candidates += [(k[1], u) for k, u in self.by_key.items() if k[0] == uuid]
         for alias, unplug in candidates:
             identity = unplug.identity
-            tag = str(identity[0]) if identity else None  # an identity begins with the tag
             if other is not None and other.identity is not None:
                 if other.identity == identity:
-                    return ended_device(tag, alias, identity)
-            elif names_device(selector, tag, alias, identity):
-                return ended_device(tag, alias, identity)
+                    return ended_device(unplug.tag, alias, identity)
+            elif names_device(selector, unplug.tag, alias, identity):
+                return ended_device(unplug.tag, alias, identity)
         return None
 
     def join(

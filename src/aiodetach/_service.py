@@ -847,10 +847,10 @@ def _result(
 
 def _described(unplug: Unplug) -> str | None:
     """The device as its unplug's identity and alias describe it (None: no identity)."""
-    identity = unplug.identity
-    if identity is None:
+    tag = unplug.tag
+    if tag is None:
         return None
-    return describe(str(identity[0]), unplug.key[1], identity)
+    return describe(tag, unplug.key[1], unplug.identity)
 
 
 def _shown(domain: object) -> str:

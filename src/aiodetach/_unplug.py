@@ -100,8 +100,6 @@ _OUTSIDE = [False]
 """No request of this unplug is inside libvirt (never written: each request
 gets a list of its own, see ``Unplug._send``)."""
 
-_RES = time.get_clock_info("monotonic").resolution  # the loop's clock (see _deadlines)
-
 BUSY_BACKOFF_MAX = 5.0
 """Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
 
@@ -218,6 +216,12 @@ class Unplug:
         self._followers: asyncio.Future[LiveDone] | list[asyncio.Future[LiveDone]] | None = None
         self.persistent_done = False  # a caller removed the device from the persistent definition
         self.resume: Phase | None = None  # what IDLE goes on with (None: DetachTimeout is due)
+
+    @property
+    def tag(self) -> str | None:
+        """The device's element name, as its identity begins (None without one)."""
+        identity = self.identity
+        return str(identity[0]) if identity else None
 
     @property
     def resumed(self) -> bool:
@@ -413,13 +417,12 @@ class Unplug:
             # the journal, say): a timer of its own.
             self.timer = self._registry.loop.call_at(self.deadline, self._window_over)
 
-    def window_over(self) -> bool:
-        """Its entry in the shared deadlines came up (see :mod:`aiodetach._deadlines`):
-        resume if it is still parked on that window (not woken since, not
-        parked again on a later one, not on a timer of its own).  False: the
-        entry was stale."""
-        now = self._registry.loop.time()
-        if self._parked and self.timer is None and self.deadline <= now + _RES:
+    def window_over(self, when: float) -> bool:
+        """Its entry for the window ending at ``when`` came up in the shared
+        deadlines (see :mod:`aiodetach._deadlines`): resume if it is still
+        parked on that window (not woken since, not parked again on a later
+        one, not on a timer of its own).  False: the entry was stale."""
+        if self.parked_on(when):
             self._parked = False  # its entry is used up (taken off the queue)
             self._go_on(True)
             return True

@@ -20,8 +20,8 @@ class _Parked:
         self.parked = True
         self.resumed_at: float | None = None
 
-    def window_over(self) -> bool:
-        if not self.parked:
+    def window_over(self, when: float) -> bool:
+        if not self.parked_on(when):
             return False
         self.parked = False
         self.resumed_at = asyncio.get_running_loop().time()
