@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,21 @@ async def _until(cond: Any, limit: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+def _vm_with_disks(n: int, unplug: Callable[[int], Unplug]) -> FakeHypervisor:
+    """A fake with domain "vm" holding disks vd0… (aliases ua-0…), ``unplug(i)`` each."""
+    fake = FakeHypervisor()
+    dom = fake.add_domain("vm")
+    for i in range(n):
+        dom.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=unplug(i))
+    return fake
+
+
 # -- windows end on time with many parked, some woken early ------------------------------------
 
 
 async def test_staggered_parked_windows_resend_exactly_after_timeout() -> None:
-    fake = FakeHypervisor()
-    dom = fake.add_domain("vm")
     n = 24
-    for i in range(n):
-        dom.add_disk(
-            f"vd{i}", alias=f"ua-{i}", unplug=Unplug.never() if i % 2 == 0 else Unplug.manual()
-        )
+    fake = _vm_with_disks(n, lambda i: Unplug.never() if i % 2 == 0 else Unplug.manual())
     timeout = 0.3
     settings = DetachSettings(timeout=timeout, attempts=2)
     async with DetachService(backend=fake, settings=settings, log=False) as svc:
@@ -127,10 +132,7 @@ async def test_journal_take_ups_out_of_order_end_at_their_own_window(tmp_path: P
 
 
 async def test_paused_while_parked_then_full_timeout_after_resume() -> None:
-    fake = FakeHypervisor()
-    dom = fake.add_domain("vm")
-    for i in range(6):
-        dom.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.manual())
+    fake = _vm_with_disks(6, lambda _i: Unplug.manual())
     settings = DetachSettings(timeout=0.25, attempts=2)
     steps: list[tuple[float, str, str]] = []
 
@@ -164,11 +166,8 @@ async def test_paused_while_parked_then_full_timeout_after_resume() -> None:
 
 
 async def test_crash_while_many_parked_wakes_them_without_resend() -> None:
-    fake = FakeHypervisor()
-    dom = fake.add_domain("vm")
     n = 20
-    for i in range(n):
-        dom.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.manual())
+    fake = _vm_with_disks(n, lambda _i: Unplug.manual())
     settings = DetachSettings(timeout=0.8, attempts=2, reconnect_timeout=5)
     async with DetachService(backend=fake, settings=settings, log=False) as svc:
         tasks = [asyncio.create_task(svc.detach("vm", alias=f"ua-{i}")) for i in range(n)]
@@ -198,11 +197,8 @@ async def test_crash_while_many_parked_wakes_them_without_resend() -> None:
 
 
 async def test_aclose_with_many_parked_ends_everything_promptly_and_keeps_nothing() -> None:
-    fake = FakeHypervisor()
-    dom = fake.add_domain("vm")
     n = 300
-    for i in range(n):
-        dom.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.never())
+    fake = _vm_with_disks(n, lambda _i: Unplug.never())
     svc = DetachService(backend=fake, settings=DetachSettings(timeout=30, attempts=2), log=False)
     await svc.open()
     tasks = [asyncio.create_task(svc.detach("vm", alias=f"ua-{i}")) for i in range(n)]
@@ -265,11 +261,8 @@ async def test_ended_unplug_not_kept_by_a_stale_queue_entry_once_nothing_is_park
 
 
 async def test_many_woken_early_leave_nothing_behind() -> None:
-    fake = FakeHypervisor()
-    dom = fake.add_domain("vm")
     n = 200
-    for i in range(n):
-        dom.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=Unplug.manual())
+    fake = _vm_with_disks(n, lambda _i: Unplug.manual())
     async with DetachService(
         backend=fake, settings=DetachSettings(timeout=30, attempts=1), log=False
     ) as svc:

@@ -13,7 +13,6 @@ then waits) while the first caller's unplug completes.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from aiodetach import DetachService
 from aiodetach.errors import DetachFailed, DeviceNotFound
 from aiodetach.testing import Unplug
 
-from .test_shared_reads_and_parking_edges import GateFake, _holding, _settle
+from .test_shared_reads_and_parking_edges import GateFake, _held, _settle
 
 
 def _selector(how: str) -> dict[str, Any]:
@@ -47,9 +46,9 @@ async def test_read_before_the_removal_joins_it_after_it_ended(gf: GateFake, how
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
         first = await _first_caller_pending(gf, svc)
-        gf.hold["live"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", **_selector(how)))
-        await _holding(gf, "live")  # its read took an answer that shows the device
+        late, gate = await _held(
+            gf, "live", svc.detach("vm", **_selector(how))
+        )  # its read took an answer that shows the device
         gf.complete("vm", "ua-d")
         one = await asyncio.wait_for(first, 5)
         assert svc.pending() == []
@@ -73,9 +72,9 @@ async def test_read_after_the_removal_shares_it(
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
         first = await _first_caller_pending(gf, svc)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", persistent=persistent, **_selector(how)))
-        await _holding(gf, "lookup")  # it has begun; its reads come after the removal
+        late, gate = await _held(
+            gf, "lookup", svc.detach("vm", persistent=persistent, **_selector(how))
+        )  # it has begun; its reads come after the removal
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -102,9 +101,7 @@ async def test_libvirt_alias_read_after_removal_is_matched_by_its_persistent_cop
             await _settle(0.01)
             if gf.requests:
                 break
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", target="sdb"))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", target="sdb"))
         gf.complete("vm", dev.alias)
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -136,9 +133,7 @@ async def test_a_device_attached_again_under_the_alias_gets_its_own_unplug(gf: G
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
         first = await _first_caller_pending(gf, svc, persistent=False)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias="ua-d", persistent=False))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         dom.add_disk("sdc", alias="ua-d", unplug=Unplug.now())
@@ -157,9 +152,7 @@ async def test_a_failed_unplug_is_not_shared(gf: GateFake) -> None:
     dom.add_disk("sdb", alias="ua-d", unplug=Unplug.manual())
     async with DetachService(backend=gf) as svc:
         first = await _first_caller_pending(gf, svc, persistent=False)
-        gf.hold["live"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
-        await _holding(gf, "live")
+        late, gate = await _held(gf, "live", svc.detach("vm", alias="ua-d", persistent=False))
         gf.reject("vm", "ua-d")
         with pytest.raises(DetachFailed):
             await asyncio.wait_for(first, 5)

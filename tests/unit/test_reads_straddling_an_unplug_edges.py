@@ -28,7 +28,7 @@ from aiodetach.instrumentation import DetachRecord, UnplugRecord, otel_hook
 from aiodetach.testing import Unplug
 
 from ._journal_support import journal_settings, killed_mid_unplug
-from .test_shared_reads_and_parking_edges import GateFake, _holding, _settle
+from .test_shared_reads_and_parking_edges import GateFake, _held, _holding, _settle
 
 HOSTDEV_XML = (
     "<hostdev mode='subsystem' type='pci'><source>"
@@ -108,9 +108,9 @@ async def test_hostdev_named_by_xml_read_after_removal_shares_it(
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", xml=HOSTDEV_XML))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", xml=HOSTDEV_XML))
-        await _holding(gf, "lookup")  # it has begun; its reads come after the removal
+        late, gate = await _held(
+            gf, "lookup", svc.detach("vm", xml=HOSTDEV_XML)
+        )  # it has begun; its reads come after the removal
         gf.complete("vm", dev.alias)
         one = await asyncio.wait_for(first, 5)
         gate.set()
@@ -130,9 +130,7 @@ async def test_hostdev_named_by_xml_live_only_read_after_removal_shares_it(
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", xml=HOSTDEV_XML, persistent=False))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", xml=HOSTDEV_XML, persistent=False))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", xml=HOSTDEV_XML, persistent=False))
         gf.complete("vm", dev.alias)
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -156,9 +154,7 @@ async def test_straddler_asking_persistent_true_by_libvirt_alias_gets_its_persis
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias=dev.alias, persistent=False))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias=dev.alias, persistent=True))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias=dev.alias, persistent=True))
         gf.complete("vm", dev.alias)
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -185,9 +181,7 @@ async def test_straddler_by_libvirt_alias_default_flags_gets_the_persistent_half
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias=dev.alias, persistent=False))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias=dev.alias))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias=dev.alias))
         gf.complete("vm", dev.alias)
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -213,9 +207,9 @@ async def test_late_caller_shares_its_unplug_though_the_alias_was_unplugged_agai
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["inactive"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "inactive")  # its live read showed sdb
+        late, gate = await _held(
+            gf, "inactive", svc.detach("vm", alias="ua-d")
+        )  # its live read showed sdb
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         dom.add_disk("sdc", alias="ua-d", unplug=Unplug.now(), config=False)
@@ -242,9 +236,9 @@ async def test_late_caller_is_not_handed_the_unplug_of_a_device_attached_under_i
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["inactive"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "inactive")  # its live read showed sdb
+        late, gate = await _held(
+            gf, "inactive", svc.detach("vm", alias="ua-d")
+        )  # its live read showed sdb
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         dom.add_disk("sdc", alias="ua-d", unplug=Unplug.manual(), config=False)
@@ -338,9 +332,7 @@ async def test_a_caller_that_began_after_the_end_gets_not_found_while_the_record
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        older = asyncio.create_task(svc.detach(dom.uuid, alias="ua-x"))
-        await _holding(gf, "lookup")
+        older, gate = await _held(gf, "lookup", svc.detach(dom.uuid, alias="ua-x"))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         for kw in ({"alias": "ua-d"}, {"target": "sdb"}, {"alias": "ua-d", "live": True}):
@@ -364,12 +356,8 @@ async def test_nothing_is_retained_once_the_callers_are_done(gf: GateFake) -> No
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "lookup")
-        gf.hold["live"] = gate2 = threading.Event()
-        older = asyncio.create_task(svc.detach("vm2", alias="ua-x"))
-        await _holding(gf, "live")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias="ua-d"))
+        older, gate2 = await _held(gf, "live", svc.detach("vm2", alias="ua-x"))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         gate.set()
@@ -389,9 +377,7 @@ async def test_a_straddler_cancelled_while_it_reads_leaks_nothing(gf: GateFake) 
     async with DetachService(backend=gf, hooks=[rec]) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["live"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "live")
+        late, gate = await _held(gf, "live", svc.detach("vm", alias="ua-d"))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         late.cancel()
@@ -417,9 +403,7 @@ async def test_aclose_while_a_straddler_holds_its_read_gives_it_service_closed(
     async with DetachService(backend=gf) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["live"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "live")
+        late, gate = await _held(gf, "live", svc.detach("vm", alias="ua-d"))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         closing = asyncio.create_task(svc.aclose())
@@ -449,9 +433,7 @@ async def test_detach_many_with_duplicates_and_a_straddler_sends_once(gf: GateFa
             )
         )
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias="ua-d"))
         gf.complete("vm", "ua-d")
         outcomes = await asyncio.wait_for(batch, 5)
         gate.set()
@@ -471,9 +453,7 @@ async def test_a_removal_timeout_is_not_shared(gf: GateFake) -> None:
     async with DetachService(backend=gf, settings=settings) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
         await _wait_requests(gf)
-        gf.hold["live"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
-        await _holding(gf, "live")
+        late, gate = await _held(gf, "live", svc.detach("vm", alias="ua-d", persistent=False))
         with pytest.raises(DetachError):
             await asyncio.wait_for(first, 5)
         gate.set()
@@ -500,9 +480,7 @@ async def test_straddler_by_target_shares_an_unplug_taken_up_from_the_journal(
         assert svc.pending() != []
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _settle(0.05)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", target="sdb"))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", target="sdb"))
         gf.complete("vm", "ua-d")
         one = await asyncio.wait_for(first, 5)
         assert one.resumed
@@ -529,9 +507,7 @@ async def test_otel_hook_keeps_nothing_after_a_straddler_shared_an_ended_unplug(
     async with DetachService(backend=gf, hooks=[hook]) as svc:
         first = asyncio.create_task(svc.detach("vm", alias="ua-d"))
         await _wait_requests(gf)
-        gf.hold["lookup"] = gate = threading.Event()
-        late = asyncio.create_task(svc.detach("vm", alias="ua-d"))
-        await _holding(gf, "lookup")
+        late, gate = await _held(gf, "lookup", svc.detach("vm", alias="ua-d"))
         gf.complete("vm", "ua-d")
         await asyncio.wait_for(first, 5)
         gate.set()

@@ -12,8 +12,9 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +32,8 @@ from aiodetach.errors import (
 )
 from aiodetach.instrumentation import DetachRecord, UnplugRecord
 from aiodetach.testing import FakeHypervisor, Unplug
+
+_R = TypeVar("_R")
 
 
 class GateFake(FakeHypervisor):
@@ -86,6 +89,17 @@ class GateFake(FakeHypervisor):
 async def _holding(fake: GateFake, kind: str) -> None:
     await asyncio.to_thread(fake.holding[kind].wait, 10)
     fake.holding[kind].clear()
+
+
+async def _held(
+    fake: GateFake, kind: str, call: Coroutine[Any, Any, _R]
+) -> tuple[asyncio.Task[_R], threading.Event]:
+    """Start ``call`` with its next read of ``kind`` held once that read took
+    its answer; return its task once held, and the gate that releases it."""
+    fake.hold[kind] = gate = threading.Event()
+    task = asyncio.create_task(call)
+    await _holding(fake, kind)
+    return task, gate
 
 
 async def _settle(seconds: float = 0.05) -> None:
