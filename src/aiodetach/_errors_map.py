@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from ._machine import Outcome
 from .backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
     ConnectionLost,
@@ -13,10 +16,21 @@ from .errors import (
     DomainNotRunning,
     HypervisorError,
     InvalidRequest,
+    JournalError,
     ReadOnlyConnection,
+    ServiceClosed,
 )
 
-__all__ = ["is_alias_missing", "is_busy", "is_connection_error", "is_in_progress", "map_error"]
+__all__ = [
+    "is_a_close",
+    "is_alias_missing",
+    "is_busy",
+    "is_connection_error",
+    "is_in_progress",
+    "is_not_sent",
+    "map_error",
+    "request_outcome",
+]
 
 # What QEMU/libvirt say when an unplug of the device is already under way
 # (measured on QEMU 7.2 with native PCIe hotplug; see docs/libvirt-behaviour.md).
@@ -63,6 +77,54 @@ def is_connection_error(err: BackendError) -> bool:
     return "client socket is closed" in text or "not connected to libvirt" in text
 
 
+def is_not_sent(err: BackendError) -> bool:
+    """The call failed inside libvirt's client before anything was written:
+    libvirtd never heard of it.  libvirt checks its socket before it sends a
+    call ("client socket is closed": the daemon closed this connection, an
+    idle one say, and the client has noticed), so such a call was not sent.
+    Any other connection failure may have happened after the call reached
+    libvirtd (a reply lost with the connection): *maybe sent*."""
+    text = err.message.lower()
+    return "client socket is closed" in text or "not connected to libvirt" in text
+
+
+def request_outcome(err: BackendError, *, closing: bool) -> Outcome:
+    """What libvirt refusing a live detach request means for the unplug
+    (see :mod:`aiodetach._machine`).  ``closing``: the service is closing, so
+    a failed connection is not waited for."""
+    if is_busy(err):
+        return Outcome.BUSY  # the machine knows whether anything of ours was accepted
+    if is_in_progress(err):
+        return Outcome.IN_PROGRESS
+    if is_connection_error(err) and not closing:
+        return Outcome.NOT_SENT if is_not_sent(err) else Outcome.MAYBE_SENT
+    if is_alias_missing(err):
+        return Outcome.ALIAS_MISSING
+    if is_not_running(err):
+        return Outcome.NOT_RUNNING
+    if err.code == ErrorCode.NO_DOMAIN:
+        return Outcome.NO_DOMAIN
+    return Outcome.REFUSED
+
+
+def is_not_running(err: BackendError) -> bool:
+    """The domain is not running (libvirt refuses a live change)."""
+    return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
+
+
+def is_domain_missing(err: BackendError) -> bool:
+    """libvirt knows no such domain (undefined, or a transient one gone)."""
+    return err.code == ErrorCode.NO_DOMAIN
+
+
+def is_a_close(error: BaseException) -> bool:
+    """The service closing, a daemon given up on, or a journal that failed:
+    these end a wait, not the guest's unplug, which may still run.  So it is
+    not an outcome: the journal row stays unfinished (the next ``open()``
+    takes it up), and the caller learns why it stopped waiting."""
+    return isinstance(error, (asyncio.CancelledError, ConnectionLost, ServiceClosed, JournalError))
+
+
 def map_error(
     err: BackendError, *, domain: str | None, alias: str | None, action: str
 ) -> DetachError:
@@ -79,7 +141,7 @@ def _classify(err: BackendError) -> type[DetachError]:
         return DomainNotFound
     if is_alias_missing(err):
         return DeviceNotFound
-    if code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+    if is_not_running(err):
         return DomainNotRunning
     if code in (ErrorCode.XML_ERROR, ErrorCode.XML_DETAIL):
         return InvalidRequest

@@ -104,15 +104,15 @@ class EventIntake:
     def _domain_stopped(self, uuid: str, name: str, reason: str) -> None:
         # A scan, not an index: domains stop rarely, and an index would cost
         # memory for every pending detach.
-        for (domain_uuid, _alias), unplug in self._unplugs.items():
+        for (domain_uuid, _alias), unplug in list(self._unplugs.items()):
             if domain_uuid == uuid:
-                unplug.decide(("stopped", reason))
+                unplug.decide(("stopped", reason))  # ends it: off the registry
         self.publish(DeviceEvent("domain-stopped", uuid, name, None, detail=reason))
 
     def _domain_resumed(self, uuid: str) -> None:
         # Wakes the unplugs waiting out a pause; one inside an attempt
         # re-arms its wait and carries on.
-        for (domain_uuid, _alias), unplug in self._unplugs.items():
+        for (domain_uuid, _alias), unplug in list(self._unplugs.items()):
             if domain_uuid == uuid:
                 unplug.wake()
 

@@ -128,9 +128,10 @@ class Unplugs:
         joined = unplug is not None
         if unplug is None:
             unplug = Unplug(self, key, domain, run_id=run_id, device=device, ref=ref)
-            self._start(unplug)
+            self._add(unplug)
             unplug.join()
             unplug.record("started")
+            unplug.start()
         else:
             unplug.join()
         return unplug, joined
@@ -149,15 +150,14 @@ class Unplugs:
         joins, hooks, metrics see it), with nobody waiting yet."""
         key = (entry.domain_uuid, entry.alias)
         unplug = Unplug(self, key, entry.domain_name, run_id=run_id, device=entry.device, ref=ref)
+        self._add(unplug)
         unplug.take_up(entry, self.settings.timeout)
-        self._start(unplug)
         unplug.record("started")
         unplug.record("recovered")
         return unplug
 
-    def _start(self, unplug: Unplug) -> None:
-        self.by_key[unplug.key] = unplug
-        unplug.start()  # "ended" pairs with "started", always
+    def _add(self, unplug: Unplug) -> None:
+        self.by_key[unplug.key] = unplug  # "ended" pairs with "started", always
 
     def forget(self, unplug: Unplug) -> None:
         """The unplug ended (its ``result`` is set if it removed the device)."""
@@ -170,14 +170,11 @@ class Unplugs:
         self.conn.lost(reason)  # wakes every unplug through on_lost if it is news
 
     def _wake_all(self) -> None:
-        for unplug in self.by_key.values():
-            unplug.wake()  # its driver sees the connection down and waits for it
+        for unplug in list(self.by_key.values()):
+            unplug.connection_down()  # one in its window waits for the reconnect
 
     async def close(self) -> None:
-        unplugs = list(self.by_key.values())
-        tasks = [u.task for u in unplugs if u.task is not None]
-        for unplug in unplugs:
-            unplug.abort()  # a parked one ends here, a driven one when its task is cancelled
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for unplug in list(self.by_key.values()):
+            unplug.abort()
         self.by_key.clear()
         self.deadlines.close()

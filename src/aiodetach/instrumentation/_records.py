@@ -56,6 +56,7 @@ UnplugStep = Literal[
     "started",  # a new unplug of the device (pending unplugs + 1)
     "recovered",  # taken up from the journal after a restart of this process (resumed=True)
     "request_sent",  # a live detach request reached libvirt (accepted or refused)
+    "request_not_sent",  # it failed in the client before reaching libvirtd: sent again once back
     "in_progress",  # libvirt refused it: an unplug is already in progress (waiting for it)
     "busy_backoff",  # "guest is busy" before any request was accepted: sending again later
     "stale_event_ignored",  # an event from before our request: the device is still there

@@ -1,0 +1,314 @@
+"""A hypothesis state machine that drives the pure unplug machine directly.
+
+No loop, no threads: the test is the driver.  It hands the machine any input
+that a real driver could hand it at that moment (an answer only while a
+request is out, a read's result only while that read is asked for, a timer
+only for the wait armed, events, stops, pauses, callers coming and going,
+the connection going and coming back, a close) on a virtual clock, and after
+every input checks what came out against a model of the rules written from
+docs/protocol.md, not from the machine's code:
+
+- at most one request is out at a time, and none is sent with nobody waiting;
+- a request after the first that counted is sent only after a look at the
+  live XML showed the device still there (never blindly), and at most
+  ``attempts`` requests count;
+- a busy refusal before anything was accepted, a request that never reached
+  libvirtd and one skipped in its thread do not count;
+- a verdict that counts (not early) ends the unplug in the same step, except
+  while a call is out (the request in its thread, a state or XML read),
+  where it ends it as soon as that call answered, before anything else;
+- ``DetachTimeout`` only with every attempt used; ``DEVICE_REMOVAL_FAILED``
+  only after such an event that counted; success "event" only after a
+  ``DEVICE_REMOVED`` that counted; success "xml" only after a read found the
+  device gone;
+- no attempt is used while the domain is paused;
+- nothing is dropped while a caller waits; nothing comes out after the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from aiodetach._machine import (
+    Abort,
+    Action,
+    Answered,
+    ConnectionDown,
+    End,
+    Ending,
+    Event,
+    Input,
+    Joined,
+    Left,
+    Outcome,
+    Phase,
+    ReadFailed,
+    ReadState,
+    ReadXml,
+    Reconnected,
+    ReconnectFailed,
+    Resumed,
+    Send,
+    StateRead,
+    Stopped,
+    Timer,
+    UnplugMachine,
+    Verdict,
+    WaitReconnect,
+    WaitUntil,
+    XmlRead,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float
+    attempts: int
+
+
+COUNTED = {
+    Outcome.SENT,
+    Outcome.IN_PROGRESS,
+    Outcome.MAYBE_SENT,
+    Outcome.ALIAS_MISSING,
+    Outcome.NOT_RUNNING,
+    Outcome.NO_DOMAIN,
+    Outcome.REFUSED,
+}
+"""Answers that reached libvirt and count as a request (BUSY: only once one
+of ours was accepted)."""
+
+
+class UnplugRules(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits = Limits(timeout=10.0, attempts=3)
+        self.m = UnplugMachine(self.limits)
+        self.now = 0.0
+        self.begun = False
+        # What the driver has out.
+        self.request_out = False
+        self.read_out: str | None = None
+        self.wait: WaitUntil | None = None
+        self.reconnect_out = False
+        # The model's own account.
+        self.callers = 0
+        self.ended: End | None = None
+        self.counted = 0
+        self.accepted = False
+        self.handed = False
+        self.looked_since_counted = True  # the first request needs no look
+        self.real_verdict: Verdict | None = None  # the first that counts, while a request is out
+        self.early_removed_pending = False
+        self.gone_seen = False
+        self.paused = False
+        self.used_before_pause = 0
+        self.stopped_during_request: str | None = None
+
+    # ----------------------------------------------------------- driving
+    def feed(self, what: Input) -> list[Action]:
+        before = self.ended
+        out = self.m.handle(what, self.now)
+        if before is not None:
+            assert out == [], "nothing after the end"
+        self.perform(what, out)
+        return out
+
+    def perform(self, what: Input, out: list[Action]) -> None:
+        for action in out:
+            assert self.ended is None, "nothing after the end"
+            if isinstance(action, Send):
+                assert not self.request_out, "one request at a time"
+                assert self.callers > 0, "nothing is sent for nobody"
+                assert self.looked_since_counted, "no blind re-send"
+                assert self.counted < self.limits.attempts, "at most attempts requests count"
+                self.request_out = True
+            elif isinstance(action, ReadState):
+                self.read_out = "state"
+            elif isinstance(action, ReadXml):
+                self.read_out = "xml"
+            elif isinstance(action, WaitUntil):
+                if action.token == self.m.token:
+                    self.wait = action
+            elif isinstance(action, WaitReconnect):
+                self.reconnect_out = True
+            elif isinstance(action, End):
+                self.check_end(what, action)
+                self.ended = action
+        if self.wait is not None and self.wait.token != self.m.token:
+            self.wait = None  # the driver disarms a wait the machine moved on from
+        if (
+            isinstance(what, Event)
+            and self.ended is None
+            and not self.request_out
+            and self.read_out is None
+            and (self.handed or what.in_libvirt)
+            and what.verdict is not Verdict.GONE
+            and self.stopped_during_request is None
+        ):
+            raise AssertionError("a verdict that counts ends the unplug where it lands")
+
+    def check_end(self, what: Input, end: End) -> None:
+        if end.how is Ending.TIMEOUT:
+            assert self.m.used >= self.limits.attempts, "DetachTimeout only with every attempt used"
+        elif end.how is Ending.FAILED:
+            assert self.real_verdict is Verdict.FAILED or (
+                isinstance(what, Event) and what.verdict is Verdict.FAILED
+            )
+        elif end.how is Ending.REMOVED and end.confirmed_by == "event":
+            assert self.real_verdict is Verdict.REMOVED or (
+                isinstance(what, Event) and what.verdict is Verdict.REMOVED
+            )
+        elif end.how is Ending.REMOVED:
+            assert isinstance(what, XmlRead)
+            assert not what.present
+        elif end.how is Ending.ABANDONED:
+            assert self.callers == 0, "nothing is dropped while a caller waits"
+        if self.paused:
+            assert self.m.used == self.used_before_pause, "no attempt is used while paused"
+
+    # ------------------------------------------------------------- rules
+    @precondition(lambda self: self.ended is None)
+    @rule()
+    def join(self) -> None:
+        self.callers += 1
+        self.feed(Joined())
+        if not self.begun:
+            self.begun = True
+            self.perform(Joined(), self.m.begin(self.now))
+
+    @precondition(lambda self: self.ended is None and self.callers > 0)
+    @rule()
+    def leave(self) -> None:
+        self.callers -= 1
+        self.feed(Left())
+
+    @precondition(lambda self: self.ended is None and self.request_out)
+    @rule(outcome=st.sampled_from(list(Outcome)))
+    def answer(self, outcome: Outcome) -> None:
+        if outcome is Outcome.SKIPPED and self.m.wants_request:
+            outcome = Outcome.SENT  # the thread skips only what nobody wants
+        if outcome is not Outcome.SKIPPED and not self.m.wants_request:
+            outcome = Outcome.SKIPPED
+        self.request_out = False
+        busy_first = outcome is Outcome.BUSY and not self.accepted
+        if outcome in COUNTED or (outcome is Outcome.BUSY and not busy_first):
+            self.counted += 1
+            self.looked_since_counted = False
+            self.handed = True
+        if busy_first:
+            self.handed = False
+        if outcome in (Outcome.SENT, Outcome.IN_PROGRESS, Outcome.MAYBE_SENT) or (
+            outcome is Outcome.BUSY and self.accepted
+        ):
+            self.accepted = True
+        self.feed(Answered(outcome, error=outcome.value, reason=outcome.value))
+
+    @precondition(lambda self: self.ended is None and self.read_out == "state")
+    @rule(state=st.sampled_from(["running", "running", "paused", "inactive", "missing"]))
+    def state_read(self, state: str) -> None:
+        self.read_out = None
+        if state == "paused" and not self.paused:
+            self.paused, self.used_before_pause = True, self.m.used
+        elif state != "paused":
+            self.paused = False
+        self.feed(StateRead(state))  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.ended is None and self.read_out == "xml")
+    @rule(present=st.booleans())
+    def xml_read(self, present: bool) -> None:
+        self.read_out = None
+        if present and self.m.phase is Phase.RECHECKING:
+            self.looked_since_counted = True
+        if present and self.m.phase in (Phase.RECONNECTING, Phase.CONFIRMING):
+            # The look after a request that never went out (or a stale event)
+            # also stands for the look before the next one.
+            self.looked_since_counted = self.looked_since_counted or not self.accepted
+        self.feed(XmlRead(present))
+
+    @precondition(lambda self: self.ended is None and self.read_out is not None)
+    @rule()
+    def read_failed(self) -> None:
+        self.read_out = None
+        self.feed(ReadFailed("ConnectionLost"))
+
+    @precondition(lambda self: self.ended is None and self.wait is not None)
+    @rule()
+    def timer(self) -> None:
+        assert self.wait is not None
+        self.now = max(self.now, self.wait.when)
+        wait, self.wait = self.wait, None
+        self.feed(Timer(wait.token))
+
+    @rule(dt=st.floats(min_value=0.0, max_value=30.0))
+    def time_passes(self, dt: float) -> None:
+        if self.wait is not None:
+            dt = min(dt, max(self.wait.when - self.now, 0.0))  # no timer is skipped
+        self.now += dt
+
+    @precondition(lambda self: self.ended is None)
+    @rule(verdict=st.sampled_from([Verdict.REMOVED, Verdict.FAILED]), ours=st.booleans())
+    def event(self, verdict: Verdict, ours: bool) -> None:
+        in_libvirt = ours and self.request_out
+        counts = self.handed or in_libvirt
+        if counts and self.real_verdict is None and self.stopped_during_request is None:
+            self.real_verdict = verdict
+        self.feed(Event(verdict, in_libvirt))
+
+    @precondition(lambda self: self.ended is None)
+    @rule(reason=st.sampled_from(["destroyed", "migrated"]))
+    def stopped(self, reason: str) -> None:
+        out = self.feed(Stopped(reason))
+        if self.request_out or self.read_out is not None:
+            if self.real_verdict is None:
+                self.stopped_during_request = reason
+            assert out == []
+        else:
+            assert out == [End(Ending.STOPPED, reason=reason)]
+            self.ended = out[0]  # type: ignore[assignment]
+
+    @precondition(lambda self: self.ended is None)
+    @rule()
+    def resumed(self) -> None:
+        self.feed(Resumed())
+
+    @precondition(lambda self: self.ended is None)
+    @rule()
+    def connection_down(self) -> None:
+        self.feed(ConnectionDown())
+
+    @precondition(lambda self: self.ended is None and self.reconnect_out)
+    @rule(back=st.booleans())
+    def reconnect(self, back: bool) -> None:
+        self.reconnect_out = False
+        self.feed(Reconnected() if back else ReconnectFailed("ConnectionLost"))
+
+    @precondition(lambda self: self.ended is None)
+    @rule()
+    def close(self) -> None:
+        assert self.feed(Abort()) == [End(Ending.CANCELLED)]
+
+    # --------------------------------------------------------- invariants
+    @invariant()
+    def counters_agree(self) -> None:
+        assert self.m.callers == self.callers
+        # A request counts from its Send until an answer says it did not.
+        out = self.request_out
+        assert self.m.sent == self.counted + (1 if out else 0)
+        assert self.m.used <= self.limits.attempts
+        assert (self.m.phase is Phase.DONE) == (self.ended is not None)
+        if self.ended is None and self.m.phase is Phase.SENDING:
+            assert self.request_out, "SENDING means a request is out"
+
+
+TestUnplugRules = UnplugRules.TestCase
+TestUnplugRules.settings = settings(
+    max_examples=400,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
