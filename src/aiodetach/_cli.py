@@ -23,7 +23,7 @@ from typing import Any, TextIO, cast
 import structlog
 from pydantic import ValidationError
 
-from . import __version__
+from ._version import __version__
 from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
