@@ -16,7 +16,15 @@ from .errors import (
     ReadOnlyConnection,
 )
 
-__all__ = ["is_alias_missing", "is_busy", "is_connection_error", "is_in_progress", "map_error"]
+__all__ = [
+    "is_alias_missing",
+    "is_busy",
+    "is_connection_error",
+    "is_domain_gone",
+    "is_in_progress",
+    "is_not_running",
+    "map_error",
+]
 
 # What QEMU/libvirt say when an unplug of the device is already under way
 # (measured on QEMU 7.2 with native PCIe hotplug; see docs/libvirt-behaviour.md).
@@ -53,6 +61,17 @@ def is_alias_missing(err: BackendError) -> bool:
     )
 
 
+def is_domain_gone(err: BackendError) -> bool:
+    """libvirt knows no such domain (never defined, or undefined since: a
+    transient domain that stopped is gone too)."""
+    return err.code == ErrorCode.NO_DOMAIN
+
+
+def is_not_running(err: BackendError) -> bool:
+    """The domain exists but is shut off: what needs a running guest is refused."""
+    return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
+
+
 def is_connection_error(err: BackendError) -> bool:
     """The connection to libvirtd is gone (the call may or may not have run)."""
     if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT):
@@ -75,11 +94,11 @@ def _classify(err: BackendError) -> type[DetachError]:
     code = err.code
     if is_connection_error(err):
         return ConnectionLost
-    if code == ErrorCode.NO_DOMAIN:
+    if is_domain_gone(err):
         return DomainNotFound
     if is_alias_missing(err):
         return DeviceNotFound
-    if code == ErrorCode.OPERATION_INVALID and "not running" in err.message:
+    if is_not_running(err):
         return DomainNotRunning
     if code in (ErrorCode.XML_ERROR, ErrorCode.XML_DETAIL):
         return InvalidRequest

@@ -17,6 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
+from ._errors_map import is_domain_gone
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
@@ -310,7 +311,7 @@ class LibvirtBackend:
         try:
             return _wrap(lambda: dom.XMLDesc(flags))
         except BackendError as exc:
-            if exc.code == ErrorCode.NO_DOMAIN:
+            if is_domain_gone(exc):
                 lane.domains.pop(uuid, None)
             raise
 
