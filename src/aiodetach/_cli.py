@@ -23,11 +23,11 @@ from typing import Any, TextIO, cast
 import structlog
 from pydantic import ValidationError
 
-from ._version import __version__
 from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
 from ._settings import DetachSettings
+from ._version import __version__
 from .errors import (
     ConnectionLost,
     DetachError,
