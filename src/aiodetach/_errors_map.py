@@ -23,6 +23,7 @@ __all__ = [
     "is_domain_gone",
     "is_in_progress",
     "is_not_running",
+    "is_unsupported",
     "map_error",
 ]
 
@@ -70,6 +71,12 @@ def is_domain_gone(err: BackendError) -> bool:
 def is_not_running(err: BackendError) -> bool:
     """The domain exists but is shut off: what needs a running guest is refused."""
     return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
+
+
+def is_unsupported(err: BackendError) -> bool:
+    """The driver does not implement the call (an in-process driver such as
+    ``test:///default`` has no keepalive, say)."""
+    return err.code == ErrorCode.NO_SUPPORT
 
 
 def is_connection_error(err: BackendError) -> bool:
