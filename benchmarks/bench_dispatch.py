@@ -62,7 +62,7 @@ from _common import (
     skipped,
 )
 from aiodetach import DetachResult, DetachService, DetachSettings, DeviceEvent
-from aiodetach.testing import FakeHypervisor, Unplug
+from aiodetach.testing import FakeHypervisor, GuestUnplug
 
 Event = tuple[str, str, str]  # (uuid, domain name, alias)
 
@@ -86,7 +86,7 @@ def build_fake(sizes: Sizes) -> tuple[FakeHypervisor, list[Event]]:
         dom = fake.add_domain(f"vm-{d:04d}")
         for k in range(sizes.per_domain):
             alias = f"ua-disk{k}"
-            dom.add_disk(f"vd{chr(ord('b') + k)}", alias=alias, unplug=Unplug.manual())
+            dom.add_disk(f"vd{chr(ord('b') + k)}", alias=alias, unplug=GuestUnplug.manual())
             events.append((dom.uuid, dom.name, alias))
     return fake, events
 

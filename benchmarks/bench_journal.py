@@ -2,7 +2,7 @@
 
 What is timed
     One ``detach()`` call after another (live only), each of a device the
-    fake guest releases during the request (``Unplug.now()``), so the time is
+    fake guest releases during the request (``GuestUnplug.now()``), so the time is
     aiodetach's own work plus, with a journal, its two writes: the request's
     row, committed before the request goes to libvirt (in the request's worker
     thread, on its path), and the outcome (queued to the journal's thread,
@@ -27,14 +27,14 @@ from pathlib import Path
 
 from _common import Row, configure_logging, eprint, finish, fmt_s, median, parse_args
 from aiodetach import DetachService, DetachSettings
-from aiodetach.testing import FakeHypervisor, Unplug
+from aiodetach.testing import FakeHypervisor, GuestUnplug
 
 
 async def _round(journal: Path | None, sync: str, n: int, tag: str) -> list[float]:
     fake = FakeHypervisor()
     vm = fake.add_domain("vm")
     for i in range(n):
-        vm.add_disk(f"vd{i}", alias=f"ua-{tag}-{i}", unplug=Unplug.now())
+        vm.add_disk(f"vd{i}", alias=f"ua-{tag}-{i}", unplug=GuestUnplug.now())
     settings = DetachSettings(journal_sync=sync)  # type: ignore[arg-type]
     times: list[float] = []
     async with DetachService(backend=fake, settings=settings, journal=journal, log=False) as svc:

@@ -2,7 +2,7 @@
 
 The real :class:`aiodetach.DetachService` on
 :class:`aiodetach.testing.FakeHypervisor` (a fake) whose guests never answer
-(``Unplug.manual()``): every detach is sent and parked waiting for its event.
+(``GuestUnplug.manual()``): every detach is sent and parked waiting for its event.
 
 * RSS above baseline: the process's resident memory once all 10,000 are
   parked, minus its resident memory with the service open and the fake built

@@ -46,7 +46,7 @@ from aiodetach import DetachService, DetachSettings
 from aiodetach._libvirt import LibvirtBackend
 from aiodetach.backend import EventSink
 from aiodetach.instrumentation import prometheus_hook
-from aiodetach.testing import FakeHypervisor, Unplug
+from aiodetach.testing import FakeHypervisor, GuestUnplug
 from bench_dispatch import wait_all_sent
 
 SPACING = 0.0005
@@ -88,7 +88,7 @@ async def fake_latencies(n: int, burst: bool, *, prometheus: bool = False) -> li
     for d in range(n // 10):
         dom = fake.add_domain(f"vm-{d:04d}")
         for k in range(10):
-            dom.add_disk(f"vd{chr(ord('b') + k)}", alias=f"ua-disk{k}", unplug=Unplug.manual())
+            dom.add_disk(f"vd{chr(ord('b') + k)}", alias=f"ua-disk{k}", unplug=GuestUnplug.manual())
             keys.append((dom.uuid, dom.name, f"ua-disk{k}"))
     sent_at: dict[tuple[str, str], float] = {}
     lat: list[float] = []

@@ -14,7 +14,7 @@ import logging
 import structlog
 
 from aiodetach import DetachFleet, DetachOutcome, DetachSettings
-from aiodetach.testing import FakeHypervisor, Unplug
+from aiodetach.testing import FakeHypervisor, GuestUnplug
 
 
 async def main() -> None:
@@ -25,7 +25,7 @@ async def main() -> None:
             vm = hv.add_domain(f"vm-{d}")
             for i in range(4):
                 # Most guests answer within 50 ms; one per host ignores us.
-                plan = Unplug.never() if (d, i) == (4, 3) else Unplug.later(0.05)
+                plan = GuestUnplug.never() if (d, i) == (4, 3) else GuestUnplug.later(0.05)
                 vm.add_disk(f"vd{chr(98 + i)}", alias=f"ua-disk{i}", unplug=plan)
                 requests.append({"uri": uri, "domain": f"vm-{d}", "alias": f"ua-disk{i}"})
 

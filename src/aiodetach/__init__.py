@@ -7,20 +7,14 @@ hypervisor for tests in :mod:`aiodetach.testing`.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from ._eventloop import install_event_loop
 from ._fleet import DetachFleet
 from ._many import DetachOutcome, DetachRequest
 from ._result import DetachResult, Recovered
 from ._service import DetachService, DeviceEvent
 from ._settings import DetachSettings
+from ._version import __version__
 from .errors import DetachError
-
-try:
-    __version__ = version("aiodetach")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = [
     "DetachError",

@@ -23,11 +23,10 @@ from typing import Any, TextIO, cast
 import structlog
 from pydantic import ValidationError
 
-from . import __version__
+from ._cli_args import build_parser, parse_batch, settings_from
 from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
-from ._settings import DetachSettings
 from .errors import (
     ConnectionLost,
     DetachError,
@@ -44,7 +43,7 @@ from .errors import (
 )
 from .instrumentation import Hook
 
-__all__ = ["EXIT_CODES", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "main", "parse_batch"]
 
 EXIT_CODES: list[tuple[type[DetachError], int]] = [
     (InvalidRequest, 2),
@@ -121,7 +120,7 @@ def _service(
     journal = getattr(args, "journal", None)
     return DetachService(
         args.uri,
-        settings=None if read_only else _settings(args),
+        settings=None if read_only else settings_from(args),
         read_only=read_only,
         hooks=hooks,
         log=as_json or args.verbose,
@@ -169,15 +168,6 @@ class _Metrics:
 
 
 # -- commands ------------------------------------------------------------------------
-
-
-def _settings(args: argparse.Namespace) -> DetachSettings:
-    overrides: dict[str, Any] = {}
-    if args.attempts is not None:
-        overrides["attempts"] = args.attempts
-    if args.timeout is not None:
-        overrides["timeout"] = args.timeout
-    return DetachSettings(**overrides)
 
 
 def _print_result(result: DetachResult, as_json: bool) -> None:
@@ -228,42 +218,6 @@ async def _detach(args: argparse.Namespace, xml: str | None) -> int:
         )
     _print_result(result, args.json)
     return 0
-
-
-def parse_batch(text: str) -> list[dict[str, Any]]:
-    """Batch lines: a JSON object, or ``DOMAIN key=value …`` (``#`` comments).
-
-    Keys are those of :class:`aiodetach.DetachRequest`; ``live``/``persistent``
-    take true/false.
-    """
-    requests: list[dict[str, Any]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(("{", "[")):
-            try:
-                loaded = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"line {number}: invalid JSON: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise InvalidRequest(f"line {number}: expected a JSON object")
-            requests.append(loaded)
-            continue
-        domain, *pairs = line.split()
-        item: dict[str, Any] = {"domain": domain}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise InvalidRequest(f"line {number}: expected key=value, got {pair!r}")
-            if key in ("live", "persistent"):
-                if value.lower() not in ("true", "false"):
-                    raise InvalidRequest(f"line {number}: {key} must be true or false")
-                item[key] = value.lower() == "true"
-            else:
-                item[key] = value
-        requests.append(item)
-    return requests
 
 
 async def _detach_many(args: argparse.Namespace, text: str) -> int:
@@ -362,95 +316,6 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
                     flush=True,
                 )
     return 0
-
-
-def _metrics_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port while running (needs aiodetach[prometheus])",
-    )
-    parser.add_argument(
-        "--metrics-addr",
-        default="127.0.0.1",
-        metavar="ADDR",
-        help="address the metrics server binds (default 127.0.0.1)",
-    )
-
-
-def _journal_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--journal",
-        metavar="PATH",
-        help="SQLite journal of the live requests sent: a re-run after this process was "
-        "killed joins the unplugs still pending instead of re-sending (exit 13 if unusable)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aiodetach",
-        description="Detach devices from libvirt/QEMU guests, waiting for the guest.",
-    )
-    parser.add_argument("--version", action="version", version=f"aiodetach {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug events too")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    detach = sub.add_parser("detach", help="detach one device and wait until it is gone")
-    detach.add_argument("domain", help="domain name or UUID")
-    which = detach.add_mutually_exclusive_group(required=True)
-    which.add_argument("--alias", help="device alias, e.g. ua-disk1 or virtio-disk1")
-    which.add_argument("--target", help="disk target dev, e.g. vdb")
-    which.add_argument("--mac", help="interface MAC address")
-    which.add_argument("--xml-file", help="file with the device XML")
-    detach.add_argument("--uri", default="qemu:///system")
-    detach.add_argument(
-        "--live",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="detach from the running guest (default: if it runs)",
-    )
-    detach.add_argument(
-        "--persistent",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="detach from the persistent definition (default: if it has one)",
-    )
-    detach.add_argument("--attempts", type=int, help="live requests at most (default 8)")
-    detach.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
-    detach.add_argument("--json", action="store_true", help="JSON result on stdout")
-    _journal_option(detach)
-
-    many = sub.add_parser(
-        "detach-many", help="detach a list of devices (file or stdin) with bounded concurrency"
-    )
-    many.add_argument(
-        "file",
-        nargs="?",
-        default="-",
-        help="one request per line: JSON, or 'DOMAIN alias=… [live=false]'; - = stdin",
-    )
-    many.add_argument("--uri", default="qemu:///system")
-    many.add_argument("--concurrency", type=int, default=16)
-    many.add_argument("--per-domain", type=int, default=4)
-    many.add_argument("--attempts", type=int, help="live requests at most (default 8)")
-    many.add_argument("--timeout", type=float, help="seconds per attempt (default 20)")
-    many.add_argument("--json", action="store_true", help="one JSON line per device")
-    many.add_argument("--progress", action="store_true", help="progress bar even if not a tty")
-    _journal_option(many)
-    _metrics_options(many)
-
-    watch = sub.add_parser("watch", help="stream device-removed / removal-failed events")
-    watch.add_argument("domain", nargs="?", help="only this domain (name or UUID)")
-    watch.add_argument("--uri", default="qemu:///system")
-    watch.add_argument("--json", action="store_true")
-    _metrics_options(watch)
-
-    demo = sub.add_parser("demo", help="how to run the demo (it lives in the repository's lab)")
-    demo.add_argument("--uri", help=argparse.SUPPRESS)  # the options it had, still accepted
-    demo.add_argument("--no-booted", action="store_true", help=argparse.SUPPRESS)
-    return parser
 
 
 DEMO_MOVED = (

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
+from ._closing import by_close
 from ._errors_map import is_connection_error
 from ._reads import SharedReads
 from ._settings import DetachSettings
@@ -289,9 +290,8 @@ class Connection:
             self._waiting.add(future)
             try:
                 return await future
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if self.state != "open" and not (current is not None and current.cancelling()):
+            except asyncio.CancelledError as exc:
+                if by_close(exc, closing=self.state != "open"):
                     raise ServiceClosed(f"service is {self.state}") from None
                 raise
             finally:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from ._machine import Outcome
 from .backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
@@ -16,18 +14,18 @@ from .errors import (
     DomainNotRunning,
     HypervisorError,
     InvalidRequest,
-    JournalError,
     ReadOnlyConnection,
-    ServiceClosed,
 )
 
 __all__ = [
-    "is_a_close",
     "is_alias_missing",
     "is_busy",
     "is_connection_error",
+    "is_domain_gone",
     "is_in_progress",
+    "is_not_running",
     "is_not_sent",
+    "is_unsupported",
     "map_error",
     "request_outcome",
 ]
@@ -67,6 +65,23 @@ def is_alias_missing(err: BackendError) -> bool:
     )
 
 
+def is_domain_gone(err: BackendError) -> bool:
+    """libvirt knows no such domain (never defined, or undefined since: a
+    transient domain that stopped is gone too)."""
+    return err.code == ErrorCode.NO_DOMAIN
+
+
+def is_not_running(err: BackendError) -> bool:
+    """The domain exists but is shut off: what needs a running guest is refused."""
+    return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
+
+
+def is_unsupported(err: BackendError) -> bool:
+    """The driver does not implement the call (an in-process driver such as
+    ``test:///default`` has no keepalive, say)."""
+    return err.code == ErrorCode.NO_SUPPORT
+
+
 def is_connection_error(err: BackendError) -> bool:
     """The connection to libvirtd is gone (the call may or may not have run)."""
     if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT):
@@ -102,27 +117,9 @@ def request_outcome(err: BackendError, *, closing: bool) -> Outcome:
         return Outcome.ALIAS_MISSING
     if is_not_running(err):
         return Outcome.NOT_RUNNING
-    if err.code == ErrorCode.NO_DOMAIN:
+    if is_domain_gone(err):
         return Outcome.NO_DOMAIN
     return Outcome.REFUSED
-
-
-def is_not_running(err: BackendError) -> bool:
-    """The domain is not running (libvirt refuses a live change)."""
-    return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
-
-
-def is_domain_missing(err: BackendError) -> bool:
-    """libvirt knows no such domain (undefined, or a transient one gone)."""
-    return err.code == ErrorCode.NO_DOMAIN
-
-
-def is_a_close(error: BaseException) -> bool:
-    """The service closing, a daemon given up on, or a journal that failed:
-    these end a wait, not the guest's unplug, which may still run.  So it is
-    not an outcome: the journal row stays unfinished (the next ``open()``
-    takes it up), and the caller learns why it stopped waiting."""
-    return isinstance(error, (asyncio.CancelledError, ConnectionLost, ServiceClosed, JournalError))
 
 
 def map_error(
@@ -137,7 +134,7 @@ def _classify(err: BackendError) -> type[DetachError]:
     code = err.code
     if is_connection_error(err):
         return ConnectionLost
-    if code == ErrorCode.NO_DOMAIN:
+    if is_domain_gone(err):
         return DomainNotFound
     if is_alias_missing(err):
         return DeviceNotFound

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from ._closing import by_close
 from ._journal import Journal, open_journal
 from ._many import (
     DetachOutcome,
@@ -171,9 +172,8 @@ class DetachFleet:
             task.add_done_callback(lambda _t: self._opening.pop(uri, None))
         try:
             return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if self._closed and not (current is not None and current.cancelling()):
+        except asyncio.CancelledError as exc:
+            if by_close(exc, closing=self._closed):
                 # The fleet's close cancelled the connect, not this caller.
                 raise ServiceClosed(f"the fleet was closed while connecting to {uri}") from None
             raise

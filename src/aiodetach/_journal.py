@@ -549,6 +549,13 @@ class Journal:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args))
 
+    def request_sent(self) -> None:
+        """A live request of a journalled unplug was handed to libvirt.  Nothing
+        is written: this is where the power-cut tests stop the process
+        (:data:`fault`, point ``request.sent``), so that the protocol code
+        calls the journal, never the test hook itself."""
+        fault_point("request.sent")
+
     def answered_soon(self, row: int) -> None:
         """Queue "libvirt answered the request of ``row``, now" (any thread;
         never blocks).  Not made durable on its own: if it is lost, a restart

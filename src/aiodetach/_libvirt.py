@@ -17,6 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
+from ._errors_map import is_domain_gone, is_unsupported
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
@@ -249,7 +250,7 @@ class LibvirtBackend:
             _wrap(lambda: conn.setKeepAlive(interval, count))
         except BackendError as err:
             # An in-process driver (test:///default) has no keepalive: nothing to lose.
-            if err.code != libvirt.VIR_ERR_NO_SUPPORT:
+            if not is_unsupported(err):
                 raise
 
     def close(self) -> None:
@@ -310,7 +311,7 @@ class LibvirtBackend:
         try:
             return _wrap(lambda: dom.XMLDesc(flags))
         except BackendError as exc:
-            if exc.code == ErrorCode.NO_DOMAIN:
+            if is_domain_gone(exc):
                 lane.domains.pop(uuid, None)
             raise
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
@@ -30,11 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ._result import DetachResult
 from ._rules import check_flags, domain_ref
 from ._xml import selector_from
-from .errors import BatchAborted, DetachError, InvalidRequest
+from .errors import BatchAborted, DetachError, DomainNotFound, InvalidRequest
+from .instrumentation._dispatch import Hooks, emit_unrun
 
 __all__ = [
     "DetachOutcome",
     "DetachRequest",
+    "batch_identities",
     "checked_batch",
     "collect",
     "iter_outcomes",
@@ -310,3 +313,63 @@ def _interleave_by_domain(batch: list[DetachRequest]) -> list[int]:
             order.append(lane.pop())
         lanes = [lane for lane in lanes if lane]
     return order
+
+
+def batch_identities(
+    look_up: Callable[[str, str | None], Awaitable[str]] | None, hooks: Hooks, uri: str
+) -> Identify:
+    """A per-batch ``request -> domain UUID`` of one host (``look_up(ref,
+    alias)`` its service's lookup); without a per-domain bound (``look_up``
+    None) nothing needs looking up."""
+    return _Identities(look_up, hooks, uri).of if look_up is not None else _no_identity
+
+
+async def _no_identity(_request: DetachRequest) -> Hashable:
+    return None
+
+
+class _Identities:
+    """Which domain each request of one batch is for: its UUID, looked up once
+    per name the batch uses (the per-domain bound is per domain, not per
+    spelling of it)."""
+
+    def __init__(
+        self, look_up: Callable[[str, str | None], Awaitable[str]], hooks: Hooks, uri: str
+    ) -> None:
+        self._look_up = look_up
+        self._hooks = hooks
+        self._uri = uri
+        self._known: dict[str, str] = {}
+        self._failed: dict[str, DetachError] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def of(self, request: DetachRequest) -> Hashable:
+        try:
+            return await self._of(request)
+        except DetachError as exc:
+            emit_unrun(
+                self._hooks, uri=self._uri, domain=request.domain, alias=request.alias, error=exc
+            )
+            raise
+
+    async def _of(self, request: DetachRequest) -> Hashable:
+        ref = domain_ref(request.domain)
+        known = self._known.get(ref)
+        if known is not None:
+            return known
+        # One lookup per name; a caller cancelled while looking up hands the
+        # lookup to the next one (no task is left behind).
+        async with self._locks.setdefault(ref, asyncio.Lock()):
+            known = self._known.get(ref)
+            if known is None:
+                failed = self._failed.get(ref)
+                if failed is not None:  # one lookup per name, also when it fails
+                    again = copy.copy(failed)
+                    again.alias = request.alias
+                    raise again
+                try:
+                    known = self._known[ref] = await self._look_up(ref, request.alias)
+                except (DomainNotFound, InvalidRequest) as exc:
+                    self._failed[ref] = copy.copy(exc)
+                    raise
+        return known

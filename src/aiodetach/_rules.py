@@ -6,15 +6,23 @@ tested without a hypervisor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._xml import DeviceRef, Domain, Selector, find_device, find_same_device
 from .backend import DomainInfo
 from .errors import DeviceNotFound, DomainNotPersistent, DomainNotRunning, InvalidRequest
 
-__all__ = ["DomainRef", "Plan", "check_flags", "domain_ref", "halves", "plan_devices"]
+__all__ = [
+    "DomainRef",
+    "Found",
+    "Plan",
+    "check_flags",
+    "domain_ref",
+    "find_devices",
+    "halves",
+    "plan_devices",
+]
 
 DomainRef = Any  # str (name or UUID) or a libvirt.virDomain
 
@@ -70,29 +78,62 @@ class Plan:
     gone: bool = False  # ``live`` was unplugged by another caller since this one began
 
 
-def plan_devices(
-    info: DomainInfo,
-    selector: Selector,
-    live: bool | None,
-    persistent: bool | None,
-    live_xml: Domain | None,
-    persistent_xml: Domain | None,
-    *,
-    removed: Callable[[DeviceRef | None], DeviceRef | None] = lambda _live: None,
-    unplugged: Callable[[DeviceRef | None], DeviceRef | None] = lambda _pers: None,
-) -> Plan:
-    """Find the device in each definition asked for, and apply the not-found rules.
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The device in each definition read (None: not there, or not read).
+
+    What a read missed may be explained by another caller's work that ended
+    (or is under way) since this caller began; that is looked up outside,
+    only when :attr:`live_missed` or :attr:`persistent_missed` says a read
+    missed it, and handed back as a value (:meth:`unplugged`,
+    :meth:`config_removed`).
+    """
+
+    live: DeviceRef | None
+    persistent: DeviceRef | None
+    live_read: bool
+    persistent_read: bool
+    gone: bool = False  # ``live`` was unplugged by another caller since this one began
+
+    @property
+    def live_missed(self) -> bool:
+        return self.live_read and self.live is None
+
+    @property
+    def persistent_missed(self) -> bool:
+        return self.persistent_read and self.persistent is None
+
+    def unplugged(self, ended: DeviceRef | None, persistent_xml: Domain | None) -> Found:
+        """``ended``: the device another caller's unplug removed from the live
+        definition just before our read (see :mod:`aiodetach._recent`); this
+        caller shares its outcome."""
+        if ended is None:
+            return self
+        persistent = self.persistent
+        if persistent_xml is not None and persistent is None:
+            # Named by what only the live definition carried (a libvirt
+            # alias): the persistent copy, by the identity the unplug kept.
+            persistent = find_same_device(persistent_xml, ended)
+        return replace(self, live=ended, persistent=persistent, gone=True)
+
+    def config_removed(self, removed: DeviceRef | None) -> Found:
+        """``removed``: the device whose config detach by another caller is under
+        way or landed just before our read (see :mod:`aiodetach._persistent`);
+        this caller shares it."""
+        return self if removed is None else replace(self, persistent=removed)
+
+
+def find_devices(
+    selector: Selector, live_xml: Domain | None, persistent_xml: Domain | None
+) -> Found:
+    """Find the device in each definition read.
 
     The selector may name the device by something only one definition
     carries: libvirt-assigned aliases (``virtio-disk1``, ``scsi0-0-0-2``,
     ``net0``) exist in the live XML only.  So a device found in one
     definition is looked for in the other by what identifies it *there*
     (disk target, MAC, hostdev source, controller type and index, guest
-    address), and both halves are done.  ``removed(live_dev)`` names a device
-    whose config detach by another caller is under way or done since this
-    caller began (see :mod:`aiodetach._persistent`); ``unplugged(pers_dev)``
-    one that another caller's unplug removed from the live definition since
-    this caller began (see :mod:`aiodetach._recent`).
+    address), and both halves are done.
     """
     live_dev = find_device(live_xml, selector) if live_xml is not None else None
     pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
@@ -100,22 +141,19 @@ def plan_devices(
         pers_dev = find_same_device(persistent_xml, live_dev)
     if live_xml is not None and live_dev is None and pers_dev is not None:
         live_dev = find_same_device(live_xml, pers_dev)
-    gone = False
-    if live_xml is not None and live_dev is None:
-        # Another caller's unplug of this device may have ended just before
-        # our read: ``unplugged`` finds it, and this caller shares its outcome.
-        ended = unplugged(pers_dev)
-        if ended is not None:
-            live_dev, gone = ended, True
-            if persistent_xml is not None and pers_dev is None:
-                # Named by what only the live definition carried (a libvirt
-                # alias): the persistent copy, by the identity the unplug kept.
-                pers_dev = find_same_device(persistent_xml, ended)
-    if persistent_xml is not None and pers_dev is None:
-        # Another caller's config detach of this device may have landed just
-        # before our read: ``removed`` finds it, and this caller shares it.
-        pers_dev = removed(live_dev)
+    return Found(live_dev, pers_dev, live_xml is not None, persistent_xml is not None)
 
+
+def plan_devices(
+    info: DomainInfo,
+    selector: Selector,
+    live: bool | None,
+    persistent: bool | None,
+    found: Found,
+) -> Plan:
+    """Apply the not-found rules to what was found (:func:`find_devices`, with
+    what other callers' unplugs and config detaches explain of its misses)."""
+    live_dev, pers_dev = found.live, found.persistent
     alias = selector.value if selector.kind == "alias" else None
     if live is True and live_dev is None:
         raise DeviceNotFound(
@@ -129,10 +167,12 @@ def plan_devices(
             domain=info.name,
             alias=alias,
         )
-    found = live_dev or pers_dev
-    if found is None:
+    described = live_dev or pers_dev
+    if described is None:
         where = " or ".join(
-            w for w, xml in (("live", live_xml), ("persistent", persistent_xml)) if xml is not None
+            w
+            for w, read in (("live", found.live_read), ("persistent", found.persistent_read))
+            if read
         )
         raise DeviceNotFound(
             f"no device with {selector.describe()} in the {where} definition",
@@ -155,7 +195,7 @@ def plan_devices(
             domain=info.name,
             alias=alias,
         )
-    return Plan(live_dev, pers_dev, found, gone)
+    return Plan(live_dev, pers_dev, described, found.gone)
 
 
 def _user_alias(alias: str | None) -> bool:

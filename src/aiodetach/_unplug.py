@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ._connection import Connection
 from ._deadlines import Deadlines
-from ._errors_map import is_a_close, is_domain_missing, map_error, request_outcome
-from ._journal import Journal, RequestNote, fault_point
+from ._closing import leaves_unplug_running
+from ._errors_map import is_domain_gone, map_error, request_outcome
+from ._journal import Journal, RequestNote
 from ._machine import (
     Abort,
     Action,
@@ -397,7 +398,7 @@ class Unplug(UnplugMachine):
                 if journal is not None and journalled is not None and journalled.row is not None:
                     journal.answered_soon(journalled.row)
             if journal is not None:
-                fault_point("request.sent")
+                journal.request_sent()
             return True
 
         try:
@@ -477,7 +478,7 @@ class Unplug(UnplugMachine):
                 self._feed(StateRead("inactive"))
             else:
                 self._feed(StateRead("paused" if state is DomainState.PAUSED else "running"))
-        elif isinstance(error, BackendError) and is_domain_missing(error):
+        elif isinstance(error, BackendError) and is_domain_gone(error):
             self._feed(StateRead("missing"))
         elif isinstance(error, BackendError):
             described = map_error(
@@ -587,7 +588,7 @@ class Unplug(UnplugMachine):
         """Write the outcome to the journal (queued, off the loop).
 
         What leaves the guest's unplug possibly still running is *not* an
-        outcome (see :func:`aiodetach._errors_map.is_a_close`): such a row
+        outcome (see :mod:`aiodetach._closing`): such a row
         stays unfinished and the next ``open()`` takes it up.
         """
         journal, journalled = self._registry.journal, self._journalled
@@ -599,7 +600,7 @@ class Unplug(UnplugMachine):
             journal.finish_soon(row, "removed", self.result.confirmed_by)
         elif isinstance(error, Abandoned):
             journal.finish_soon(row, "abandoned")
-        elif not is_a_close(error):
+        elif not leaves_unplug_running(error):
             found = outcome_of(error)
             journal.finish_soon(
                 row, found if found in ("failed", "timeout", "stopped") else "error"

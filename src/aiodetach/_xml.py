@@ -239,7 +239,7 @@ def describe(tag: str, alias: str | None, identity: Identity | None) -> str:
     """A device described from its tag, alias and identity alone, in the words
     :func:`_describe` finds in its XML (for disks, interfaces, controllers and
     the rest; a MAC lower-cased).  A waiting caller holds no description of
-    its own when this gives the same (see ``aiodetach._service._Progress``)."""
+    its own when this gives the same (see ``aiodetach._call.Progress``)."""
     parts = [tag]
     if identity is not None and len(identity) == 2 and tag in ("disk", "interface"):
         parts.append(f"{'target' if tag == 'disk' else 'mac'}={identity[1]!r}")

@@ -19,7 +19,7 @@ Example::
 
     fake = FakeHypervisor()
     vm = fake.add_domain("vm-1")
-    vm.add_disk("vdb", alias="ua-disk1", unplug=Unplug.later(0.05))
+    vm.add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.later(0.05))
     async with DetachService(backend=fake) as svc:
         result = await svc.detach("vm-1", alias="ua-disk1")
     assert len(fake.requests) == 1
@@ -37,13 +37,20 @@ from typing import Literal
 
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
-__all__ = ["FakeDevice", "FakeDomain", "FakeHypervisor", "Request", "Unplug"]
+__all__ = [
+    "FakeDevice",
+    "FakeDomain",
+    "FakeHypervisor",
+    "GuestUnplug",
+    "Request",
+    "Unplug",
+]
 
 Behaviour = Literal["remove", "later", "ignore", "fail", "manual"]
 
 
 @dataclass(frozen=True)
-class Unplug:
+class GuestUnplug:
     """What the fake guest does when asked to release a device."""
 
     behaviour: Behaviour = "remove"
@@ -61,29 +68,35 @@ class Unplug:
     slot settles: they are not accepted and leave nothing pending."""
 
     @classmethod
-    def now(cls) -> Unplug:
+    def now(cls) -> GuestUnplug:
         """Released before the request returns (event during the call)."""
         return cls("remove")
 
     @classmethod
-    def later(cls, delay: float, **kw: object) -> Unplug:
+    def later(cls, delay: float, **kw: object) -> GuestUnplug:
         """Released ``delay`` seconds after the request, from another thread."""
         return cls("later", delay, **kw)  # type: ignore[arg-type]
 
     @classmethod
-    def never(cls) -> Unplug:
+    def never(cls) -> GuestUnplug:
         """A guest that ignores unplug requests (no OS, or a stuck driver)."""
         return cls("ignore")
 
     @classmethod
-    def reject(cls, delay: float = 0.0) -> Unplug:
+    def reject(cls, delay: float = 0.0) -> GuestUnplug:
         """The guest refuses: DEVICE_REMOVAL_FAILED after ``delay``."""
         return cls("fail", delay)
 
     @classmethod
-    def manual(cls) -> Unplug:
+    def manual(cls) -> GuestUnplug:
         """Nothing happens until the test calls :meth:`FakeHypervisor.complete`."""
         return cls("manual")
+
+
+Unplug = GuestUnplug
+"""The former name of :class:`GuestUnplug`, kept as an alias (the same class):
+``Unplug.later(0.05)`` goes on working.  New code says ``GuestUnplug``, which
+does not read like the library's own live unplug."""
 
 
 @dataclass
@@ -91,7 +104,7 @@ class FakeDevice:
     tag: str
     alias: str
     attrs: dict[str, str]
-    unplug: Unplug
+    unplug: GuestUnplug
     live: bool = True
     config: bool = True
     pending_since: float | None = None
@@ -158,7 +171,7 @@ class FakeDomain:
         tag: str,
         alias: str | None,
         attrs: dict[str, str],
-        unplug: Unplug | None,
+        unplug: GuestUnplug | None,
         live: bool,
         config: bool,
     ) -> FakeDevice:
@@ -167,7 +180,7 @@ class FakeDomain:
             tag,
             alias or f"{tag}{self._counter}",
             attrs,
-            unplug or Unplug.now(),
+            unplug or GuestUnplug.now(),
             live=live and self.state.is_active,
             config=config and self.persistent,
         )
@@ -179,7 +192,7 @@ class FakeDomain:
         target: str,
         *,
         alias: str | None = None,
-        unplug: Unplug | None = None,
+        unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
     ) -> FakeDevice:
@@ -190,7 +203,7 @@ class FakeDomain:
         mac: str,
         *,
         alias: str | None = None,
-        unplug: Unplug | None = None,
+        unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
     ) -> FakeDevice:
@@ -201,7 +214,7 @@ class FakeDomain:
         bus: str,
         *,
         alias: str | None = None,
-        unplug: Unplug | None = None,
+        unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
     ) -> FakeDevice:
@@ -264,7 +277,7 @@ class FakeHypervisor:
         self.fail_next: dict[str, BackendError] = {}
         """Method name → error raised once by the next call of it."""
         self.busy_refusals = 0
-        """Requests refused as "guest is busy" (see :attr:`Unplug.busy_first`)."""
+        """Requests refused as "guest is busy" (see :attr:`GuestUnplug.busy_first`)."""
 
     # -- test controls -----------------------------------------------------------------
     @property
@@ -349,7 +362,7 @@ class FakeHypervisor:
 
     def pause_domain(self, domain: str) -> None:
         """Suspend the vCPUs: the guest answers nothing until resumed (the
-        fake's timers still run, so pair this with :meth:`Unplug.manual`)."""
+        fake's timers still run, so pair this with :meth:`GuestUnplug.manual`)."""
         with self._lock:
             self.domain(domain).state = DomainState.PAUSED
 

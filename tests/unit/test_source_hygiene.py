@@ -1,4 +1,6 @@
-"""Source hygiene: no shell-outs, no XML from string formatting, no domain XML in info logs."""
+"""Source hygiene: no shell-outs, no XML from string formatting, no domain XML in info logs;
+small modules, no public module importing the package face, libvirt's error codes read in
+one place."""
 
 from __future__ import annotations
 
@@ -33,6 +35,93 @@ def _name(func: ast.expr) -> str:
 
 def test_sources_found() -> None:
     assert len(SOURCES) >= 10
+
+
+LIBRARY = sorted(SRC.rglob("*.py"))
+MAX_LINES = 450
+# Larger, each reading as one thing: the table of device rules, the SQLite
+# journal, the public fake; the live unplug while it is being rewritten.
+LARGER = {"_xml.py", "_journal.py", "testing.py", "_unplug.py"}
+PUBLIC = ["errors", "backend", "testing", "instrumentation"]
+
+
+def _module(path: Path) -> str:
+    parts = ["aiodetach", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The aiodetach modules ``path`` imports, lazily or not (``from . import x``
+    counts as the package and, if ``x`` is a module, as ``x``)."""
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "aiodetach"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                name = node.module or ""
+            if name.split(".")[0] != "aiodetach":
+                continue
+            found.add(name)
+            found |= {f"{name}.{a.name}" for a in node.names}
+    return found
+
+
+def _reachable(start: str) -> set[str]:
+    modules = {_module(p): p for p in LIBRARY}
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen.add(name)
+        todo += _imports(modules[name])
+    return seen
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(SRC)))
+def test_library_modules_stay_small(path: Path) -> None:
+    if path.name in LARGER and path.parent == SRC:
+        return
+    lines = len(path.read_text().splitlines())
+    assert lines < MAX_LINES, f"{path.name}: {lines} lines; split it"
+
+
+@pytest.mark.parametrize("public", PUBLIC)
+def test_public_modules_do_not_import_upward(public: str) -> None:
+    """``errors``, ``backend``, ``testing`` and ``instrumentation`` are below the
+    package face: nothing they import, however indirectly, imports
+    ``aiodetach/__init__`` or the service."""
+    reached = _reachable(f"aiodetach.{public}")
+    assert f"aiodetach.{public}" in reached
+    assert not reached & {"aiodetach", "aiodetach._service"}, sorted(reached)
+
+
+def _reads_libvirt_error(node: ast.Compare) -> bool:
+    for side in [node.left, *node.comparators]:
+        for sub in ast.walk(side):
+            if isinstance(sub, ast.Attribute) and sub.attr in ("code", "message"):
+                return True
+            if isinstance(sub, ast.Attribute) and _name(sub.value) == "ErrorCode":
+                return True
+    return False
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(SRC)))
+def test_libvirt_error_codes_are_read_only_in_the_error_map(path: Path) -> None:
+    """A libvirt error's code or message is compared in ``_errors_map`` only
+    (``is_domain_gone``, ``is_busy``…); backends may build errors from codes."""
+    if path.name == "_errors_map.py" and path.parent == SRC:
+        return
+    tree = ast.parse(path.read_text(), str(path))
+    reads = [
+        n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare) and _reads_libvirt_error(n)
+    ]
+    assert reads == [], f"{path.name} reads libvirt error codes at lines {reads}"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)

@@ -42,7 +42,7 @@ def otel_hook(tracer_provider: TracerProvider | None = None) -> Hook:
             "aiodetach.instrumentation.otel_hook needs opentelemetry-api: "
             "pip install 'aiodetach[otel]'"
         ) from exc
-    from .. import __version__
+    from .._version import __version__
 
     tracer = trace.get_tracer("aiodetach", __version__, tracer_provider=tracer_provider)
     return _OtelHook(tracer)
