@@ -11,12 +11,12 @@ import contextlib
 import functools
 import itertools
 import threading
-import uuid as _uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
+from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
@@ -280,11 +280,7 @@ class LibvirtBackend:
     @_on_a_lane
     def lookup(self, lane: _Lane, ref: str) -> DomainInfo:
         conn = lane.connection()
-        try:
-            is_uuid = str(_uuid.UUID(ref)) == ref.lower()
-        except ValueError:
-            is_uuid = False
-        dom = _wrap(lambda: conn.lookupByUUIDString(ref) if is_uuid else conn.lookupByName(ref))
+        dom = _wrap(lambda: conn.lookupByName(ref)) if uuid_in(ref) is None else _by_uuid(conn, ref)
         # libvirt-python annotates state() as str; it returns [state, reason].
         state = cast(list[int], _wrap(dom.state))[0]
         # isActive, not the state, says whether a live definition exists: while
@@ -325,6 +321,23 @@ class LibvirtBackend:
     def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
         dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+
+def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
+    """The domain whose UUID ``ref`` spells (any case, dashes or not: what
+    libvirt reads as a UUID), else the one *named* ``ref``, as virsh resolves
+    it: a domain may be named like a UUID."""
+    try:
+        return _wrap(lambda: conn.lookupByUUIDString(ref))
+    except BackendError as err:
+        if err.code != ErrorCode.NO_DOMAIN:
+            raise
+        try:
+            return _wrap(lambda: conn.lookupByName(ref))
+        except BackendError as by_name:
+            if by_name.code == ErrorCode.NO_DOMAIN:
+                raise err from None  # the UUID's "not found" says what was asked
+            raise
 
 
 def _state(state: int, active: bool) -> DomainState:

@@ -14,7 +14,16 @@ from ._xml import DeviceRef, Domain, Selector, find_device, find_same_device
 from .backend import DomainInfo
 from .errors import DeviceNotFound, DomainNotPersistent, DomainNotRunning, InvalidRequest
 
-__all__ = ["DomainRef", "Plan", "check_flags", "domain_ref", "halves", "plan_devices"]
+__all__ = [
+    "DomainRef",
+    "Plan",
+    "check_flags",
+    "domain_ref",
+    "halves",
+    "names_domain",
+    "plan_devices",
+    "uuid_in",
+]
 
 DomainRef = Any  # str (name or UUID) or a libvirt.virDomain
 
@@ -33,6 +42,52 @@ def domain_ref(domain: DomainRef) -> str:
     if not ref or any(ord(c) < 32 or ord(c) == 127 for c in domain):
         raise InvalidRequest(f"domain {domain!r} is not a valid domain name or UUID")
     return ref
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+_SPACE = " \t\n\v\f\r"  # g_ascii_isspace
+
+
+def uuid_in(ref: str) -> str | None:
+    """``ref`` as a canonical UUID (lower case, dashed) if libvirt reads it as one.
+
+    The rule is libvirt's own ``virUUIDParse``, which ``lookupByUUIDString``
+    uses: 32 hex digits in any case, ``-`` or spaces anywhere between two
+    digit pairs, surrounding whitespace (so ``"6695EB01F6A4..."`` is a UUID,
+    ``"{6695eb01-...}"`` is not).  A domain is looked up by UUID and events are
+    matched by UUID from the same answer, so a caller's spelling names the
+    same domain in :meth:`~aiodetach.DetachService.detach` and in
+    :meth:`~aiodetach.DetachService.events`.
+    """
+    text = ref.strip(_SPACE)
+    pairs: list[str] = []
+    i = 0
+    while len(pairs) < 16:
+        if text[i : i + 1] in ("-", " "):
+            i += 1
+            continue
+        pair = text[i : i + 2]
+        if len(pair) != 2 or not _HEX.issuperset(pair):
+            return None
+        pairs.append(pair.lower())
+        i += 2
+    if i != len(text):
+        return None
+    hexed = "".join(pairs)
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def names_domain(ref: str) -> Callable[[str, str], bool]:
+    """Whether the caller's ``ref`` (from :func:`domain_ref`) names a domain,
+    given its UUID and name, as a lookup of ``ref`` resolves it: by UUID when
+    ``ref`` reads as one (else, as the lookup falls back to, by name), by name
+    otherwise."""
+    uuid = uuid_in(ref)
+
+    def named(domain_uuid: str, domain_name: str) -> bool:
+        return domain_name == ref or (uuid is not None and domain_uuid.lower() == uuid)
+
+    return named
 
 
 def check_flags(ref: str, live: bool | None, persistent: bool | None) -> None:

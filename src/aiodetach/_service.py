@@ -51,7 +51,7 @@ from ._many import (
 from ._persistent import PersistentStep
 from ._registry import Unplugs
 from ._result import DetachResult, Recovered
-from ._rules import DomainRef, Plan, check_flags, domain_ref, halves, plan_devices
+from ._rules import DomainRef, Plan, check_flags, domain_ref, halves, names_domain, plan_devices
 from ._settings import DetachSettings
 from ._unplug import LiveDone, Unplug, Verdict, retrieve
 from ._xml import Definition, DeviceRef, Selector, describe, find_device, selector_from
@@ -696,11 +696,12 @@ class DetachService:
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
 
-        ``domain`` (name or UUID) filters.  Ends when the service closes.
+        ``domain`` filters, naming a domain as :meth:`detach` does (name, UUID
+        in any spelling libvirt takes, or virDomain).  Ends when the service closes.
         """
         self._usable()
         assert self._intake is not None
-        ref = domain_ref(domain) if domain is not None else None
+        named = names_domain(domain_ref(domain)) if domain is not None else None
         queue: asyncio.Queue[DeviceEvent] = asyncio.Queue()
         watchers = self._intake.watchers
         watchers.add(queue)
@@ -709,7 +710,7 @@ class DetachService:
                 event = await queue.get()
                 if event is CLOSED:
                     return
-                if ref is None or ref in (event.domain_name, event.domain_uuid):
+                if named is None or named(event.domain_uuid, event.domain_name):
                     yield event
         finally:
             watchers.discard(queue)
