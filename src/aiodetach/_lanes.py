@@ -3,8 +3,8 @@
 Each lane is one libvirt connection with at most one call inside it (why:
 :class:`aiodetach._libvirt._Lane`).  Two rules decide who gets a lane, both
 measured as missing on a host where another libvirt client held one
-domain's job in a loop of its own device changes, so that every call for
-that domain sat in libvirtd waiting for the job:
+domain's job in a loop of its own device changes, so that our detach
+requests for that domain sat in libvirtd waiting for the job:
 
 - **a call takes any free lane.**  A call that found none used to queue
   behind one lane chosen in turn, often one whose call was stuck: with one
@@ -18,11 +18,14 @@ that domain sat in libvirtd waiting for the job:
   name no domain (a lookup by name) are not capped: nothing they wait for
   in libvirtd belongs to one domain's job.
 
-Waiters that may run are served first come, first served, a call waiting
-only because its domain is at the cap keeps its place in line for when its
-domain falls under it.  Every step is O(log n) in the waiters (a heap for
-the ready ones, a queue per capped domain): a mass detach of thousands of
-devices passes through here once per call.
+Waiters that may run are served first come, first served; a call waiting
+only because its domain is at the cap lets those behind it pass and keeps
+its place in line for when its domain falls under the cap.  A waiting call
+blocks the worker thread it came in (the service's ``max_threads``).
+
+Every step is O(log n) in the waiters (a heap for the ready ones, a queue
+per capped domain): a mass detach of thousands of devices passes through
+here once per call.
 """
 
 from __future__ import annotations
