@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import threading
-import uuid as _uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
 from ._errors_map import is_domain_gone, is_unsupported
+from ._lanes import Lanes
+from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
@@ -57,7 +57,10 @@ class _Lane:
     well, so a lane is closed (and opened) under its lock too.
 
     Concurrency comes from several lanes instead: each call takes a whole
-    connection, so every call in flight is alone on its own.
+    connection, so every call in flight is alone on its own.  Which lane a
+    call gets (any free one, never every lane for one domain) is
+    :class:`aiodetach._lanes.Lanes`'s business; the lock only keeps calls out
+    while :meth:`LibvirtBackend.open` or ``close`` has the lane.
     """
 
     __slots__ = ("conn", "domains", "lock")
@@ -89,10 +92,15 @@ class _Lane:
 def _on_a_lane(
     method: Callable[Concatenate[LibvirtBackend, _Lane, _P], _T],
 ) -> Callable[Concatenate[LibvirtBackend, _P], _T]:
-    """Run the call on a lane of its own for its whole duration (see :class:`_Lane`)."""
+    """Run the call on a lane of its own for its whole duration (see :class:`_Lane`).
+
+    The call's first argument names its domain (a UUID, or a lookup's name
+    or UUID), which the lanes need: one domain's calls never hold them all.
+    """
 
     def on_a_lane(backend: LibvirtBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with backend._free_lane() as lane:
+        domain = uuid_in(str(args[0])) if args else None
+        with backend._lanes_in_use.take(domain) as lane, lane.lock:
             return method(backend, lane, *args, **kwargs)
 
     on_a_lane.__name__ = method.__name__
@@ -136,7 +144,7 @@ class LibvirtBackend:
         self._uri = uri
         self._keepalive = keepalive
         self._lanes = tuple(_Lane() for _ in range(lanes))
-        self._turn = itertools.count()
+        self._lanes_in_use = Lanes(self._lanes)
         self._callback_ids: list[int] = []  # on the first lane's connection, under its lock
 
     @property
@@ -146,21 +154,6 @@ class LibvirtBackend:
     @property
     def lanes(self) -> int:
         return len(self._lanes)
-
-    @contextlib.contextmanager
-    def _free_lane(self) -> Iterator[_Lane]:
-        """A lane no other call is inside: the first free one, or else wait for
-        one in turn (the waits spread over the lanes, calls take about as long)."""
-        for lane in self._lanes:
-            if lane.lock.acquire(blocking=False):
-                break
-        else:
-            lane = self._lanes[next(self._turn) % len(self._lanes)]
-            lane.lock.acquire()
-        try:
-            yield lane
-        finally:
-            lane.lock.release()
 
     # -- connection ----------------------------------------------------------
     def open(self, sink: EventSink, *, read_only: bool) -> None:
@@ -281,11 +274,7 @@ class LibvirtBackend:
     @_on_a_lane
     def lookup(self, lane: _Lane, ref: str) -> DomainInfo:
         conn = lane.connection()
-        try:
-            is_uuid = str(_uuid.UUID(ref)) == ref.lower()
-        except ValueError:
-            is_uuid = False
-        dom = _wrap(lambda: conn.lookupByUUIDString(ref) if is_uuid else conn.lookupByName(ref))
+        dom = _wrap(lambda: conn.lookupByName(ref)) if uuid_in(ref) is None else _by_uuid(conn, ref)
         # libvirt-python annotates state() as str; it returns [state, reason].
         state = cast(list[int], _wrap(dom.state))[0]
         # isActive, not the state, says whether a live definition exists: while
@@ -326,6 +315,23 @@ class LibvirtBackend:
     def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
         dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+
+def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
+    """The domain whose UUID ``ref`` spells (any case, dashes or not: what
+    libvirt reads as a UUID), else the one *named* ``ref``, as virsh resolves
+    it: a domain may be named like a UUID."""
+    try:
+        return _wrap(lambda: conn.lookupByUUIDString(ref))
+    except BackendError as err:
+        if err.code != ErrorCode.NO_DOMAIN:
+            raise
+        try:
+            return _wrap(lambda: conn.lookupByName(ref))
+        except BackendError as by_name:
+            if by_name.code == ErrorCode.NO_DOMAIN:
+                raise err from None  # the UUID's "not found" says what was asked
+            raise
 
 
 def _state(state: int, active: bool) -> DomainState:

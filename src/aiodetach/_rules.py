@@ -6,6 +6,8 @@ tested without a hypervisor.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +23,9 @@ __all__ = [
     "domain_ref",
     "find_devices",
     "halves",
+    "names_domain",
     "plan_devices",
+    "uuid_in",
 ]
 
 DomainRef = Any  # str (name or UUID) or a libvirt.virDomain
@@ -41,6 +45,43 @@ def domain_ref(domain: DomainRef) -> str:
     if not ref or any(ord(c) < 32 or ord(c) == 127 for c in domain):
         raise InvalidRequest(f"domain {domain!r} is not a valid domain name or UUID")
     return ref
+
+
+_UUID = re.compile(r"[ \t\n\v\f\r]*(?:[- ]*[0-9a-fA-F]{2}){16}[ \t\n\v\f\r]*")
+"""libvirt's ``virUUIDParse``: surrounding whitespace, 16 hex digit pairs, any
+number of ``-`` or spaces before each pair."""
+_NOT_HEX = re.compile(r"[^0-9a-fA-F]")
+
+
+def uuid_in(ref: str) -> str | None:
+    """``ref`` as a canonical UUID (lower case, dashed) if libvirt reads it as one.
+
+    The rule is libvirt's own ``virUUIDParse``, which ``lookupByUUIDString``
+    uses: 32 hex digits in any case, ``-`` or spaces anywhere between two
+    digit pairs, surrounding whitespace (so ``"6695EB01F6A4..."`` is a UUID,
+    ``"{6695eb01-...}"`` is not).  A domain is looked up by UUID and events are
+    matched by UUID from the same answer, so a caller's spelling names the
+    same domain in :meth:`~aiodetach.DetachService.detach` and in
+    :meth:`~aiodetach.DetachService.events`.  Every backend call passes
+    through here (a lane is per domain), hence regular expressions.
+    """
+    if _UUID.fullmatch(ref) is None:
+        return None
+    hexed = _NOT_HEX.sub("", ref).lower()
+    return f"{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:]}"
+
+
+def names_domain(ref: str) -> Callable[[str, str], bool]:
+    """Whether the caller's ``ref`` (from :func:`domain_ref`) names a domain,
+    given its UUID and name, as a lookup of ``ref`` resolves it: by UUID when
+    ``ref`` reads as one (else, as the lookup falls back to, by name), by name
+    otherwise."""
+    uuid = uuid_in(ref)
+
+    def named(domain_uuid: str, domain_name: str) -> bool:
+        return domain_name == ref or (uuid is not None and domain_uuid.lower() == uuid)
+
+    return named
 
 
 def check_flags(ref: str, live: bool | None, persistent: bool | None) -> None:

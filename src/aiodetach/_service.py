@@ -46,7 +46,7 @@ from ._many import (
 from ._persistent import PersistentStep
 from ._registry import Unplugs
 from ._result import DetachResult, Recovered
-from ._rules import DomainRef, domain_ref
+from ._rules import DomainRef, domain_ref, names_domain
 from ._settings import DetachSettings
 from ._takeup import take_up
 from .backend import Backend, BackendError
@@ -334,11 +334,12 @@ class DetachService:
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
 
-        ``domain`` (name or UUID) filters.  Ends when the service closes.
+        ``domain`` filters, naming a domain as :meth:`detach` does (name, UUID
+        in any spelling libvirt takes, or virDomain).  Ends when the service closes.
         """
         self._calls.usable()
         assert self._intake is not None
-        ref = domain_ref(domain) if domain is not None else None
+        named = names_domain(domain_ref(domain)) if domain is not None else None
         queue: asyncio.Queue[DeviceEvent] = asyncio.Queue()
         watchers = self._intake.watchers
         watchers.add(queue)
@@ -347,7 +348,7 @@ class DetachService:
                 event = await queue.get()
                 if event is CLOSED:
                     return
-                if ref is None or ref in (event.domain_name, event.domain_uuid):
+                if named is None or named(event.domain_uuid, event.domain_name):
                     yield event
         finally:
             watchers.discard(queue)

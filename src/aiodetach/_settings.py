@@ -78,8 +78,10 @@ class DetachSettings(BaseSettings):
         "calls blocked on one connection into a network partition, crashes (SIGSEGV) when "
         "the link heals; alone on its connection a call is failed cleanly by keepalive.  Why "
         "several: with one, every request waits for the one before it to return (measured "
-        "~8 % slower on a mass detach of one domain).  The first carries the event callbacks; "
-        "each extra one is one more client of libvirtd (1 keeps a single connection).",
+        "~8 % slower on a mass detach of one domain).  A call takes any free one, and one "
+        "domain's calls hold at most connections - 1, so a domain whose calls are stuck "
+        "(another client holds its job) holds up no other.  The first carries the event "
+        "callbacks; each extra one is one more client of libvirtd (1 keeps a single connection).",
     )
     max_threads: int = Field(
         default=16,

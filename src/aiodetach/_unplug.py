@@ -41,9 +41,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ._closing import leaves_unplug_running
 from ._connection import Connection
 from ._deadlines import Deadlines
-from ._closing import leaves_unplug_running
 from ._errors_map import is_domain_gone, map_error, request_outcome
 from ._journal import Journal, RequestNote
 from ._machine import (

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ._rules import uuid_in
 from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
 
 __all__ = [
@@ -306,10 +307,12 @@ class FakeHypervisor:
 
     def domain(self, ref: str) -> FakeDomain:
         with self._lock:
-            # UUIDs in any case, as libvirt's lookupByUUIDString takes them.
+            # UUIDs as libvirt's lookupByUUIDString takes them (any case, with
+            # or without dashes), else names, as the real backend looks up.
+            uuid = uuid_in(ref)
             dom = (
                 self.domains.get(ref)
-                or self.domains.get(ref.lower())
+                or (self.domains.get(uuid) if uuid is not None else None)
                 or next((d for d in self.domains.values() if d.name == ref), None)
             )
             if dom is None:

@@ -12,6 +12,9 @@ domain, ``test``).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 import libvirt
 import pytest
 
@@ -22,3 +25,23 @@ TEST_URI = "test:///default"
 def test_uri() -> str:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     return TEST_URI
+
+
+@pytest.fixture
+def second_domain(test_uri: str) -> Iterator[str]:
+    """A second running domain on ``test:///default`` (a copy of ``test`` under
+    another name and UUID), for calls about two domains; its UUID.  Removed
+    afterwards: the test driver's state outlives a connection."""
+    conn = libvirt.open(test_uri)
+    try:
+        xml = conn.lookupByName("test").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        xml = re.sub(r"<uuid>[^<]*</uuid>", "", xml)
+        xml = xml.replace("<name>test</name>", "<name>aiodetach-second</name>")
+        dom = conn.defineXML(xml)
+        dom.create()
+        yield dom.UUIDString()
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    finally:
+        conn.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -152,7 +153,7 @@ def test_lanes_out_of_range_are_refused() -> None:
 
 
 async def test_calls_overlap_across_lanes_never_on_one(
-    events: str, monkeypatch: pytest.MonkeyPatch
+    events: str, second_domain: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     overlap = _Overlap()
 
@@ -166,11 +167,15 @@ async def test_calls_overlap_across_lanes_never_on_one(
     backend = LibvirtBackend(events, lanes=lanes)
     await asyncio.to_thread(backend.open, _Sink(), read_only=False)
     try:
-        uuid = (await asyncio.to_thread(backend.lookup, "test")).uuid
+        uuids = [(await asyncio.to_thread(backend.lookup, "test")).uuid, second_domain]
         _wrap_xmldesc(monkeypatch, slow)
-        # More callers than lanes, each in a thread of its own.
+        # More callers than lanes, each in a thread of its own, about two
+        # domains (one domain alone never gets every lane).
         xmls = await asyncio.gather(
-            *(asyncio.to_thread(backend.domain_xml, uuid, inactive=False) for _ in range(12))
+            *(
+                asyncio.to_thread(backend.domain_xml, uuids[i % 2], inactive=False)
+                for i in range(12)
+            )
         )
     finally:
         await asyncio.to_thread(backend.close)
@@ -181,7 +186,7 @@ async def test_calls_overlap_across_lanes_never_on_one(
 
 
 async def test_close_waits_for_the_calls_in_flight(
-    events: str, monkeypatch: pytest.MonkeyPatch
+    events: str, second_domain: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = _Opened(monkeypatch)
     release = threading.Event()
@@ -198,7 +203,9 @@ async def test_close_waits_for_the_calls_in_flight(
     await asyncio.to_thread(backend.open, _Sink(), read_only=False)
     uuid = (await asyncio.to_thread(backend.lookup, "test")).uuid
     _wrap_xmldesc(monkeypatch, held)
-    calls = [asyncio.to_thread(backend.domain_xml, uuid, inactive=False) for _ in range(2)]
+    calls = [
+        asyncio.to_thread(backend.domain_xml, one, inactive=False) for one in (uuid, second_domain)
+    ]
     running = asyncio.gather(*calls)
     for _ in range(2):
         assert await asyncio.to_thread(inside.acquire, True, 5)
@@ -282,16 +289,11 @@ async def test_a_lanes_connection_error_surfaces_as_the_first_ones(
         uuid = (await asyncio.to_thread(backend.lookup, "test")).uuid
         _wrap_xmldesc(monkeypatch, dead)
         errors: list[BackendError] = []
-        for busy in (None, backend._lanes[0]):
-            if busy is not None:
-                busy.lock.acquire()  # the first lane is taken: the call gets the second
-            try:
+        for busy in (contextlib.nullcontext(), backend._lanes_in_use.take(None)):
+            with busy:  # then the first lane is taken: the call gets the second
                 with pytest.raises(BackendError) as info:
                     await asyncio.to_thread(backend.domain_xml, uuid, inactive=False)
                 errors.append(info.value)
-            finally:
-                if busy is not None:
-                    busy.lock.release()
     finally:
         await asyncio.to_thread(backend.close)
     assert failed_on == [first, second]

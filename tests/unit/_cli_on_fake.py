@@ -4,25 +4,32 @@
 detach-many FILE …`` with every service on one :class:`FakeHypervisor` (a
 fake, not libvirt) holding domain ``vm``: ``ua-ok0`` … ``ua-ok5`` released
 after 0.05-0.3 s, ``ua-lost`` released without an event, ``ua-never`` never
-released.  The CLI itself has no fake mode: this script swaps the service
+released, and domain ``other``.  With ``AIODETACH_FAKE_EVENTS=1`` the fake
+also reports, every 20 ms while connected, a DEVICE_REMOVED of ``ua-x`` on
+``other`` and then on ``vm`` (what ``watch`` has to filter).  The CLI itself
+has no fake mode: this script swaps the service
 class it uses, so the tests drive the real command line, output and exit
 codes in a subprocess (and in a pseudo-terminal).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from typing import Any
 
 from aiodetach import DetachService, _cli
 from aiodetach.testing import FakeHypervisor, Unplug
 
 OK = [f"ua-ok{i}" for i in range(6)]
+VM_UUID = "3a1f7c52-0b6e-4d84-9e0f-5c2d1b7a9e61"
 
 
 def build() -> FakeHypervisor:
     fake = FakeHypervisor()
-    vm = fake.add_domain("vm")
+    vm = fake.add_domain("vm", uuid=VM_UUID)
+    fake.add_domain("other")
     for i, alias in enumerate(OK):
         vm.add_disk(f"vd{chr(ord('b') + i)}", alias=alias, unplug=Unplug.later(0.05 * (i + 1)))
     vm.add_disk("vdx", alias="ua-lost", unplug=Unplug.later(0.05, emit_event=False))
@@ -38,10 +45,21 @@ def main() -> int:
             super().__init__(uri, backend=fake, **kwargs)
 
     _cli.DetachService = OnFake  # type: ignore[attr-defined]
+    stop = threading.Event()
+    if os.environ.get("AIODETACH_FAKE_EVENTS") == "1":
+        threading.Thread(target=_report_removals, args=(fake, stop), daemon=True).start()
     try:
         return _cli.main(sys.argv[1:])
     finally:
+        stop.set()
         fake.cancel_timers()
+
+
+def _report_removals(fake: FakeHypervisor, stop: threading.Event) -> None:
+    while not stop.wait(0.02):
+        if fake.sink is not None:
+            fake.emit_removed("other", "ua-x")
+            fake.emit_removed("vm", "ua-x")
 
 
 if __name__ == "__main__":
