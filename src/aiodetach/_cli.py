@@ -29,6 +29,7 @@ from ._result import DetachResult
 from ._service import DetachService
 from ._settings import DetachSettings
 from .errors import (
+    AmbiguousDevice,
     ConnectionLost,
     DetachError,
     DetachFailed,
@@ -50,6 +51,7 @@ EXIT_CODES: list[tuple[type[DetachError], int]] = [
     (InvalidRequest, 2),
     (DomainNotFound, 3),
     (DeviceNotFound, 4),
+    (AmbiguousDevice, 14),
     (DomainNotRunning, 5),  # includes DomainStopped
     (DomainNotPersistent, 5),
     (DetachFailed, 6),
