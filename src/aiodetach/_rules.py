@@ -10,9 +10,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._xml import DeviceRef, Domain, Selector, find_device, find_same_device
+from ._xml import (
+    DeviceRef,
+    Domain,
+    Selector,
+    config_detach_cannot_pick,
+    find_device,
+    find_same_device,
+)
 from .backend import DomainInfo
-from .errors import DeviceNotFound, DomainNotPersistent, DomainNotRunning, InvalidRequest
+from .errors import (
+    AmbiguousDevice,
+    DeviceNotFound,
+    DomainNotPersistent,
+    DomainNotRunning,
+    InvalidRequest,
+)
 
 __all__ = ["DomainRef", "Plan", "check_flags", "domain_ref", "halves", "plan_devices"]
 
@@ -88,18 +101,29 @@ def plan_devices(
     ``net0``) exist in the live XML only.  So a device found in one
     definition is looked for in the other by what identifies it *there*
     (disk target, MAC, hostdev source, controller type and index, guest
-    address), and both halves are done.  ``removed(live_dev)`` names a device
+    address), and both halves are done.  Where that identity is shared (two
+    interfaces with one MAC), the guest address tells the twins apart; where
+    nothing does, :class:`AmbiguousDevice` is raised before anything is done,
+    rather than detaching a guess or one half in silence.
+    ``removed(live_dev)`` names a device
     whose config detach by another caller is under way or done since this
     caller began (see :mod:`aiodetach._persistent`); ``unplugged(pers_dev)``
     one that another caller's unplug removed from the live definition since
     this caller began (see :mod:`aiodetach._recent`).
     """
-    live_dev = find_device(live_xml, selector) if live_xml is not None else None
-    pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
-    if persistent_xml is not None and pers_dev is None and live_dev is not None:
-        pers_dev = find_same_device(persistent_xml, live_dev)
-    if live_xml is not None and live_dev is None and pers_dev is not None:
-        live_dev = find_same_device(live_xml, pers_dev)
+    alias = selector.value if selector.kind == "alias" else None
+    where = "live"
+    try:
+        live_dev = find_device(live_xml, selector) if live_xml is not None else None
+        where = "persistent"
+        pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
+        if persistent_xml is not None and pers_dev is None and live_dev is not None:
+            pers_dev = find_same_device(persistent_xml, live_dev, live_xml)
+        where = "live"
+        if live_xml is not None and live_dev is None and pers_dev is not None:
+            live_dev = find_same_device(live_xml, pers_dev, persistent_xml)
+    except AmbiguousDevice as exc:
+        raise _ambiguous(info, selector, where, exc.message) from None
     gone = False
     if live_xml is not None and live_dev is None:
         # Another caller's unplug of this device may have ended just before
@@ -110,13 +134,18 @@ def plan_devices(
             if persistent_xml is not None and pers_dev is None:
                 # Named by what only the live definition carried (a libvirt
                 # alias): the persistent copy, by the identity the unplug kept.
-                pers_dev = find_same_device(persistent_xml, ended)
+                try:
+                    pers_dev = find_same_device(persistent_xml, ended, live_xml)
+                except AmbiguousDevice as exc:
+                    raise _ambiguous(info, selector, "persistent", exc.message) from None
     if persistent_xml is not None and pers_dev is None:
         # Another caller's config detach of this device may have landed just
         # before our read: ``removed`` finds it, and this caller shares it.
         pers_dev = removed(live_dev)
+    why = config_detach_cannot_pick(pers_dev) if pers_dev is not None else None
+    if why is not None:
+        raise _ambiguous(info, selector, "persistent", why)
 
-    alias = selector.value if selector.kind == "alias" else None
     if live is True and live_dev is None:
         raise DeviceNotFound(
             f"no device with {selector.describe()} in the live definition",
@@ -156,6 +185,16 @@ def plan_devices(
             alias=alias,
         )
     return Plan(live_dev, pers_dev, found, gone)
+
+
+def _ambiguous(info: DomainInfo, selector: Selector, where: str, why: str) -> AmbiguousDevice:
+    return AmbiguousDevice(
+        f"{selector.describe()}: cannot tell which device of the {where} definition is "
+        f"meant: {why}; nothing was detached (name it by its persistent XML with its "
+        "guest address, or detach one definition only)",
+        domain=info.name,
+        alias=selector.value if selector.kind == "alias" else None,
+    )
 
 
 def _user_alias(alias: str | None) -> bool:
