@@ -35,12 +35,28 @@ from ._errors_map import map_error
 from ._persistent import PersistentStep
 from ._registry import Unplugs
 from ._result import DetachResult
-from ._rules import DomainRef, Plan, check_flags, domain_ref, find_devices, halves, plan_devices
+from ._rules import (
+    DomainRef,
+    Plan,
+    ambiguous,
+    check_flags,
+    domain_ref,
+    find_devices,
+    halves,
+    plan_devices,
+)
 from ._takeup import fingerprint
 from ._unplug import LiveDone, Unplug
 from ._xml import Definition, Selector, describe, selector_from
 from .backend import BackendError, DomainInfo
-from .errors import DetachError, DetachRefused, InvalidRequest, ReadOnlyConnection, ServiceClosed
+from .errors import (
+    AmbiguousDevice,
+    DetachError,
+    DetachRefused,
+    InvalidRequest,
+    ReadOnlyConnection,
+    ServiceClosed,
+)
 from .instrumentation._dispatch import Hooks
 from .instrumentation._records import DetachRecord, DetachStep
 
@@ -254,11 +270,14 @@ class Calls:
         while they wait."""
         assert self.persistent is not None
         assert self.unplugs is not None
-        found = find_devices(selector, live_xml, pers_xml)
+        found = find_devices(info, selector, live_xml, pers_xml)
         if found.live_missed:
             # Another caller's unplug of this device may have ended just before our read.
             ended = self.unplugs.removed_since(info.uuid, unplug_ticket, selector, found.persistent)
-            found = found.unplugged(ended, pers_xml)
+            try:
+                found = found.unplugged(ended, pers_xml, live_xml)
+            except AmbiguousDevice as exc:
+                raise ambiguous(info, selector, "persistent", exc.message) from None
         if found.persistent_missed:
             # Another caller's config detach of this device may have landed before our read.
             removed = self.persistent.removed_since(info.uuid, ticket, selector, found.live)

@@ -28,6 +28,7 @@ from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
 from .errors import (
+    AmbiguousDevice,
     ConnectionLost,
     DetachError,
     DetachFailed,
@@ -49,6 +50,7 @@ EXIT_CODES: list[tuple[type[DetachError], int]] = [
     (InvalidRequest, 2),
     (DomainNotFound, 3),
     (DeviceNotFound, 4),
+    (AmbiguousDevice, 14),
     (DomainNotRunning, 5),  # includes DomainStopped
     (DomainNotPersistent, 5),
     (DetachFailed, 6),

@@ -25,7 +25,7 @@ from ._connection import Connection
 from ._errors_map import is_connection_error, map_error
 from ._recent import Recent
 from ._registry import Unplugs
-from ._xml import DeviceRef, Selector, find_device, find_same_device
+from ._xml import DeviceRef, Selector, find_device, find_same_device, same_identity
 from .backend import BackendError, DomainInfo
 from .errors import DeviceNotFound
 
@@ -68,7 +68,7 @@ class PersistentStep:
         candidates += [dev for key, dev in self._completed.since(ticket) if key[0] == uuid]
         for dev in candidates:
             if live_dev is not None and live_dev.identity is not None:
-                if dev.identity == live_dev.identity:
+                if same_identity(dev, live_dev):
                     return dev
             elif find_device(_alone(dev), selector):
                 return dev
@@ -129,7 +129,9 @@ class PersistentStep:
             await conn.wait_up()
             try:
                 xml = await conn.definition(info.uuid, inactive=True)
-                if find_same_device(xml, dev) is None:
+                # A re-read of the same definition: a twin at another address
+                # is another device (``own=xml``), so ``dev`` is gone.
+                if find_same_device(xml, dev, xml) is None:
                     return
                 await conn.call(conn.backend.detach_config, info.uuid, dev.xml)
             except BackendError as err2:

@@ -11,14 +11,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._xml import DeviceRef, Domain, Selector, find_device, find_same_device
+from ._xml import (
+    DeviceRef,
+    Domain,
+    Selector,
+    config_detach_cannot_pick,
+    find_device,
+    find_same_device,
+)
 from .backend import DomainInfo
-from .errors import DeviceNotFound, DomainNotPersistent, DomainNotRunning, InvalidRequest
+from .errors import (
+    AmbiguousDevice,
+    DeviceNotFound,
+    DomainNotPersistent,
+    DomainNotRunning,
+    InvalidRequest,
+)
 
 __all__ = [
     "DomainRef",
     "Found",
     "Plan",
+    "ambiguous",
     "check_flags",
     "domain_ref",
     "find_devices",
@@ -144,17 +158,20 @@ class Found:
     def persistent_missed(self) -> bool:
         return self.persistent_read and self.persistent is None
 
-    def unplugged(self, ended: DeviceRef | None, persistent_xml: Domain | None) -> Found:
+    def unplugged(
+        self, ended: DeviceRef | None, persistent_xml: Domain | None, live_xml: Domain | None
+    ) -> Found:
         """``ended``: the device another caller's unplug removed from the live
         definition just before our read (see :mod:`aiodetach._recent`); this
-        caller shares its outcome."""
+        caller shares its outcome.  Raises the bare :class:`AmbiguousDevice`
+        of :func:`find_same_device` (see :func:`ambiguous`)."""
         if ended is None:
             return self
         persistent = self.persistent
         if persistent_xml is not None and persistent is None:
             # Named by what only the live definition carried (a libvirt
             # alias): the persistent copy, by the identity the unplug kept.
-            persistent = find_same_device(persistent_xml, ended)
+            persistent = find_same_device(persistent_xml, ended, live_xml)
         return replace(self, live=ended, persistent=persistent, gone=True)
 
     def config_removed(self, removed: DeviceRef | None) -> Found:
@@ -165,7 +182,7 @@ class Found:
 
 
 def find_devices(
-    selector: Selector, live_xml: Domain | None, persistent_xml: Domain | None
+    info: DomainInfo, selector: Selector, live_xml: Domain | None, persistent_xml: Domain | None
 ) -> Found:
     """Find the device in each definition read.
 
@@ -174,14 +191,23 @@ def find_devices(
     ``net0``) exist in the live XML only.  So a device found in one
     definition is looked for in the other by what identifies it *there*
     (disk target, MAC, hostdev source, controller type and index, guest
-    address), and both halves are done.
+    address), and both halves are done.  Where that identity is shared (two
+    interfaces with one MAC), the guest address tells the twins apart; where
+    nothing does, :class:`AmbiguousDevice` is raised before anything is done,
+    rather than detaching a guess or one half in silence.
     """
-    live_dev = find_device(live_xml, selector) if live_xml is not None else None
-    pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
-    if persistent_xml is not None and pers_dev is None and live_dev is not None:
-        pers_dev = find_same_device(persistent_xml, live_dev)
-    if live_xml is not None and live_dev is None and pers_dev is not None:
-        live_dev = find_same_device(live_xml, pers_dev)
+    where = "live"
+    try:
+        live_dev = find_device(live_xml, selector) if live_xml is not None else None
+        where = "persistent"
+        pers_dev = find_device(persistent_xml, selector) if persistent_xml is not None else None
+        if persistent_xml is not None and pers_dev is None and live_dev is not None:
+            pers_dev = find_same_device(persistent_xml, live_dev, live_xml)
+        where = "live"
+        if live_xml is not None and live_dev is None and pers_dev is not None:
+            live_dev = find_same_device(live_xml, pers_dev, persistent_xml)
+    except AmbiguousDevice as exc:
+        raise ambiguous(info, selector, where, exc.message) from None
     return Found(live_dev, pers_dev, live_xml is not None, persistent_xml is not None)
 
 
@@ -196,6 +222,9 @@ def plan_devices(
     what other callers' unplugs and config detaches explain of its misses)."""
     live_dev, pers_dev = found.live, found.persistent
     alias = selector.value if selector.kind == "alias" else None
+    why = config_detach_cannot_pick(pers_dev) if pers_dev is not None else None
+    if why is not None:
+        raise ambiguous(info, selector, "persistent", why)
     if live is True and live_dev is None:
         raise DeviceNotFound(
             f"no device with {selector.describe()} in the live definition",
@@ -237,6 +266,17 @@ def plan_devices(
             alias=alias,
         )
     return Plan(live_dev, pers_dev, described, found.gone)
+
+
+def ambiguous(info: DomainInfo, selector: Selector, where: str, why: str) -> AmbiguousDevice:
+    """Which device of a definition is meant cannot be told: nothing is done."""
+    return AmbiguousDevice(
+        f"{selector.describe()}: cannot tell which device of the {where} definition is "
+        f"meant: {why}; nothing was detached (name it by its persistent XML with its "
+        "guest address, or detach one definition only)",
+        domain=info.name,
+        alias=selector.value if selector.kind == "alias" else None,
+    )
 
 
 def _user_alias(alias: str | None) -> bool:

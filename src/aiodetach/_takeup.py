@@ -37,7 +37,7 @@ def fingerprint(device: DeviceRef) -> str:
     same alias meanwhile is not taken for it.  Identifiers only, never XML."""
     if device.identity is None:
         return device.description
-    return f"{device.description} {device.identity!r}"
+    return f"{device.description} {device.identity_alone!r}"
 
 
 async def take_up(

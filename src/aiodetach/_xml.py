@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import InvalidRequest
+from .errors import AmbiguousDevice, InvalidRequest
 
 __all__ = [
+    "At",
     "Definition",
     "DeviceRef",
     "Selector",
+    "config_detach_cannot_pick",
     "describe",
     "ended_device",
     "find_device",
@@ -28,6 +30,7 @@ __all__ = [
     "list_devices",
     "names_device",
     "parse_definition",
+    "same_identity",
     "selector_from",
 ]
 
@@ -50,6 +53,26 @@ class Selector:
 
 
 Identity = tuple[object, ...]
+Address = tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class At:
+    """The last part of an identity that its definition shares: where the
+    device sits in the guest.
+
+    Some identities may repeat within one definition: libvirt 9.0 defines and
+    starts a domain with two interfaces of one MAC, two filesystems of one
+    target, two shared-memory devices of one name, two guestfwd channels of
+    one address and port, two leases of one lockspace and key, two PS/2 mice
+    (see docs/libvirt-behaviour.md).  Each such device's identity is its shared
+    one followed by ``At(its guest address)``, so that two of them never key
+    one config detach, and so the other definition's copy is found by that
+    address (``address`` is ``None`` when the device has none: then nothing
+    tells it from its twins).
+    """
+
+    address: Address | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +93,20 @@ class DeviceRef:
     description: str
     identity: Identity | None = None
 
+    @property
+    def identity_alone(self) -> Identity | None:
+        """:attr:`identity` without the :class:`At` a shared one ends with:
+        what names the device whatever its twins do (a twin that leaves or
+        arrives drops or adds the ``At``).  The journal knows a device by it."""
+        return _split(self.identity)[0] if self.identity is not None else None
+
+
+def _split(identity: Identity) -> tuple[Identity, At | None]:
+    """An identity as (what names the device, ``At`` when that is shared)."""
+    if identity and isinstance(identity[-1], At):
+        return identity[:-1], identity[-1]
+    return identity, None
+
 
 @dataclass(frozen=True, slots=True)
 class Definition:
@@ -83,13 +120,22 @@ class Definition:
     """
 
     devices: tuple[ET.Element, ...]
+    shared: frozenset[Identity] = frozenset()
+    """The identities that more than one device of the definition has (see :class:`At`)."""
 
 
 def parse_definition(domain_xml: str) -> Definition:
     """Parse a domain's XML (from libvirt) down to its devices."""
     root = ET.fromstring(domain_xml)  # noqa: S314 - from libvirt, not the user
-    devices = root.find("devices")
-    return Definition(tuple(devices) if devices is not None else ())
+    found = root.find("devices")
+    devices = tuple(found) if found is not None else ()
+    seen: set[Identity] = set()
+    shared: set[Identity] = set()
+    for elem in devices:
+        identity = _identity(elem)
+        if identity is not None:
+            (shared if identity in seen else seen).add(identity)
+    return Definition(devices, frozenset(shared))
 
 
 Domain = str | Definition
@@ -213,15 +259,38 @@ def _key_of(elem: ET.Element, kind: str) -> object:
 
 
 def find_device(domain_xml: Domain, sel: Selector) -> DeviceRef | None:
-    """Return the device ``sel`` names in ``domain_xml``, or ``None``."""
+    """Return the device ``sel`` names in ``domain_xml``, or ``None``.
+
+    Raises :class:`AmbiguousDevice` when a MAC or device XML names more than
+    one device (libvirt accepts two interfaces with one MAC) and nothing in
+    the selector tells them apart: an ``xml=`` that carries the guest
+    ``<address>`` of one of them does.  An alias names the first device that
+    carries it (a console and the first serial port share ``serial0``).
+    """
     tag, key = _matcher(sel)
     kind = key[0] if isinstance(key, tuple) else "alias"
-    for elem in _devices(domain_xml):
-        if tag is not None and elem.tag != tag:
-            continue
-        if _key_of(elem, str(kind)) == key:
-            return _ref(elem)
-    return None
+    definition = _definition(domain_xml)
+    matches = [
+        elem
+        for elem in definition.devices
+        if (tag is None or elem.tag == tag) and _key_of(elem, str(kind)) == key
+    ]
+    if not matches:
+        return None
+    if kind == "alias" or len(matches) == 1:
+        return _ref(matches[0], definition)
+    address = _guest_address(_parse_user_xml(sel.value)) if sel.kind == "xml" else None
+    at_address = [elem for elem in matches if _guest_address(elem) == address]
+    if address is not None and len(at_address) == 1:
+        return _ref(at_address[0], definition)
+    raise AmbiguousDevice(
+        f"{len(matches)} devices match it"
+        + (
+            f" and {len(at_address) or 'none'} of them the guest address given"
+            if address is not None
+            else ", and it gives no guest <address> to tell them apart"
+        )
+    )
 
 
 def ended_device(tag: str | None, alias: str, identity: Identity | None) -> DeviceRef:
@@ -241,6 +310,8 @@ def describe(tag: str, alias: str | None, identity: Identity | None) -> str:
     the rest; a MAC lower-cased).  A waiting caller holds no description of
     its own when this gives the same (see ``aiodetach._call.Progress``)."""
     parts = [tag]
+    if identity is not None:
+        identity = _split(identity)[0]
     if identity is not None and len(identity) == 2 and tag in ("disk", "interface"):
         parts.append(f"{'target' if tag == 'disk' else 'mac'}={identity[1]!r}")
     elif (
@@ -269,10 +340,12 @@ def names_device(sel: Selector, tag: str | None, alias: str, identity: Identity 
     kind, value = key
     if kind == "alias":
         return bool(alias == value)
+    if identity is None:
+        return False
     if kind in ("target", "mac"):
-        return identity == (tag, value)
+        return _split(identity)[0] == (tag, value)
     # A hostdev named by its XML: by the identity that XML gives (its source).
-    return identity is not None and _identity(_parse_user_xml(sel.value)) == identity
+    return _identity(_parse_user_xml(sel.value)) == _split(identity)[0]
 
 
 def has_alias(domain_xml: Domain, alias: str) -> bool:
@@ -290,10 +363,13 @@ def list_devices(domain_xml: Domain) -> list[DeviceRef]:
     ``<emulator>`` sits among the devices but is the path of the QEMU binary,
     not a device: it is left out.
     """
-    return [_ref(elem) for elem in _devices(domain_xml) if elem.tag != "emulator"]
+    definition = _definition(domain_xml)
+    return [_ref(elem, definition) for elem in definition.devices if elem.tag != "emulator"]
 
 
-def find_same_device(domain_xml: Domain, dev: DeviceRef) -> DeviceRef | None:
+def find_same_device(
+    domain_xml: Domain, dev: DeviceRef, own: Domain | None = None
+) -> DeviceRef | None:
     """The device in ``domain_xml`` (the *other* definition) that is ``dev``.
 
     Why this exists: a device has a live and a persistent definition, and
@@ -309,46 +385,143 @@ def find_same_device(domain_xml: Domain, dev: DeviceRef) -> DeviceRef | None:
        A libvirt-assigned alias whose device has a *different* identity is
        not trusted: libvirt re-issues those (a new disk on the same SCSI unit
        gets the same ``scsi0-0-0-N``), a user alias is the user's name for it;
-    2. else the one device with the same tag and an equal
-       :attr:`DeviceRef.identity` (disk target, MAC, hostdev source, controller
-       type and index, guest address, …).
+    2. else the one device with the same tag and the same identity (disk
+       target, MAC, hostdev source, controller type and index, guest address,
+       …);
+    3. where that identity is shared, in either definition (two interfaces
+       with one MAC), the one of them at ``dev``'s guest address.
 
-    ``None`` when neither finds it, when ``dev`` has no identity, or when two
-    devices of ``domain_xml`` share it: detaching a guess from the persistent
-    definition would remove the wrong device for good.
+    ``None`` when neither finds it or ``dev`` has no identity, and when no
+    twin is at ``dev``'s address but each is at the address of another
+    device of ``own`` (``dev``'s own definition) that shares the identity: a
+    second NIC with the MAC of the first, hot-plugged live only, is in the
+    persistent definition under no name.  :class:`AmbiguousDevice` when the
+    twins cannot be told apart (no address, the address twice, a twin at no
+    address ``own`` explains): detaching a guess from the persistent
+    definition would remove the wrong device for good, and taking it for
+    absent would leave one half done in silence.
     """
-    same_tag = [elem for elem in _devices(domain_xml) if elem.tag == dev.tag]
+    definition = _definition(domain_xml)
+    same_tag = [elem for elem in definition.devices if elem.tag == dev.tag]
     if dev.alias:
         for elem in same_tag:
             if _alias_of(elem) != dev.alias:
                 continue
-            ref = _ref(elem)
+            ref = _ref(elem, definition)
             if (
                 dev.alias.startswith("ua-")
                 or ref.identity is None
                 or dev.identity is None
-                or ref.identity == dev.identity
+                or same_identity(ref, dev)
             ):
                 return ref
     if dev.identity is None:
         return None
-    matches = [ref for ref in map(_ref, same_tag) if ref.identity == dev.identity]
-    return matches[0] if len(matches) == 1 else None
+    base, at = _split(dev.identity)
+    twins = [elem for elem in same_tag if _identity(elem) == base]
+    if not twins:
+        return None
+    if len(twins) == 1 and at is None:
+        return _ref(twins[0], definition)
+    address = _address_of(dev)
+    at_address = [elem for elem in twins if _guest_address(elem) == address]
+    if address is not None and len(at_address) == 1:
+        return _ref(at_address[0], definition)
+    if address is not None and not at_address and own is not None:
+        # None at its address: each twin may be another device of ``own`` at
+        # its own address, and then ``dev`` is simply not in ``domain_xml``.
+        elsewhere = {
+            _guest_address(elem)
+            for elem in _devices(own)
+            if elem.tag == dev.tag and _identity(elem) == base
+        } - {address}
+        if all(_guest_address(elem) in elsewhere for elem in twins):
+            return None
+    what = describe(dev.tag, None, base)
+    if address is None:
+        why = "it has no guest address to tell them apart"
+    elif at_address:
+        why = "several of them are at its guest address"
+    else:
+        why = "none of them is at its guest address"
+    several = f"{len(twins)} devices are" if len(twins) > 1 else "one device is"
+    raise AmbiguousDevice(f"{several} {what} and {why}")
+
+
+def same_identity(one: DeviceRef, other: DeviceRef) -> bool:
+    """Whether ``one`` and ``other`` are one device by their identities (the
+    same definition read twice, or each in one definition): the same
+    identity, and where either definition shares it, the same guest address."""
+    if one.identity is None or other.identity is None:
+        return False
+    (base, at), (other_base, other_at) = _split(one.identity), _split(other.identity)
+    if base != other_base:
+        return False
+    if at is None and other_at is None:
+        return True
+    address = _address_of(one)
+    return address is not None and address == _address_of(other)
+
+
+def config_detach_cannot_pick(dev: DeviceRef) -> str | None:
+    """Why libvirt's config detach cannot be trusted to remove ``dev`` (a
+    device of the persistent definition) and not a twin, or ``None`` when it can.
+
+    libvirt finds the device to remove from the persistent definition by
+    what the device XML gives.  For an interface (MAC and guest address) and
+    a shared-memory device (the whole definition) that tells two twins
+    apart; a filesystem it finds by its target and a lease by its lockspace
+    and key alone, and removes the *first* one (measured on libvirt 9.0: the
+    config detach of the second of two filesystems with one target removed
+    the first).  So a shared identity of those is refused before anything is
+    sent.
+    """
+    if dev.identity is None or _split(dev.identity)[1] is None:
+        return None
+    by = _BY_IDENTITY_ALONE.get(dev.tag)
+    if by is None:
+        return None
+    return f"libvirt's config detach finds a {dev.tag} by its {by} alone and removes the first"
+
+
+_BY_IDENTITY_ALONE = {"filesystem": "target", "lease": "lockspace and key"}
+
+
+def _address_of(dev: DeviceRef) -> Address | None:
+    """``dev``'s guest address: kept in its identity when the identity is
+    shared, else read from its XML (a device already unplugged has none)."""
+    if dev.identity is not None:
+        at = _split(dev.identity)[1]
+        if at is not None:
+            return at.address
+    if not dev.xml:
+        return None
+    return _guest_address(ET.fromstring(dev.xml))  # noqa: S314 - serialised by _ref
+
+
+def _definition(domain_xml: Domain) -> Definition:
+    if isinstance(domain_xml, Definition):
+        return domain_xml
+    return parse_definition(domain_xml)
 
 
 def _devices(domain_xml: Domain) -> tuple[ET.Element, ...]:
-    if isinstance(domain_xml, Definition):
-        return domain_xml.devices
-    return parse_definition(domain_xml).devices
+    return _definition(domain_xml).devices
 
 
-def _ref(elem: ET.Element) -> DeviceRef:
+def _ref(elem: ET.Element, definition: Definition) -> DeviceRef:
+    """``elem`` of ``definition``, with its identity there: where another
+    device of that definition has the same identity, its guest address is
+    added (see :class:`At`)."""
+    identity = _identity(elem)
+    if identity is not None and identity in definition.shared:
+        identity = (*identity, At(_guest_address(elem)))
     return DeviceRef(
         tag=elem.tag,
         alias=_alias_of(elem),
         xml=ET.tostring(elem, encoding="unicode"),
         description=_describe(elem),
-        identity=_identity(elem),
+        identity=identity,
     )
 
 
@@ -408,7 +581,7 @@ def _attrs(
     return tuple(sorted((k, _norm(v)) for k, v in node.attrib.items() if k not in drop))
 
 
-def _guest_address(elem: ET.Element) -> tuple[tuple[str, str | None], ...] | None:
+def _guest_address(elem: ET.Element) -> Address | None:
     """The device's own ``<address>`` (not one inside ``<source>``), all attributes."""
     return _attrs(elem.find("address"), _LIVE_ONLY_ADDRESS_ATTRS)
 

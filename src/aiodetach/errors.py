@@ -11,6 +11,7 @@ original message, because operators search for those in libvirt's logs.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousDevice",
     "BatchAborted",
     "ConnectionLost",
     "DetachError",
@@ -107,6 +108,23 @@ class DomainNotFound(DetachError, LookupError):
 class DeviceNotFound(DetachError, LookupError):
     """The device is in none of the definitions (live/persistent) it was asked
     to be detached from."""
+
+
+class AmbiguousDevice(DetachError, LookupError):
+    """More than one device fits the request and nothing tells them apart, so
+    nothing was changed: neither definition was touched.
+
+    Some identities may repeat within one definition (libvirt accepts two
+    interfaces with one MAC, two filesystems with one target, two shared
+    memory devices with one name…).  A device named by something only one
+    definition carries is then told from its twins in the other by its guest
+    ``<address>``; where that does not settle it (no address, the same
+    address twice, none at the address, or a device libvirt's config detach
+    finds by that identity alone), detaching a guess would remove the wrong
+    device for good, or do one half in silence.  Name the device by its
+    persistent XML (``xml=``, address included) or detach one half
+    (``persistent=False`` or ``live=False``).
+    """
 
 
 class DomainNotRunning(DetachError):

@@ -110,8 +110,26 @@ class FakeDevice:
     config: bool = True
     pending_since: float | None = None
     requests: int = 0
+    address: dict[str, str] | None = None
+    """Its guest ``<address>`` (attributes as libvirt writes them:
+    ``type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'``)."""
+    live_address: dict[str, str] | None = None
+    """The live definition's address when it differs from :attr:`address`
+    (a device attached to both definitions at once is placed in each)."""
+    xml: str | None = None
+    """The device's own XML, for a device added with :meth:`FakeDomain.add_device`."""
 
     def element(self, *, live: bool) -> ET.Element:
+        # The test's own XML, or built from the attributes.
+        elem = ET.fromstring(self.xml) if self.xml is not None else self._built()  # noqa: S314
+        address = self.live_address if live and self.live_address is not None else self.address
+        if address is not None:
+            ET.SubElement(elem, "address", address)
+        if live or self.alias.startswith("ua-"):
+            ET.SubElement(elem, "alias", name=self.alias)
+        return elem
+
+    def _built(self) -> ET.Element:
         elem = ET.Element(self.tag)
         if self.tag == "disk":
             elem.set("type", "file")
@@ -135,13 +153,18 @@ class FakeDevice:
                 slot="0x00",
                 function="0x0",
             )
-        if live or self.alias.startswith("ua-"):
-            ET.SubElement(elem, "alias", name=self.alias)
         return elem
 
     def matches(self, elem: ET.Element) -> bool:
+        """Whether a config detach of ``elem`` finds this device (as libvirt:
+        an interface by its MAC and, when given, its guest address)."""
         if elem.tag != self.tag:
             return False
+        given = elem.find("address")
+        if given is not None and _numbers(given.attrib) != _numbers(self.address or {}):
+            return False
+        if self.xml is not None:
+            return _shape(elem) == _shape(ET.fromstring(self.xml))  # noqa: S314 - the test's
         if self.tag == "disk":
             target = elem.find("target")
             return target is not None and target.get("dev") == self.attrs["target"]
@@ -153,6 +176,27 @@ class FakeDevice:
             return address is not None and address.get("bus") == self.attrs["bus"]
         alias = elem.find("alias")
         return alias is not None and alias.get("name") == self.alias
+
+
+def _numbers(attrs: dict[str, str]) -> dict[str, str]:
+    """Address attributes compared as libvirt compares them: ``0x05`` is ``5``."""
+    out = {}
+    for key, value in attrs.items():
+        try:
+            out[key] = str(int(value, 0))
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _shape(elem: ET.Element) -> object:
+    """An element compared whole, its ``<alias>`` and ``<address>`` aside."""
+    return (
+        elem.tag,
+        sorted(elem.attrib.items()),
+        (elem.text or "").strip(),
+        [_shape(child) for child in elem if child.tag not in ("alias", "address")],
+    )
 
 
 @dataclass
@@ -175,6 +219,9 @@ class FakeDomain:
         unplug: GuestUnplug | None,
         live: bool,
         config: bool,
+        address: dict[str, str] | None = None,
+        live_address: dict[str, str] | None = None,
+        xml: str | None = None,
     ) -> FakeDevice:
         self._counter += 1
         dev = FakeDevice(
@@ -184,6 +231,9 @@ class FakeDomain:
             unplug or GuestUnplug.now(),
             live=live and self.state.is_active,
             config=config and self.persistent,
+            address=address,
+            live_address=live_address,
+            xml=xml,
         )
         self.devices.append(dev)
         return dev
@@ -196,8 +246,12 @@ class FakeDomain:
         unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
+        address: dict[str, str] | None = None,
+        live_address: dict[str, str] | None = None,
     ) -> FakeDevice:
-        return self._add("disk", alias, {"target": target}, unplug, live, config)
+        return self._add(
+            "disk", alias, {"target": target}, unplug, live, config, address, live_address
+        )
 
     def add_interface(
         self,
@@ -207,8 +261,12 @@ class FakeDomain:
         unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
+        address: dict[str, str] | None = None,
+        live_address: dict[str, str] | None = None,
     ) -> FakeDevice:
-        return self._add("interface", alias, {"mac": mac.lower()}, unplug, live, config)
+        return self._add(
+            "interface", alias, {"mac": mac.lower()}, unplug, live, config, address, live_address
+        )
 
     def add_hostdev(
         self,
@@ -218,8 +276,30 @@ class FakeDomain:
         unplug: GuestUnplug | None = None,
         live: bool = True,
         config: bool = True,
+        address: dict[str, str] | None = None,
+        live_address: dict[str, str] | None = None,
     ) -> FakeDevice:
-        return self._add("hostdev", alias, {"bus": bus}, unplug, live, config)
+        return self._add(
+            "hostdev", alias, {"bus": bus}, unplug, live, config, address, live_address
+        )
+
+    def add_device(
+        self,
+        xml: str,
+        *,
+        alias: str | None = None,
+        unplug: Unplug | None = None,
+        live: bool = True,
+        config: bool = True,
+        address: dict[str, str] | None = None,
+        live_address: dict[str, str] | None = None,
+    ) -> FakeDevice:
+        """Any device, given as its XML without ``<alias>`` and ``<address>``
+        (those are added per definition, as libvirt writes them).  A config
+        detach finds it by the whole element (and the guest address, when
+        given)."""
+        tag = ET.fromstring(xml).tag  # noqa: S314 - the test's own XML
+        return self._add(tag, alias, {}, unplug, live, config, address, live_address, xml)
 
     def live_device(self, alias: str) -> FakeDevice | None:
         return next((d for d in self.devices if d.live and d.alias == alias), None)
@@ -478,11 +558,16 @@ class FakeHypervisor:
             except ET.ParseError as exc:
                 raise _err(ErrorCode.XML_DETAIL, f"XML error: {exc}") from None
             self.config_requests.append((uuid, device_xml))
-            for dev in dom.devices:
-                if dev.config and dev.matches(elem):
-                    dev.config = False
-                    return
-            raise _err(ErrorCode.DEVICE_MISSING, "device not found: no matching device")
+            found = [dev for dev in dom.devices if dev.config and dev.matches(elem)]
+            if len(found) > 1 and elem.tag == "interface":
+                raise _err(
+                    ErrorCode.OPERATION_FAILED,
+                    "operation failed: multiple devices matching MAC address "
+                    f"{found[0].attrs['mac']} found",
+                )
+            if not found:
+                raise _err(ErrorCode.DEVICE_MISSING, "device not found: no matching device")
+            found[0].config = False
 
     def detach_live(self, uuid: str, alias: str) -> None:
         self._enter("detach_live")

@@ -16,11 +16,13 @@ import pytest
 
 from aiodetach._xml import (
     DeviceRef,
+    describe,
     find_device,
     find_same_device,
     list_devices,
     selector_from,
 )
+from aiodetach.errors import AmbiguousDevice
 
 LIVE = """
 <domain type='qemu' id='3'><name>vm</name><devices>
@@ -382,10 +384,27 @@ def test_same_identity_with_another_tag_is_not_the_same_device() -> None:
     assert find_same_device(INACTIVE, as_controller) is None
 
 
-def test_ambiguous_identity_finds_nothing() -> None:
-    twice = INACTIVE.replace("<crypto", "<disk><target dev='vda'/></disk><crypto")
-    assert find_same_device(twice, _by_alias(LIVE, "virtio-disk0")) is None
-    assert find_same_device(INACTIVE, _by_alias(LIVE, "virtio-disk0")) is not None
+def test_a_shared_identity_is_settled_by_the_guest_address_or_raises() -> None:
+    live = _by_alias(LIVE, "virtio-disk0")  # vda at PCI slot 0x0b
+
+    def with_second_vda(disk: str) -> str:
+        return INACTIVE.replace("<crypto", disk + "<crypto")
+
+    # A second vda elsewhere, or without an address: the one at slot 11 is it.
+    for other in (
+        "<disk><target dev='vda'/><address type='pci' slot='0x0c'/></disk>",
+        "<disk><target dev='vda'/></disk>",
+    ):
+        twin = find_same_device(with_second_vda(other), live)
+        assert twin is not None
+        assert "a.img" in twin.xml
+    # A second vda at the same address: a guess either way.
+    same_place = (
+        "<disk><target dev='vda'/>"
+        "<address type='pci' domain='0' bus='0' slot='11' function='0'/></disk>"
+    )
+    with pytest.raises(AmbiguousDevice, match="several of them are at its guest address"):
+        find_same_device(with_second_vda(same_place), live)
 
 
 def test_every_live_device_has_one_twin_and_identities_are_unique() -> None:
@@ -419,3 +438,29 @@ def test_find_device_fills_the_identity_and_old_constructors_still_work() -> Non
     assert dev.identity == ("interface", "52:54:00:ab:cd:01")
     assert DeviceRef("disk", None, "<disk/>", "disk").identity is None
     assert hash(dev) == hash(dev)
+
+
+def test_twins_of_one_definition_carry_their_guest_address() -> None:
+    # libvirt accepts two interfaces with one MAC; each is still its own device.
+    second = (
+        "<interface type='user'><mac address='52:54:00:ab:cd:01'/><model type='e1000'/>"
+        "<alias name='net9'/>"
+        "<address type='pci' domain='0x0000' bus='0x00' slot='0x0a' function='0x0'/></interface>"
+        "<crypto"
+    )
+    live = LIVE.replace("<crypto", second, 1)
+    net0, net9 = _by_alias(live, "net0"), _by_alias(live, "net9")
+    assert net0.identity != net9.identity
+    assert net0.identity is not None
+    assert net0.identity[:2] == ("interface", "52:54:00:ab:cd:01")
+    assert net0.description == net9.description.replace("net9", "net0")
+    assert "mac='52:54:00:ab:cd:01'" in describe("interface", "net0", net0.identity)
+    assert _by_alias(LIVE, "net0").identity == (
+        "interface",
+        "52:54:00:ab:cd:01",
+    )  # alone: as before
+    twin = find_same_device(INACTIVE, net9, live)
+    assert twin is None  # the inactive NIC with that MAC is at net0's address: net0's
+    assert find_same_device(INACTIVE, net0, live) is not None
+    with pytest.raises(AmbiguousDevice):
+        find_device(live, selector_from(alias=None, target=None, mac="52:54:00:ab:cd:01", xml=None))
