@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._machine import Outcome
+from ._machine_io import Outcome
 from .backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
     ConnectionLost,

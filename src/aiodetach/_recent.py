@@ -16,11 +16,14 @@ kept at all, so an idle or steady service holds no records.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["Recent"]
+from ._xml import Identity
+
+__all__ = ["Recent", "shared_identity"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -75,3 +78,24 @@ class Recent(Generic[K, V]):
             for seq, value in ended:
                 if seq > since:
                     yield key, value
+
+
+_IDENTITIES: dict[Identity, Identity] = {}
+_IDENTITIES_MAX = 4096
+
+
+def shared_identity(identity: Identity | None) -> Identity | None:
+    """One copy of each identity (its strings interned): the same targets and
+    tags recur across thousands of pending unplugs, and each would otherwise
+    hold its own tuple and the strings of its own parse of a definition.
+    The table is bounded (emptied when full): MACs and hostdev sources are
+    unique, and it is only a cache."""
+    if identity is None:
+        return None
+    found = _IDENTITIES.get(identity)
+    if found is None:
+        if len(_IDENTITIES) >= _IDENTITIES_MAX:
+            _IDENTITIES.clear()
+        found = tuple(sys.intern(part) if type(part) is str else part for part in identity)
+        _IDENTITIES[found] = found
+    return found

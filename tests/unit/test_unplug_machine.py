@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 import aiodetach._machine as machine_module
-from aiodetach._machine import (
+import aiodetach._machine_io as machine_io
+from aiodetach._machine import UnplugMachine
+from aiodetach._machine_io import (
     Abort,
     Action,
     Answered,
@@ -42,7 +44,6 @@ from aiodetach._machine import (
     StateRead,
     Stopped,
     Timer,
-    UnplugMachine,
     Verdict,
     WaitReconnect,
     WaitUntil,
@@ -955,18 +956,21 @@ def test_wants_request_asked_in_the_thread() -> None:
     assert not m.wants_request
 
 
-def test_the_machine_is_pure() -> None:
-    """No asyncio, threads, clock or logging: decisions only."""
-    tree = ast.parse(Path(machine_module.__file__).read_text())
+@pytest.mark.parametrize("module", [machine_module, machine_io], ids=lambda m: m.__name__)
+def test_the_machine_is_pure(module: Any) -> None:
+    """No asyncio, threads, clock or logging: decisions only (the machine
+    imports its vocabulary, and nothing else of the package)."""
+    tree = ast.parse(Path(module.__file__).read_text())
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0])
+            name = (node.module or "").split(".")[0]
+            imported.add("." + name if node.level else name)
     forbidden = {"asyncio", "threading", "time", "logging", "structlog", "concurrent", "aiodetach"}
     assert not imported & forbidden, imported & forbidden
-    assert imported <= {"__future__", "enum", "dataclasses", "typing"}
+    assert imported <= {"__future__", "enum", "dataclasses", "typing", "._machine_io"}
 
 
 def _unused(_: Input) -> None:  # the union names every input (kept in step with handle)

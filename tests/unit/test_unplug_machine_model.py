@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from aiodetach._machine import (
+from aiodetach._machine import UnplugMachine
+from aiodetach._machine_io import (
     Abort,
     Action,
     Answered,
@@ -56,7 +57,6 @@ from aiodetach._machine import (
     StateRead,
     Stopped,
     Timer,
-    UnplugMachine,
     Verdict,
     WaitReconnect,
     WaitUntil,
