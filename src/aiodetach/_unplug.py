@@ -152,8 +152,11 @@ class Unplug(UnplugCalls):
         event: Input = (
             Stopped(verdict[1]) if isinstance(verdict, tuple) else Event(verdict, self._inside[0])
         )
-        if self.phase is Phase.SENDING:
-            self._feed(event)  # only kept (no action comes of it while a call is out)
+        if self.phase is Phase.SENDING or verdict is Verdict.GONE:
+            # Kept at once while the request is out (no action comes of it);
+            # GONE is the service's own finding (a journal take-up), not an
+            # event: it holds when the caller's step ends.
+            self._feed(event)
         else:
             self._registry.loop.call_soon(self._feed, event)
 
