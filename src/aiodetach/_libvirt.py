@@ -324,12 +324,12 @@ def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
     try:
         return _wrap(lambda: conn.lookupByUUIDString(ref))
     except BackendError as err:
-        if err.code != ErrorCode.NO_DOMAIN:
+        if not is_domain_gone(err):
             raise
         try:
             return _wrap(lambda: conn.lookupByName(ref))
         except BackendError as by_name:
-            if by_name.code == ErrorCode.NO_DOMAIN:
+            if is_domain_gone(by_name):
                 raise err from None  # the UUID's "not found" says what was asked
             raise
 
