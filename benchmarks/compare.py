@@ -35,7 +35,15 @@ _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
 def _first_number(text: str) -> float | None:
-    found = _NUMBER.search(text.replace(",", ""))
+    """The row's headline: a p99 or a memory held where the row gives one
+    (its first number is a p50 or a peak), else its first number."""
+    text = text.replace(",", "")
+    for label in ("p99 ", "held "):
+        at = text.find(label)
+        if at >= 0:
+            text = text[at + len(label) :]
+            break
+    found = _NUMBER.search(text)
     return float(found.group()) if found else None
 
 

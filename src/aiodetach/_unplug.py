@@ -76,6 +76,8 @@ __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "r
 Key = tuple[str, str]
 
 _JOINED, _LEFT, _ABORT, _RESUMED, _DOWN = Joined(), Left(), Abort(), Resumed(), ConnectionDown()
+_REMOVED, _SENDING, _GONE = Verdict.REMOVED, Phase.SENDING, Verdict.GONE
+_REMOVED_IN, _REMOVED_OUT = Event(_REMOVED, in_libvirt=True), Event(_REMOVED, in_libvirt=False)
 
 
 class Unplug(UnplugCalls):
@@ -149,10 +151,15 @@ class Unplug(UnplugCalls):
         the thread asks the machine, just before libvirt is called, whether
         a verdict came meanwhile.
         """
-        event: Input = (
-            Stopped(verdict[1]) if isinstance(verdict, tuple) else Event(verdict, self._inside[0])
-        )
-        if self.phase is Phase.SENDING or verdict is Verdict.GONE:
+        event: Input
+        if verdict is _REMOVED:
+            # The intake's hot path: no allocation, no hashing.
+            event = _REMOVED_IN if self._inside[0] else _REMOVED_OUT
+        elif isinstance(verdict, tuple):
+            event = Stopped(verdict[1])
+        else:
+            event = Event(verdict, self._inside[0])
+        if self.phase is _SENDING or verdict is _GONE:
             # Kept at once while the request is out (no action comes of it);
             # GONE is the service's own finding (a journal take-up), not an
             # event: it holds when the caller's step ends.
