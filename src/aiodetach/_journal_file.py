@@ -32,9 +32,8 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-import uuid
 from collections.abc import Mapping
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 from .errors import (
@@ -376,10 +375,13 @@ def check_database(db: sqlite3.Connection, path: Path) -> int:
     if ("table", "unplugs") not in objects or foreign:
         what = f"has {', '.join(foreign)}" if foreign else "lacks its table"
         raise JournalCorrupt(f"the journal {path} {what}: not the journal's schema", path=shown)
-    _check_table(db, path)
+    # The columns read must be there; then each row (a damaged one is named,
+    # even in a table declared otherwise); then the rest of the declarations.
+    declared = _declared(db, path)
     columns = expected_columns()
     for row in db.execute(f"SELECT {', '.join(columns)} FROM unplugs ORDER BY id"):  # noqa: S608 - constant columns
         check_row(dict(zip(columns, row, strict=True)), path)
+    _check_declarations(db, path, declared)
     return version
 
 
@@ -402,19 +404,30 @@ def expected_columns() -> tuple[str, ...]:
     return tuple(c[0] for c in _expected())
 
 
-def _check_table(db: sqlite3.Connection, path: Path) -> None:
-    shown = str(path)
+def _declared(db: sqlite3.Connection, path: Path) -> dict[str, tuple[str, str, int, int]]:
+    """The table's columns as declared; every column the journal reads must be
+    among them."""
     found = {
         str(r[1]): (str(r[1]), str(r[2]), int(r[3]), int(r[5]))
         for r in db.execute("PRAGMA table_info(unplugs)")
     }
-    expected = {c[0]: c for c in _expected()}
-    missing = [name for name in expected if name not in found]
+    missing = [name for name in expected_columns() if name not in found]
     if missing:
         raise JournalCorrupt(
             f"the journal {path} lacks the columns {', '.join(missing)}: not the journal's schema",
-            path=shown,
+            path=str(path),
         )
+    return found
+
+
+def _check_declarations(
+    db: sqlite3.Connection, path: Path, found: dict[str, tuple[str, str, int, int]]
+) -> None:
+    """No column this version does not know (a newer one's, whose rows it
+    could not read right), and each known column declared as the schema
+    does (a declared type decides how SQLite stores what is written)."""
+    shown = str(path)
+    expected = {c[0]: c for c in _expected()}
     unknown = [name for name in found if name not in expected]
     if unknown:
         quoted = " OR ".join('"' + n.replace('"', '""') + '" IS NOT NULL' for n in unknown)
@@ -425,7 +438,7 @@ def _check_table(db: sqlite3.Connection, path: Path) -> None:
             f"({', '.join(unknown)}: a newer version's?){carried}",
             path=shown,
         )
-        err.row = int(first[0]) if first else None
+        err.row = first[0] if first and isinstance(first[0], int) else None
         raise err
     changed = [name for name, column in expected.items() if found[name] != column]
     if changed:
@@ -434,15 +447,6 @@ def _check_table(db: sqlite3.Connection, path: Path) -> None:
             "the journal's schema",
             path=shown,
         )
-
-
-@lru_cache(maxsize=4096)  # a journal's rows share few domains
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _finite(value: object) -> bool:
@@ -470,16 +474,17 @@ def _row_problem(row: Mapping[str, object]) -> str | None:
     def bad(column: str, what: str) -> str:
         return f"{column} is {row.get(column)!r}, not {what}"
 
-    for column in ("uri", "domain_name", "alias"):
-        value = row.get(column)
-        if not isinstance(value, str) or not value:
-            return bad(column, "a non-empty text")
+    if not isinstance(row.get("id"), int):
+        return bad("id", "a whole number")
+    for column in ("uri", "domain_uuid", "domain_name"):
+        if not isinstance(row.get(column), str):
+            return bad(column, "a text")
+    alias = row.get("alias")
+    if not isinstance(alias, str) or not alias:
+        return bad("alias", "a non-empty text")
     for column in ("run_id", "device"):
         if not isinstance(row.get(column), (str, type(None))):
             return bad(column, "a text or NULL")
-    domain_uuid = row.get("domain_uuid")
-    if not isinstance(domain_uuid, str) or not _is_uuid(domain_uuid):
-        return bad("domain_uuid", "a UUID")
     for column, least in (("sent", 1), ("used", 0), ("attempts", 1)):
         value = row.get(column)
         if not isinstance(value, int) or value < least:

@@ -4,6 +4,7 @@ for a row that cannot be read as what this aiodetach wrote."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ from aiodetach.testing import FakeHypervisor
 from ._journal_files import execute, journal_with_pending_row, snapshot
 from ._journal_support import journal_settings
 
-DAMAGE = {
+DAMAGE: dict[str, str | tuple[str, ...]] = {
+    "a newer version's column holding a value": (
+        "ALTER TABLE unplugs ADD COLUMN lane TEXT",
+        "UPDATE unplugs SET lane='fast'",
+    ),
     "a timestamp that is not a number": "UPDATE unplugs SET sent_at='yesterday'",
     "a start that is not a number": "UPDATE unplugs SET started_at=x'00'",
     "an answer time that is text": "UPDATE unplugs SET answered_at='soon'",
@@ -28,8 +33,8 @@ DAMAGE = {
     "a timeout that is not positive": "UPDATE unplugs SET timeout=-2",
     "a timeout that is text": "UPDATE unplugs SET timeout='2s'",
     "a flag that is not 0 or 1": "UPDATE unplugs SET persistent_done=7",
-    "a uuid that is not one": "UPDATE unplugs SET domain_uuid='vm'",
-    "a uuid that is a number": "UPDATE unplugs SET domain_uuid=12",
+    "a uuid that is a blob": "UPDATE unplugs SET domain_uuid=x'6f1c'",
+    "a uri that is a blob": "UPDATE unplugs SET uri=zeroblob(0)",
     "an empty alias": "UPDATE unplugs SET alias=''",
     "an alias that is a blob": "UPDATE unplugs SET alias=x'7561'",
     "a run id that is a blob": "UPDATE unplugs SET run_id=x'33'",
@@ -48,7 +53,8 @@ DAMAGE = {
 async def test_damaged_row_is_journal_corrupt_before_libvirt(tmp_path: Path, damage: str) -> None:
     journal = tmp_path / "j.db"
     await journal_with_pending_row(journal)
-    execute(journal, DAMAGE[damage])
+    change = DAMAGE[damage]
+    execute(journal, *((change,) if isinstance(change, str) else change))
     before = snapshot(journal)
     fake = FakeHypervisor()
     fake.add_domain("vm").add_disk("vdb", alias="ua-d")
@@ -61,6 +67,30 @@ async def test_damaged_row_is_journal_corrupt_before_libvirt(tmp_path: Path, dam
     assert str(journal) in message
     assert "row 1" in message, message
     assert caught.value.row == 1
+
+
+async def test_a_null_where_the_journal_never_writes_one(tmp_path: Path) -> None:
+    """A table rebuilt by hand without its NOT NULL constraints, holding a
+    NULL: reported as the row's damage (before the declarations' difference)."""
+    journal = tmp_path / "j.db"
+    await journal_with_pending_row(journal)
+    db = sqlite3.connect(journal)
+    [(table,)] = db.execute("SELECT sql FROM sqlite_master WHERE name='unplugs'").fetchall()
+    db.close()
+    loose = str(table).replace(" NOT NULL", "").replace("unplugs", "loose")
+    execute(
+        journal,
+        loose,
+        "INSERT INTO loose SELECT * FROM unplugs",
+        "DROP TABLE unplugs",
+        "ALTER TABLE loose RENAME TO unplugs",
+        "UPDATE unplugs SET sent_at=NULL",
+    )
+    fake = FakeHypervisor()
+    with pytest.raises(JournalCorrupt) as caught:
+        await DetachService(backend=fake, settings=journal_settings(), journal=journal).open()
+    assert "row 1: sent_at is None" in caught.value.message, caught.value.message
+    assert fake.calls == []
 
 
 async def test_a_damaged_finished_row_is_damage_too(tmp_path: Path) -> None:
