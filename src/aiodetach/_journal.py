@@ -196,7 +196,7 @@ class Journal:
 
         The path is resolved once, here (see :mod:`._journal_file`): the file
         held is the journal from then on.  Nothing is written to the file
-        before it is accepted: not yet locked (:class:`JournalLocked`), not
+        before it is accepted: held by another (:class:`JournalLocked`), not
         trusted (:class:`JournalUnavailable`), newer
         (:class:`JournalVersionError`), not a journal or a damaged row
         (:class:`JournalCorrupt`) all leave it, and its side files, byte for
