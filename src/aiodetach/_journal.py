@@ -34,15 +34,16 @@ domain's run id, the alias and the device's identifying description (e.g.
 
 One writer: the database file itself is held with ``flock`` for the
 owner's life (the lock follows the file, not its path's spelling; a forked
-child drops it); a second opener gets :class:`JournalLocked`.
+child drops it); a second opener gets :class:`JournalLocked`, naming the
+holder.  Which file is the journal, whether it is trusted and whether it is
+a journal at all is decided before anything writes to it
+(:mod:`._journal_file`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import os
 import sqlite3
 import threading
@@ -56,13 +57,17 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from .errors import (
-    JournalCorrupt,
-    JournalError,
-    JournalLocked,
-    JournalUnavailable,
-    JournalVersionError,
+from ._journal_file import (
+    FORMAT_VERSION,
+    SCHEMA,
+    check_row,
+    classify,
+    expected_columns,
+    inspect,
+    open_held,
+    resolve,
 )
+from .errors import JournalError, JournalUnavailable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,10 +81,6 @@ __all__ = [
 
 _log = structlog.get_logger("aiodetach")
 
-FORMAT_VERSION = 1
-"""The journal's format (SQLite ``user_version``).  A file with a higher one
-was written by a newer aiodetach and is refused, untouched."""
-
 PRUNE_EVERY = 60.0
 """Seconds between two prunes of finished rows (plus one at open)."""
 
@@ -88,36 +89,6 @@ JournalOutcome = Literal["removed", "failed", "timeout", "stopped", "error", "ab
 fault: Callable[[str], None] | None = None
 """Test-only: called at named points around every journal write (the
 power-cut tests kill the process there).  ``None`` in normal use."""
-
-_SCHEMA = """
-CREATE TABLE unplugs (
-    id INTEGER PRIMARY KEY,
-    uri TEXT NOT NULL,
-    domain_uuid TEXT NOT NULL,
-    domain_name TEXT NOT NULL,
-    run_id TEXT,
-    alias TEXT NOT NULL,
-    device TEXT,
-    sent INTEGER NOT NULL,
-    used INTEGER NOT NULL,
-    sent_at REAL NOT NULL,
-    answered_at REAL,
-    timeout REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    persistent_done INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    outcome TEXT,
-    confirmed_by TEXT
-);
-CREATE INDEX unplugs_open ON unplugs (uri) WHERE finished_at IS NULL;
-CREATE INDEX unplugs_finished ON unplugs (finished_at) WHERE finished_at IS NOT NULL;
-"""
-
-_COLUMNS = (
-    "id, uri, domain_uuid, domain_name, run_id, alias, device, sent, used, sent_at, "
-    "timeout, attempts, persistent_done, started_at, answered_at"
-)
 
 
 def fault_point(point: str) -> None:
@@ -181,17 +152,6 @@ class Entry:
 _T = TypeVar("_T")
 
 
-def _classify(err: sqlite3.Error, path: Path, doing: str) -> JournalError:
-    """A typed error for an SQLite failure."""
-    text = str(err)
-    corrupt = any(m in text for m in ("not a database", "malformed", "corrupt", "no such column"))
-    if corrupt and ("no such column" in text or not isinstance(err, sqlite3.OperationalError)):
-        return JournalCorrupt(f"the journal {path} is corrupted ({doing}: {text})", path=str(path))
-    return JournalUnavailable(
-        f"the journal {path} cannot be used ({doing}: {text})", path=str(path)
-    )
-
-
 def _forget_in_child() -> None:
     """A forked child (multiprocessing's default start method) must not keep
     the parent's journal locked: the lock belongs to the open file, which the
@@ -232,14 +192,18 @@ class Journal:
     # ---------------------------------------------------------------- open
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, synchronous: str, retention: float) -> Journal:
-        """Lock, open and check the journal at ``path`` (blocking).
+        """Resolve, lock, check and open the journal at ``path`` (blocking).
 
-        Raises :class:`JournalLocked`, :class:`JournalVersionError`,
-        :class:`JournalCorrupt` or :class:`JournalUnavailable`; on any of
-        them the file is left as it was and nothing is held.
+        The path is resolved once, here (see :mod:`._journal_file`): the file
+        held is the journal from then on.  Nothing is written to the file
+        before it is accepted: held by another (:class:`JournalLocked`), not
+        trusted (:class:`JournalUnavailable`), newer
+        (:class:`JournalVersionError`), not a journal or a damaged row
+        (:class:`JournalCorrupt`) all leave it, and its side files, byte for
+        byte as they were, and nothing is held.
         """
-        where = Path(os.fspath(path))
-        shown = str(where)
+        shown = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+        where = resolve(path)
         try:
             is_dir = where.is_dir()
         except (OSError, ValueError) as exc:
@@ -248,40 +212,10 @@ class Journal:
             ) from None
         if is_dir:
             raise JournalUnavailable(f"the journal path {where} is a directory", path=shown)
+        fd = open_held(where, shown)
         try:
-            # The lock is taken on the database file itself (created empty if
-            # need be), so it follows the file, not how its path is spelled: a
-            # symlink or a hard link to it, or a lock file deleted by hand,
-            # cannot make a second writer.  (flock, not fcntl: SQLite's own
-            # POSIX locks on the same file are independent of it.)
-            fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise JournalUnavailable(
-                f"cannot open the journal {shown!r}: {reason}", path=shown
-            ) from None
-        lock_path = where
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise JournalUnavailable(
-                        f"cannot lock {lock_path}: {exc.strerror}", path=shown
-                    ) from None
-                owner = where.with_name(where.name + ".owner")
-                try:
-                    holder = owner.read_text().strip() or "?"
-                except OSError:
-                    holder = "?"
-                raise JournalLocked(
-                    f"the journal {where} is in use by another service (pid {holder}); "
-                    "one journal has one writer",
-                    path=shown,
-                ) from None
-            with contextlib.suppress(OSError):  # who holds it, for the message above
-                where.with_name(where.name + ".owner").write_text(f"{os.getpid()}\n")
-            db = cls._open_db(where, synchronous)
+            version = inspect(where, fd)
+            db = cls._open_db(where, synchronous, version)
         except BaseException:
             os.close(fd)  # releases the lock
             raise
@@ -294,34 +228,20 @@ class Journal:
         return journal
 
     @staticmethod
-    def _open_db(path: Path, synchronous: str) -> sqlite3.Connection:
+    def _open_db(path: Path, synchronous: str, version: int) -> sqlite3.Connection:
+        """Open the accepted file for writing (``version``: what
+        :func:`inspect` found): WAL mode, and the schema of a new journal."""
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         except sqlite3.Error as exc:
-            raise _classify(exc, path, "opening") from None
+            raise classify(exc, path, "opening") from None
         try:
-            # The version first: a newer journal is refused before anything is written.
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > FORMAT_VERSION:
-                raise JournalVersionError(
-                    f"the journal {path} has format {version}; this aiodetach reads up to "
-                    f"{FORMAT_VERSION} (written by a newer version?)",
-                    path=str(path),
+            db.execute("PRAGMA trusted_schema=OFF")
+            found = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if found != version:  # we hold the lock: only a writer ignoring it
+                raise JournalUnavailable(
+                    f"the journal {path} changed while it was being opened", path=str(path)
                 )
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if version == 0 and tables:
-                raise JournalCorrupt(
-                    f"{path} is an SQLite database but not an aiodetach journal", path=str(path)
-                )
-            if version == FORMAT_VERSION:
-                if "unplugs" not in tables:
-                    raise JournalCorrupt(f"the journal {path} lacks its table", path=str(path))
-                check = db.execute("PRAGMA quick_check").fetchone()[0]
-                if check != "ok":
-                    raise JournalCorrupt(
-                        f"the journal {path} failed its integrity check: {check}",
-                        path=str(path),
-                    )
             mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise JournalUnavailable(
@@ -332,7 +252,7 @@ class Journal:
                 # Schema and version in one transaction: a crash leaves either
                 # nothing or a whole journal.
                 db.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA.split(";"):
+                for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
                 fault_point("open.schema")
@@ -343,7 +263,7 @@ class Journal:
             raise
         except sqlite3.Error as exc:
             db.close()
-            raise _classify(exc, path, "opening") from None
+            raise classify(exc, path, "opening") from None
         return db
 
     # --------------------------------------------------------- blocking I/O
@@ -361,7 +281,7 @@ class Journal:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise _classify(exc, self.path, doing) from None
+                    raise classify(exc, self.path, doing) from None
                 raise
             return result
 
@@ -467,36 +387,43 @@ class Journal:
             self.prune()
 
     def unfinished(self, uri: str) -> list[Entry]:
-        """The unfinished unplugs of ``uri``, oldest first."""
+        """The unfinished unplugs of ``uri``, oldest first.  Every row was
+        checked at open; one damaged since (a writer that ignores the lock)
+        is :class:`JournalCorrupt` all the same, never a half-read entry."""
+        columns = expected_columns()
         with self._lock:
             try:
                 rows = self._db.execute(
-                    f"SELECT {_COLUMNS} FROM unplugs WHERE uri=? AND finished_at IS NULL "  # noqa: S608 - constant columns
-                    "ORDER BY id",
+                    f"SELECT {', '.join(columns)} FROM unplugs "  # noqa: S608 - constant columns
+                    "WHERE uri=? AND finished_at IS NULL ORDER BY id",
                     (uri,),
                 ).fetchall()
             except sqlite3.Error as exc:
-                raise _classify(exc, self.path, "reading") from None
-        return [
-            Entry(
-                row=r[0],
-                uri=r[1],
-                domain_uuid=r[2],
-                domain_name=r[3],
-                run_id=r[4],
-                alias=r[5],
-                device=r[6],
-                sent=int(r[7]),
-                used=int(r[8]),
-                sent_at=float(r[9]),
-                timeout=float(r[10]),
-                attempts=int(r[11]),
-                persistent_done=bool(r[12]),
-                started_at=float(r[13]),
-                answered_at=None if r[14] is None else float(r[14]),
+                raise classify(exc, self.path, "reading") from None
+        entries = []
+        for values in rows:
+            r = dict(zip(columns, values, strict=True))
+            check_row(r, self.path)
+            entries.append(
+                Entry(
+                    row=int(r["id"]),
+                    uri=str(r["uri"]),
+                    domain_uuid=str(r["domain_uuid"]),
+                    domain_name=str(r["domain_name"]),
+                    run_id=None if r["run_id"] is None else str(r["run_id"]),
+                    alias=str(r["alias"]),
+                    device=None if r["device"] is None else str(r["device"]),
+                    sent=int(r["sent"]),
+                    used=int(r["used"]),
+                    sent_at=float(r["sent_at"]),
+                    timeout=float(r["timeout"]),
+                    attempts=int(r["attempts"]),
+                    persistent_done=bool(r["persistent_done"]),
+                    started_at=float(r["started_at"]),
+                    answered_at=None if r["answered_at"] is None else float(r["answered_at"]),
+                )
             )
-            for r in rows
-        ]
+        return entries
 
     def unfinished_uris(self) -> list[str]:
         """URIs with unfinished unplugs (a fleet opens their services)."""
@@ -506,7 +433,7 @@ class Journal:
                     "SELECT DISTINCT uri FROM unplugs WHERE finished_at IS NULL ORDER BY uri"
                 ).fetchall()
             except sqlite3.Error as exc:
-                raise _classify(exc, self.path, "reading") from None
+                raise classify(exc, self.path, "reading") from None
         return [str(r[0]) for r in rows]
 
     def prune(self) -> int:

@@ -266,14 +266,20 @@ class JournalLocked(JournalError):
 
 class JournalVersionError(JournalError):
     """The journal was written by a newer aiodetach (its format version is
-    higher than this one knows); it is left untouched."""
+    higher than this one knows); it is left untouched (its side files too)."""
 
 
 class JournalCorrupt(JournalError):
-    """The file is not a journal (not SQLite, failed its integrity check, or
-    lacks the journal's tables); it is left untouched."""
+    """The file is not a journal (not SQLite, another format number, failed
+    its integrity check, not the journal's schema) or one of its rows is
+    damaged (``row``: its id; a type, a NULL, a state or a column this
+    version does not write); it is left untouched and nothing is sent for it."""
+
+    row: int | None = None
 
 
 class JournalUnavailable(JournalError):
     """The journal cannot be created or written: a missing or read-only
-    directory, a full disk, a path that is a directory."""
+    directory, a full disk, a path that is a directory; or it is not
+    trusted: a file others can write (its mode or owner), or a symlink into
+    a directory others can write.  Refused ones are left untouched."""
