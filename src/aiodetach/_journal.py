@@ -64,9 +64,8 @@ from ._journal_file import (
     classify,
     expected_columns,
     inspect,
-    open_held,
-    resolve,
 )
+from ._journal_path import open_held, resolve
 from .errors import JournalError, JournalUnavailable
 
 __all__ = [
