@@ -7,16 +7,12 @@ Requests that reach libvirt are recorded with :mod:`aiodetach_lab.requests`
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
-import pytest
 
 from _probes import until
-from aiodetach import DetachService
-from aiodetach._libvirt import LibvirtBackend
 from aiodetach_lab.daemon import eject_command
 from aiodetach_lab.domains import remove_domain
 from aiodetach_lab.requests import RequestLog, record_requests
@@ -27,8 +23,6 @@ __all__ = [
     "guest_ejects",
     "live_xml",
     "quiet",
-    "rechecked",
-    "record_domain_xml_reads",
     "record_requests",
     "until",
 ]
@@ -36,38 +30,6 @@ __all__ = [
 
 def quiet() -> None:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-
-
-def record_domain_xml_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str]]:
-    """Record when, and of which domain, LibvirtBackend.domain_xml is called."""
-    reads: list[tuple[float, str]] = []
-    original = LibvirtBackend.domain_xml
-
-    def counting(self: LibvirtBackend, uuid: str, *, inactive: bool) -> str:
-        reads.append((time.monotonic(), uuid))
-        return original(self, uuid, inactive=inactive)
-
-    monkeypatch.setattr(LibvirtBackend, "domain_xml", counting)
-    return reads
-
-
-def rechecked(
-    services: Sequence[DetachService],
-    reads: list[tuple[float, str]],
-    since: float,
-    uuids: Iterable[str],
-) -> Callable[[], bool]:
-    """True once every pending unplug has re-read its domain's live XML since
-    ``since``: the unplugs of one domain share that read (aiodetach._reads),
-    so one read per domain, and no shared read left running or queued."""
-    wanted = set(uuids)
-
-    def done() -> bool:
-        seen = {uuid for t, uuid in reads if t > since}
-        idle = all(s._conn is None or s._conn.reads.in_flight() == 0 for s in services)
-        return wanted <= seen and idle
-
-    return done
 
 
 def live_xml(uri: str, uuid: str, *, inactive: bool = False) -> str:

@@ -22,15 +22,7 @@ from aiodetach.errors import ConnectionLost, DetachError, DetachTimeout
 from aiodetach_lab.daemon import PrivateLibvirtd, eject_command, pci_slots, qmp
 from aiodetach_lab.domains import DiskSpec
 
-from .._real import (
-    domains_removed,
-    guest_ejects,
-    live_xml,
-    rechecked,
-    record_domain_xml_reads,
-    record_requests,
-    until,
-)
+from .._real import domains_removed, guest_ejects, live_xml, record_requests, until
 
 TIMEOUT = 8.0  # attempts of domains 3-4, which must time out
 LONG_TIMEOUT = 600.0  # attempts of domains 0-2, which must not
@@ -48,18 +40,28 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
 ) -> None:
     daemon = private_libvirtd
     sent = record_requests(monkeypatch)
-    xml_reads = record_domain_xml_reads(monkeypatch)
     tag = _uuid.uuid4().hex[:6]
     names = [f"rr-{tag}-{i}" for i in range(DOMAINS)]
     disks = _disks(DISKS)
     aliases = [d.alias or "" for d in disks]
-    uuids = [await asyncio.to_thread(daemon.define, name, disks) for name in names]
+    # Domain 2 has one more disk, detached only after the reconnect: its unplug has
+    # no re-check to end it (a 600 s window), so only an event on the new
+    # connection can confirm it.
+    late = _disks(DISKS + 1)[-1].alias or ""
+    uuids = [
+        await asyncio.to_thread(daemon.define, name, _disks(DISKS + 1) if i == 2 else disks)
+        for i, name in enumerate(names)
+    ]
     with domains_removed(daemon.uri, uuids):
         slots = [pci_slots(await asyncio.to_thread(live_xml, daemon.uri, u)) for u in uuids]
         # Group roles, by domain:
-        #   0, 1  guest releases the devices while libvirtd is dead (no event, ever)
-        #   2     guest releases them after the restart (event on the new connection)
-        #   3     guest releases them after the second request
+        #   0, 1  guest releases the devices while libvirtd is dead (the restarted
+        #         daemon may replay the removals as events, or the re-check after the
+        #         reconnect finds them gone: either confirms each device once)
+        #   2     guest releases them after the reconnect (an event on the new
+        #         connection or the re-check, whichever comes first)
+        #   3     guest releases them after the second request (confirmed in the
+        #         second attempt, by its event or by the re-read that ends it)
         #   4     guest never releases them (DetachTimeout after exactly `attempts` requests)
         # Domains 0-2 go through a service whose attempts outlast the test, so their
         # single request holds however long the kill, restart and re-checks take on a
@@ -84,8 +86,10 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
                 for i in range(DOMAINS)
                 for alias in aliases
             }
+            # The log holds a request once libvirt answered it: all 50 reached
+            # libvirtd before the kill, so none may be sent again.
             await until(lambda: len(sent.requests) == DOMAINS * DISKS, 20, "50 requests sent")
-            await asyncio.sleep(0.2)
+            assert [r for r in sent.requests if r.error is not None] == []
             pending_at_kill = sum(len(s.pending()) for s in services)
             assert pending_at_kill == DOMAINS * DISKS
             assert not any(t.done() for t in tasks.values())
@@ -106,16 +110,14 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
                 lambda: all(s.reconnects == 1 for s in services), 20, "both services to reconnect"
             )
             reconnected_at = time.monotonic()
-            # Let every pending detach re-check the live XML after the reconnect
-            # first, so that what follows can only be learnt from an event.
-            await until(
-                rechecked(services, xml_reads, killed_at, uuids),
-                20,
-                "the re-checks after the reconnect",
-            )
+            # No wait for the re-checks after the reconnect: the restarted daemon may
+            # replay the removals it missed, and then a domain's unplugs end by event
+            # before any re-check, which a correct library never makes.
 
+            late_task = asyncio.create_task(svc_patient.detach(names[2], alias=late))
+            await until(lambda: len(sent.of(uuids[2], late)) == 1, 20, "the late request")
             await asyncio.to_thread(
-                guest_ejects, daemon.uri, uuids[2], [slots[2][a] for a in aliases]
+                guest_ejects, daemon.uri, uuids[2], [slots[2][a] for a in [*aliases, late]]
             )
 
             def second_sent() -> bool:
@@ -127,6 +129,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
             )
             async with asyncio.timeout(3 * TIMEOUT + 30):
                 outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+                late_result = await late_task
             assert all(s.pending() == [] for s in services)
             assert all(s.reconnects == 1 for s in services)
 
@@ -142,6 +145,8 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
         )
         print("restart timings:", FIGURES)
         assert lost == []
+        assert (late_result.attempts, late_result.confirmed_by) == (1, "event")
+        assert len(sent.of(uuids[2], late)) == 1
         for (i, alias), outcome in results.items():
             uuid = uuids[i]
             requests = sent.of(uuid, alias)
@@ -152,8 +157,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
                 assert isinstance(outcome, DetachResult), (i, alias, outcome)
                 assert outcome.attempts == len(requests)
                 assert outcome.attempts == (2 if i == 3 else 1), (i, alias, outcome)
-                if i == 2 or i == 3:
-                    assert outcome.confirmed_by == "event"
+                assert outcome.confirmed_by in ("event", "xml"), (i, alias, outcome)
             assert len(requests) == (2 if i >= 3 else 1), (i, alias, requests)
         # No duplicate: a second request only after the first was waited out in full,
         # the reconnect included (the outage did not restart or shorten the wait).
@@ -166,7 +170,7 @@ async def test_sigkill_and_restart_with_50_pending_detaches(
         assert duplicated == 0
         for i, uuid in enumerate(uuids):
             xml = await asyncio.to_thread(live_xml, daemon.uri, uuid)
-            present = [a for a in aliases if f"'{a}'" in xml]
+            present = [a for a in [*aliases, late] if f"'{a}'" in xml]
             assert present == (aliases if i == 4 else []), (i, present)
         FIGURES.update(
             lost=len(lost),
@@ -194,14 +198,15 @@ async def test_daemon_that_stays_down_gives_connection_lost(
             async with DetachService(daemon.uri, settings=settings) as svc:
                 tasks = [asyncio.create_task(svc.detach(name, alias=d.alias or "")) for d in disks]
                 await until(lambda: len(sent.requests) == 3, 10, "3 requests sent")
+                started = time.monotonic()  # the service cannot notice the loss before
                 await asyncio.to_thread(daemon.kill)
-                started = time.monotonic()
                 async with asyncio.timeout(15):
                     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
                 waited = time.monotonic() - started
                 assert all(isinstance(o, ConnectionLost) for o in outcomes), outcomes
                 assert all("did not come back" in str(o) for o in outcomes)
-                assert 0.9 <= waited < 5.0, waited
+                # Not before reconnect_timeout (1 s); the timeout above bounds it.
+                assert waited >= 1.0, waited
                 assert svc.pending() == []
                 # Later calls fail at once with the same typed error, not a hang.
                 async with asyncio.timeout(2):
