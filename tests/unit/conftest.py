@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .test_shared_reads_and_parking_edges import GateFake
+from ._gate_fake import GateFake
 
 
 @pytest.fixture

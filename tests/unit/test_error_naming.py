@@ -2,13 +2,15 @@
 
 Found by a fresh-context adversary: errors raised before the device was found
 (domain lookup, the live/persistent checks, an XML read) or by the connection
-(ConnectionLost to waiters) left out the alias the caller had named.
+(ConnectionLost to waiters) left out the alias the caller had named.  Callers
+joined to one unplug each get their own exception object and traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from aiodetach.backend import BackendError, ErrorCode
 from aiodetach.errors import (
     ConnectionLost,
     DetachError,
+    DetachTimeout,
     DomainNotFound,
     DomainNotPersistent,
     DomainNotRunning,
@@ -85,3 +88,75 @@ async def test_stop_during_the_state_read_keeps_libvirts_reason(fake: FakeHyperv
         with pytest.raises(DomainStopped) as info:
             await svc.detach("vm", alias="ua-d", persistent=False)
     assert info.value.reason == "destroyed"
+
+
+async def _until(cond: Any, limit: float = 5.0) -> None:
+    end = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < end, "condition never came"
+        await asyncio.sleep(0.005)
+
+
+async def test_callers_joined_to_one_unplug_do_not_share_one_exception_object() -> None:
+    """Two callers of one device whose unplug times out: each should get an
+    exception object of its own (a note or attribute one caller adds, or its
+    traceback, must not show up in the other's)."""
+    fake = FakeHypervisor()
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.never())
+    settings = DetachSettings(timeout=0.1, attempts=1)
+    async with DetachService(backend=fake, settings=settings, log=False) as svc:
+        one = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        two = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        e1, e2 = await asyncio.gather(one, two, return_exceptions=True)
+    assert isinstance(e1, DetachTimeout)
+    assert isinstance(e2, DetachTimeout)
+    assert len(fake.requests) == 1
+    e1.add_note("seen by caller one")
+    assert "seen by caller one" not in getattr(e2, "__notes__", [])
+    assert e1 is not e2
+
+
+async def test_a_callers_traceback_is_not_replaced_by_another_callers() -> None:
+    """Two different callers of one unplug that fails: the traceback caller
+    one holds should go through caller one's code, not caller two's."""
+    fake = FakeHypervisor()
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.reject())
+    async with DetachService(backend=fake, log=False) as svc:
+
+        async def caller_one() -> BaseException:
+            try:
+                await svc.detach("vm", alias="ua-d", persistent=False)
+            except DetachError as exc:
+                return exc
+            raise AssertionError("no error")
+
+        async def caller_two() -> BaseException:
+            try:
+                await svc.detach("vm", alias="ua-d", persistent=False)
+            except DetachError as exc:
+                return exc
+            raise AssertionError("no error")
+
+        e1, _e2 = await asyncio.gather(caller_one(), caller_two())
+    names = [f.name for f in traceback.extract_tb(e1.__traceback__)]
+    assert "caller_one" in names, names
+
+
+async def test_errors_are_typed_and_name_domain_and_alias() -> None:
+    fake = FakeHypervisor()
+    dom = fake.add_domain("vm")
+    dom.add_disk("vda", alias="ua-r", unplug=Unplug.reject())
+    dom.add_disk("vdb", alias="ua-t", unplug=Unplug.never())
+    dom.add_disk("vdc", alias="ua-s", unplug=Unplug.manual())
+    settings = DetachSettings(timeout=0.1, attempts=2)
+    async with DetachService(backend=fake, settings=settings, log=False) as svc:
+        tasks = {
+            a: asyncio.create_task(svc.detach("vm", alias=a)) for a in ("ua-r", "ua-t", "ua-s")
+        }
+        await _until(lambda: len(fake.requests) >= 3)
+        fake.stop_domain("vm")
+        out = {a: await asyncio.gather(t, return_exceptions=True) for a, t in tasks.items()}
+    for alias, (err,) in out.items():
+        assert isinstance(err, DetachError), err
+        assert err.domain == "vm", err
+        assert err.alias == alias, err

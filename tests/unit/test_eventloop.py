@@ -1,4 +1,6 @@
-"""The thread-safe, loop-following libvirtaio implementation, without libvirt.
+"""The thread-safe, loop-following libvirtaio implementation, without libvirt
+(and, in subprocesses with libvirt imported, its watches and timers across
+several loops in turn).
 
 The hooks are called the way libvirt calls them: from worker threads, while
 the loop runs in debug mode (where touching the loop off-thread raises).
@@ -369,3 +371,141 @@ async def test_a_watch_removed_from_a_thread_never_fires_again(pipe: tuple[int, 
     assert late == []
     await impl.settle()
     assert impl.is_idle()
+
+
+PRELUDE = """
+import asyncio, os, threading, time, libvirt, aiodetach
+R = libvirt.VIR_EVENT_HANDLE_READABLE
+libvirt.virEventInvokeFreeCallback = lambda opaque: None
+def in_thread(fn, *a):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn(*a))); t.start(); t.join()
+    return out[0]
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-c", PRELUDE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_watches_and_timers_changed_between_loops_follow_every_new_loop() -> None:
+    """A timer disabled and another added from threads while no loop runs;
+    three loops in a row; everything removed with no loop; then a fourth."""
+    out = _run(
+        """
+        hits = []
+        r, w = os.pipe()
+        state = {}
+        async def first():
+            aiodetach.install_event_loop()
+            state["watch"] = in_thread(
+                libvirt.virEventAddHandle, r, R,
+                lambda wt, fd, ev, o: hits.append(os.read(fd, 1)), None)
+            state["timer"] = in_thread(
+                libvirt.virEventAddTimeout, 20, lambda t, o: hits.append("tick"), None)
+            await asyncio.sleep(0.1)
+        asyncio.run(first())
+        assert "tick" in hits
+        in_thread(libvirt.virEventUpdateTimeout, state["timer"], -1)
+        t2 = in_thread(libvirt.virEventAddTimeout, 10, lambda t, o: hits.append("tick2"), None)
+        for n in range(3):
+            hits.clear()
+            async def again():
+                aiodetach.install_event_loop()
+                os.write(w, b"z")
+                await asyncio.sleep(0.15)
+            asyncio.run(again())
+            assert b"z" in hits, (n, hits)
+            assert "tick" not in hits, (n, hits)
+            assert "tick2" in hits, (n, hits)
+        in_thread(libvirt.virEventRemoveHandle, state["watch"])
+        in_thread(libvirt.virEventRemoveTimeout, state["timer"])
+        in_thread(libvirt.virEventRemoveTimeout, t2)
+        os.close(r); os.close(w)
+        async def last():
+            impl = aiodetach.install_event_loop()
+            await impl.settle()
+            hits.clear()
+            await asyncio.sleep(0.1)
+            assert hits == [], hits
+            assert impl.is_idle(), impl
+        asyncio.run(last())
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+    assert "event_hook_failed" not in out.stdout + out.stderr, out.stdout[-2000:]
+
+
+def test_a_second_loop_running_at_once_is_a_conflict_and_works_after_the_first_ends() -> None:
+    out = _run(
+        """
+        started = threading.Event(); stop = threading.Event()
+        def other():
+            async def m():
+                aiodetach.install_event_loop()
+                started.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+            asyncio.run(m())
+        th = threading.Thread(target=other); th.start(); started.wait(5)
+        async def mine():
+            try:
+                aiodetach.install_event_loop()
+            except aiodetach.errors.EventLoopConflict:
+                return "conflict"
+            return "no conflict"
+        print(asyncio.run(mine()))
+        stop.set(); th.join()
+        r, w = os.pipe()
+        async def after():
+            aiodetach.install_event_loop()
+            got = asyncio.Event(); loop = asyncio.get_running_loop()
+            in_thread(libvirt.virEventAddHandle, r, R, lambda *a: loop.call_soon(got.set), None)
+            os.write(w, b"x")
+            await asyncio.wait_for(got.wait(), 2)
+            return "after ok"
+        print(asyncio.run(after()))
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["conflict", "after ok"], out.stdout[-800:]
+
+
+def test_a_watch_on_an_fd_closed_between_loops_strands_no_other_watch() -> None:
+    """An fd closed between loops whose watch libvirt has not removed yet: the
+    next loop still serves the other watches, and the late removal works."""
+    out = _run(
+        """
+        state = {}
+        async def first():
+            aiodetach.install_event_loop()
+            r, w = os.pipe()
+            state["fds"] = (r, w)
+            state["watch"] = in_thread(libvirt.virEventAddHandle, r, R, lambda *a: None, None)
+            await asyncio.sleep(0.05)
+        asyncio.run(first())
+        for fd in state["fds"]:
+            os.close(fd)
+        async def second():
+            aiodetach.install_event_loop()
+            r, w = os.pipe()
+            got = asyncio.Event(); loop = asyncio.get_running_loop()
+            in_thread(libvirt.virEventAddHandle, r, R, lambda *a: loop.call_soon(got.set), None)
+            os.write(w, b"x")
+            await asyncio.wait_for(got.wait(), 2)
+            assert in_thread(libvirt.virEventRemoveHandle, state["watch"]) == 0
+            await asyncio.sleep(0.05)
+            print("ok")
+        asyncio.run(second())
+        """
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")

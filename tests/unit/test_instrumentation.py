@@ -7,6 +7,7 @@ import contextlib
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +37,8 @@ from aiodetach.instrumentation import (
     prometheus_hook,
 )
 from aiodetach.testing import FakeHypervisor, Unplug
+
+from ._gate_fake import GateFake, settle
 
 FAST = DetachSettings(attempts=2, timeout=0.2, reconnect_timeout=2.0)
 OUTCOMES = ("removed", "failed", "timeout", "stopped", "error", "cancelled")
@@ -590,3 +593,34 @@ except ImportError as exc:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert f"pip install 'aiodetach[{extra}]'" in proc.stdout
+
+
+async def test_hooks_pair_every_unplug_once_with_joiners_and_cancellations(gf: GateFake) -> None:
+    dom = gf.add_domain("vm")
+    for i in range(10):
+        dom.add_disk(f"sd{i}", alias=f"ua-d{i}", unplug=Unplug.later(0.05))
+    records: list[Any] = []
+    async with DetachService(backend=gf, hooks=[records.append]) as svc:
+        tasks = [
+            asyncio.create_task(svc.detach("vm", alias=f"ua-d{i % 10}", persistent=False))
+            for i in range(30)
+        ]
+        await settle(0.01)
+        for t in tasks[::4]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await settle(0.2)
+    starts = Counter(
+        r.alias for r in records if isinstance(r, UnplugRecord) and r.kind == "started"
+    )
+    ends = Counter(r.alias for r in records if isinstance(r, UnplugRecord) and r.kind == "ended")
+    assert starts == ends
+    assert all(v == 1 for v in starts.values()), starts
+    assert len(gf.requests) == sum(starts.values())
+    calls = [r for r in records if isinstance(r, DetachRecord)]
+    assert Counter(r.detach_id for r in calls if r.kind == "started") == Counter(
+        r.detach_id for r in calls if r.kind == "finished"
+    )
+    per_call = Counter(r.detach_id for r in calls if r.kind in ("unplug_started", "unplug_joined"))
+    assert all(v == 1 for v in per_call.values()), per_call
+    assert sum(1 for r in calls if r.kind == "unplug_started") == 10

@@ -4,16 +4,24 @@ service closed mid-unplug and a new one opened on the same journal and fake)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from aiodetach import DetachService
+from aiodetach import DetachService, DetachSettings
 from aiodetach.backend import BackendError
-from aiodetach.errors import DetachTimeout, ServiceClosed
+from aiodetach.errors import (
+    DetachTimeout,
+    ServiceClosed,
+)
+from aiodetach.instrumentation import UnplugRecord
 from aiodetach.testing import FakeHypervisor, Unplug
 
+from ._gate_fake import GateFake, settle
 from ._journal_support import journal_rows, journal_settings, killed_mid_unplug
 
 
@@ -213,3 +221,60 @@ async def test_recovered_removed_is_not_pending_and_detach_reports_not_found(
     async with DetachService(backend=fake, settings=journal_settings(), journal=journal) as svc:
         assert [r.outcome for r in svc.recovered()] == ["removed"]
         assert svc.pending() == []
+
+
+async def test_journal_one_row_per_unplug_under_sharing(gf: GateFake, tmp_path: Path) -> None:
+    dom = gf.add_domain("vm")
+    for i in range(8):
+        dom.add_disk(f"sd{i}", alias=f"ua-d{i}", unplug=Unplug.later(0.02))
+    path = tmp_path / "j.db"
+    async with DetachService(backend=gf, journal=path) as svc:
+        await asyncio.gather(*(svc.detach("vm", alias=f"ua-d{i % 8}") for i in range(24)))
+    db = sqlite3.connect(path)
+    try:
+        cols = [c[1] for c in db.execute("PRAGMA table_info(unplugs)")]
+        rows = db.execute("SELECT * FROM unplugs").fetchall()
+    finally:
+        db.close()
+    assert len(rows) == 8
+    outcome = cols.index("outcome")
+    assert {r[outcome] for r in rows} == {"removed"}
+
+
+async def test_recovered_parked_unplugs_joined_by_many_callers(
+    gf: GateFake, tmp_path: Path
+) -> None:
+    dom = gf.add_domain("vm")
+    for i in range(5):
+        dom.add_disk(f"sd{i}", alias=f"ua-d{i}", unplug=Unplug.manual())
+    path = tmp_path / "j.db"
+    settings_ = DetachSettings(timeout=5, attempts=3)
+    async with DetachService(backend=gf, settings=settings_, journal=path) as first:
+        tasks = [
+            asyncio.create_task(first.detach("vm", alias=f"ua-d{i}", persistent=False))
+            for i in range(5)
+        ]
+        await settle(0.1)
+    for t in tasks:
+        with pytest.raises(ServiceClosed):
+            await t
+    records: list[Any] = []
+    async with DetachService(
+        backend=gf, settings=settings_, journal=path, hooks=[records.append]
+    ) as svc:
+        assert sorted(r.outcome for r in svc.recovered()) == ["pending"] * 5
+        callers = [
+            asyncio.create_task(svc.detach("vm", alias=f"ua-d{i % 5}", persistent=False))
+            for i in range(15)
+        ]
+        await settle(0.05)
+        for i in range(5):
+            gf.complete("vm", f"ua-d{i}")
+        results = await asyncio.wait_for(asyncio.gather(*callers), 5)
+    assert all(r.resumed and r.joined for r in results)
+    assert Counter(r.alias for r in gf.requests) == Counter({f"ua-d{i}": 1 for i in range(5)})
+    starts = Counter(
+        r.alias for r in records if isinstance(r, UnplugRecord) and r.kind == "started"
+    )
+    ends = Counter(r.alias for r in records if isinstance(r, UnplugRecord) and r.kind == "ended")
+    assert starts == ends == Counter({f"ua-d{i}": 1 for i in range(5)})

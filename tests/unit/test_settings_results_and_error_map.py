@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import pickle
 
 import pytest
 from pydantic import ValidationError
 
-from aiodetach import DetachResult, DetachSettings
+from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach._errors_map import is_connection_error, is_in_progress, map_error
 from aiodetach._xml import find_device, has_alias, selector_from
 from aiodetach.backend import BackendError, ErrorCode, ErrorDomain
@@ -24,6 +25,7 @@ from aiodetach.errors import (
     InvalidRequest,
     ReadOnlyConnection,
 )
+from aiodetach.testing import FakeHypervisor, Unplug
 
 LIVE = """
 <domain type='qemu'><name>vm</name><devices>
@@ -240,3 +242,29 @@ def test_exit_codes_are_distinct_per_class() -> None:
     assert len(set(codes)) >= 10
     assert exit_code_for(DetachFailed("x")) == 6
     assert exit_code_for(DomainStopped("x")) == 5
+
+
+async def test_result_descriptions_per_device_kind_and_selector() -> None:
+    fake = FakeHypervisor()
+    dom = fake.add_domain("vm")
+    dom.add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.05))
+    dom.add_interface("52:54:00:AA:BB:CC", alias="ua-n", unplug=Unplug.later(0.05))
+    dom.add_hostdev("0x05", alias="ua-h", unplug=Unplug.later(0.05))
+    async with DetachService(backend=fake, log=False) as svc:
+        r = await asyncio.gather(
+            svc.detach("vm", alias="ua-d"),
+            svc.detach("vm", target="vdb"),
+            svc.detach("vm", alias="ua-n"),
+            svc.detach("vm", mac="52:54:00:aa:bb:cc"),
+            svc.detach("vm", alias="ua-h"),
+        )
+    assert [x.device for x in r] == [
+        "disk target='vdb' alias='ua-d'",
+        "disk target='vdb' alias='ua-d'",
+        "interface mac='52:54:00:aa:bb:cc' alias='ua-n'",
+        "interface mac='52:54:00:aa:bb:cc' alias='ua-n'",
+        "hostdev alias='ua-h'",
+    ]
+    assert r[1].joined
+    assert r[3].joined
+    assert len(fake.requests) == 3

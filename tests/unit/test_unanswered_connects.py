@@ -210,3 +210,65 @@ async def test_close_releases_a_caller_whose_read_is_stuck(
         ]
     finally:
         released.set()
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Released at the end of the test whatever happened."""
+    g = threading.Event()
+    yield g
+    g.set()
+
+
+def _hang(fake: FakeHypervisor, gate: threading.Event, names: tuple[str, ...]) -> list[str]:
+    """Makes the fake's calls in ``names`` block until ``gate`` is set; the calls hit."""
+    hits: list[str] = []
+
+    def before(name: str) -> None:
+        if name in names:
+            hits.append(name)
+            gate.wait(30)
+
+    fake.before_call = before
+    return hits
+
+
+async def test_close_is_bounded_when_every_libvirt_call_hangs(
+    fake: FakeHypervisor, gate: threading.Event
+) -> None:
+    vm = fake.add_domain("vm-1")
+    vm.add_disk("vdb", alias="ua-0", unplug=Unplug.manual())
+    vm.add_disk("vdc", alias="ua-1", unplug=Unplug.manual())
+    svc = DetachService(backend=fake, settings=DetachSettings(timeout=30, reconnect_timeout=30))
+    await svc.open()
+    waiting = asyncio.create_task(svc.detach("vm-1", alias="ua-0"))
+    await _until(lambda: len(fake.requests) == 1)
+    names = ("open", "close", "lookup", "domain_xml", "detach_live", "detach_config")
+    hits = _hang(fake, gate, names)
+    reading = asyncio.create_task(svc.detach("vm-1", alias="ua-1"))  # stuck in lookup
+    await _until(lambda: "lookup" in hits)
+    started = time.monotonic()
+    await svc.aclose()
+    took = time.monotonic() - started
+    for task in (waiting, reading):
+        with pytest.raises(ServiceClosed):
+            await task
+    gate.set()
+    await _until(lambda: not fake.connected)
+    assert took < 2.0 + 2.0, f"aclose() held up {took:.2f} s (its grace is 2 s)"
+
+
+async def test_a_cancelled_open_closes_the_connection_made_late(
+    fake: FakeHypervisor, gate: threading.Event
+) -> None:
+    hits = _hang(fake, gate, ("open",))
+    svc = DetachService(backend=fake, settings=DetachSettings(connect_timeout=60))
+    task = asyncio.create_task(svc.open())
+    await _until(lambda: hits == ["open"])
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 3.0 + 2.0
+    gate.set()
+    await _until(lambda: fake.opens == 1 and not fake.connected)
