@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -119,16 +120,16 @@ def live_xml(*a: Any, inactive: bool = False, **k: Any) -> bool:
     return not inactive
 
 
-async def entered(h: Hold, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
+async def entered(h: Hold, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
     while not h.entered.is_set():
         if time.monotonic() > deadline:
             pytest.fail(f"{h.method} (after={h.after}) was never held")
         await asyncio.sleep(0.002)
 
 
-async def until(cond: Callable[[], bool], timeout: float = 3.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
+async def until(cond: Callable[[], bool], within: float = 3.0, what: str = "") -> None:
+    deadline = time.monotonic() + within
     while not cond():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what or cond}")
@@ -430,7 +431,7 @@ async def test_exactly_attempts_requests_spaced_by_timeout(hv: HoldFake) -> None
         assert info.value.attempts == 3
         at = live_requests(hv)
         assert len(at) == 3
-        assert all(b - a >= 0.18 for a, b in zip(at, at[1:], strict=False)), at
+        assert all(b - a >= 0.18 for a, b in itertools.pairwise(at)), at
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,10 +504,10 @@ async def test_several_impatient_callers_send_at_most_attempts(hv: HoldFake) -> 
             sent.setdefault(r.unplug_id, []).append(r.time)
     for times in sent.values():
         assert len(times) <= 3, sent
-        assert all(b - a >= 0.22 for a, b in zip(times, times[1:], strict=False)), sent
+        assert all(b - a >= 0.22 for a, b in itertools.pairwise(times)), sent
     at = live_requests(hv)
     assert len([t for t in at if t <= min(first_timeout)]) == 3, at
-    assert all(b - a >= 0.22 for a, b in zip(at, at[1:], strict=False)), at
+    assert all(b - a >= 0.22 for a, b in itertools.pairwise(at)), at
 
 
 async def test_orphan_listed_then_dropped_without_resend(hv: HoldFake) -> None:
@@ -571,7 +572,9 @@ async def test_orphan_event_then_late_caller_gets_not_found(hv: HoldFake) -> Non
         assert len(live_requests(hv)) == 1
 
 
-async def _queue_second(hv: HoldFake, records: list[Any], svc: DetachService) -> tuple[Hold, asyncio.Task[Any], asyncio.Task[Any]]:
+async def _queue_second(
+    hv: HoldFake, records: list[Any], svc: DetachService
+) -> tuple[Hold, asyncio.Task[Any], asyncio.Task[Any]]:
     """ua-disk1's request holds the only worker thread; ua-disk2's unplug has
     started and its request waits for a thread."""
     h = hv.hold("detach_live", when=lambda uuid, alias: alias == ALIAS)
@@ -663,7 +666,8 @@ async def test_straddling_reader_shares_removal(hv: HoldFake) -> None:
         assert ra.live
         h.release.set()
         rb = await asyncio.wait_for(b, 2)
-        assert rb.joined and rb.live
+        assert rb.joined
+        assert rb.live
         assert n_detach_live(hv) == 1
 
 
@@ -680,7 +684,9 @@ async def test_straddling_reader_when_xml_dropped_before_event(hv: HoldFake) -> 
         assert not b.done(), f"late caller ended early: {b}"
         hv.emit_removed("vm-1", ALIAS)
         ra, rb = await asyncio.wait_for(asyncio.gather(a, b), 2)
-        assert ra.live and rb.live and rb.joined
+        assert ra.live
+        assert rb.live
+        assert rb.joined
         assert n_detach_live(hv) == 1
 
 
@@ -689,12 +695,17 @@ async def test_straddling_reader_when_xml_dropped_before_event(hv: HoldFake) -> 
 # ---------------------------------------------------------------------------------------
 
 
-async def _close_and_check(svc: DetachService, hv: HoldFake, tasks: list[asyncio.Task[Any]]) -> None:
+async def _close_and_check(
+    svc: DetachService, hv: HoldFake, tasks: list[asyncio.Task[Any]]
+) -> None:
     # calls held before the fake saw them were handed to a thread before closing began
     held = sum(
         1
         for h in hv.holds
-        if h.method == "detach_live" and not h.after and h.entered.is_set() and not h.release.is_set()
+        if h.method == "detach_live"
+        and not h.after
+        and h.entered.is_set()
+        and not h.release.is_set()
     )
     before = n_detach_live(hv) + held
     t0 = time.monotonic()
@@ -725,7 +736,9 @@ async def test_aclose_while_request_in_thread(hv: HoldFake) -> None:
     await rel
 
 
-@pytest.mark.parametrize(("method", "after"), [("lookup", True), ("domain_xml", True), ("domain_xml", False)])
+@pytest.mark.parametrize(
+    ("method", "after"), [("lookup", True), ("domain_xml", True), ("domain_xml", False)]
+)
 async def test_aclose_during_recheck_read(hv: HoldFake, method: str, after: bool) -> None:
     add_vm(hv, GuestUnplug.never())
     svc = service(hv, timeout=0.3, attempts=3)
@@ -864,7 +877,8 @@ async def test_events_stream_ends_at_close(hv: HoldFake) -> None:
     await asyncio.sleep(0.05)
     await svc.detach("vm-1", **LIVE)
     await until(lambda: len(got) >= 1, 1, "the device-removed event in the stream")
-    assert got[0].kind == "device-removed" and got[0].alias == ALIAS
+    assert got[0].kind == "device-removed"
+    assert got[0].alias == ALIAS
     await svc.aclose()
     await asyncio.wait_for(watcher, 2)
 
@@ -909,7 +923,8 @@ async def test_daemon_gone_during_request_goes_out_once_back(hv: HoldFake) -> No
         assert not task.done()
         hv.restart()
         result = await asyncio.wait_for(task, 3)
-        assert result.live and result.attempts == 1
+        assert result.live
+        assert result.attempts == 1
         assert len(live_requests(hv)) == 1
 
 
@@ -996,7 +1011,8 @@ async def test_reconnect_keeps_waiting_current_attempt(hv: HoldFake) -> None:
         with pytest.raises(DetachTimeout):
             await asyncio.wait_for(task, 4)
         at = live_requests(hv)
-        assert len(at) == 2 and at[1] - at[0] >= 0.45, at
+        assert len(at) == 2, at
+        assert at[1] - at[0] >= 0.45, at
 
 
 async def test_connection_lost_after_reconnect_timeout(hv: HoldFake) -> None:
@@ -1171,7 +1187,9 @@ async def test_journal_takeup_event_joined(hv: HoldFake, tmp_path: Path) -> None
         await asyncio.sleep(0.1)
         hv.complete("vm-1", ALIAS)
         result = await asyncio.wait_for(task, 2)
-        assert result.joined and result.resumed and result.attempts == 1
+        assert result.joined
+        assert result.resumed
+        assert result.attempts == 1
         assert len(live_requests(hv)) == 1
 
 
@@ -1262,7 +1280,10 @@ async def test_many_per_domain_counts_uuid_and_name_once(hv: HoldFake) -> None:
     for i in range(4):
         vm.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=GuestUnplug.later(0.1))
     spellings = ["vm-1", vm.uuid.upper(), vm.uuid.replace("-", ""), "vm-1"]
-    reqs = [{"domain": d, "alias": f"ua-{i}", "live": True, "persistent": False} for i, d in enumerate(spellings)]
+    reqs = [
+        {"domain": d, "alias": f"ua-{i}", "live": True, "persistent": False}
+        for i, d in enumerate(spellings)
+    ]
     records: list[Any] = []
     async with service(hv, records, timeout=1, attempts=2) as svc:
         outs = await asyncio.wait_for(svc.detach_many(reqs, per_domain=1), 4)
@@ -1274,7 +1295,7 @@ async def test_many_per_domain_counts_uuid_and_name_once(hv: HoldFake) -> None:
             spans.setdefault(r.alias, []).append(r.time)
     iv = sorted((s[0], s[-1]) for s in spans.values())
     assert len(iv) == 4
-    assert all(b[0] >= a[1] for a, b in zip(iv, iv[1:], strict=False)), iv
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(iv)), iv
 
 
 # ---------------------------------------------------------------------------------------
@@ -1288,8 +1309,11 @@ async def test_many_checks_whole_batch_before_sending(hv: HoldFake) -> None:
         calls_before = list(hv.calls)
         with pytest.raises(InvalidRequest) as info:
             await svc.detach_many(
-                [{"domain": "vm-1", "alias": ALIAS}, {"domain": "vm-1", "target": "vdb"},
-                 {"domain": "vm-1", "alias": ""}]
+                [
+                    {"domain": "vm-1", "alias": ALIAS},
+                    {"domain": "vm-1", "target": "vdb"},
+                    {"domain": "vm-1", "alias": ""},
+                ]
             )
         assert info.value.index == 2
         assert hv.calls == calls_before
@@ -1299,8 +1323,11 @@ async def test_many_duplicate_device_one_request(hv: HoldFake) -> None:
     vm = add_vm(hv, GuestUnplug.later(0.1))
     async with service(hv, timeout=1, attempts=2) as svc:
         outs = await svc.detach_many(
-            [{"domain": "vm-1", **LIVE}, {"domain": vm.uuid.upper(), **LIVE},
-             {"domain": "vm-1", "target": "vdb", "live": True, "persistent": False}],
+            [
+                {"domain": "vm-1", **LIVE},
+                {"domain": vm.uuid.upper(), **LIVE},
+                {"domain": "vm-1", "target": "vdb", "live": True, "persistent": False},
+            ],
             per_domain=4,
         )
     assert len(live_requests(hv)) == 1
@@ -1316,8 +1343,10 @@ async def test_many_batch_aborted_leaves_nothing_running(hv: HoldFake) -> None:
     vm.add_disk("vda", alias="ua-fast", unplug=GuestUnplug.now())
     for i in range(3):
         vm.add_disk(f"vd{i}", alias=f"ua-{i}", unplug=GuestUnplug.manual())
-    reqs = [{"domain": "vm-1", "alias": a, "live": True, "persistent": False}
-            for a in ("ua-0", "ua-1", "ua-fast", "ua-2")]
+    reqs = [
+        {"domain": "vm-1", "alias": a, "live": True, "persistent": False}
+        for a in ("ua-0", "ua-1", "ua-fast", "ua-2")
+    ]
 
     def boom(outcome: Any, done: int, total: int) -> None:
         raise RuntimeError("boom")
@@ -1334,7 +1363,9 @@ async def test_many_batch_aborted_leaves_nothing_running(hv: HoldFake) -> None:
         # asking again joins the unplug still running
         for alias in ("ua-0", "ua-1", "ua-2"):
             if alias in sent:
-                t = asyncio.create_task(svc.detach("vm-1", alias=alias, live=True, persistent=False))
+                t = asyncio.create_task(
+                    svc.detach("vm-1", alias=alias, live=True, persistent=False)
+                )
                 await asyncio.sleep(0.05)
                 hv.complete("vm-1", alias)
                 res = await asyncio.wait_for(t, 1)
