@@ -106,8 +106,8 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         "7: a request that never reached libvirtd is not an attempt",
-        "        if outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy:",
-        "        if outcome in (Outcome.SKIPPED, Outcome.JOURNAL_FAILED) or busy:",
+        "(Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy:",
+        "(Outcome.SKIPPED, Outcome.JOURNAL_FAILED) or busy:",
     ),
     (
         "7: a maybe-sent request is waited out, not re-sent",

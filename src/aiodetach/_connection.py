@@ -419,11 +419,15 @@ class Connection:
                         return  # closing: close() closes the late connection
                     break
                 except BackendError as err:
-                    if loop.time() + delay > deadline:
+                    left = deadline - loop.time()
+                    if left <= 0:
                         self._give_up(err.message, err.code)
                         return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, settings.reconnect_backoff_max)
+                    # The last try comes at the bound, not a backoff before
+                    # it: the daemon is given up on only once it stayed away
+                    # for all of ``reconnect_timeout``.
+                    await asyncio.sleep(min(delay, left))
+                    delay = min(delay * 2, settings.reconnect_backoff_max)
         except ServiceClosed:
             return
         self._dead = None

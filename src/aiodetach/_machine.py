@@ -119,6 +119,9 @@ _SEND = Send()
 _READ_STATE = ReadState()
 _READ_XML = ReadXml()
 _WAIT_RECONNECT = WaitReconnect()
+_READ_AGAIN = 2
+"""``reading``: a state read is out and RESUMED came meanwhile (its answer may
+predate it: a "paused" answer is asked again at once)."""
 _EVENT_BY: dict[Verdict, Literal["event", "xml"]] = {
     Verdict.REMOVED: "event",
     Verdict.GONE: "xml",
@@ -157,7 +160,6 @@ class UnplugMachine:
         "reading",
         "resume",
         "sent",
-        "stopping",
         "token",
         "used",
         "verdict",
@@ -171,8 +173,7 @@ class UnplugMachine:
         self.verdict: Verdict | None = None  # kept while SENDING, or an early one being checked
         self.early = False
         self.failure: object = None  # VERIFYING: the refusal to end with if the device is there
-        self.stopping: str | None = None  # the domain stopped while a call was out (reason)
-        self.reading = False  # a state or XML read is out
+        self.reading = 0  # a state or XML read is out (_READ_AGAIN: and RESUMED came)
         self.handed = False  # a request of ours reached libvirt (and was not refused as busy)
         self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
         self.sent = 0  # requests that counted (busy refusals and unsent ones do not)
@@ -193,14 +194,9 @@ class UnplugMachine:
     def wants_request(self) -> bool:
         """Asked in the worker thread just before the request is handed to
         libvirt: not for nobody, nor for an unplug an event decided meanwhile
-        (a verdict that counts, or the domain stopping), nor after the end
-        (the service closed while it waited for a thread)."""
-        return (
-            self.callers > 0
-            and not self.decided
-            and self.stopping is None
-            and self.phase is not Phase.DONE
-        )
+        , nor after the end (the domain stopped, or the service closed, while
+        it waited for a thread)."""
+        return self.callers > 0 and not self.decided and self.phase is not Phase.DONE
 
     @property
     def over(self) -> bool:
@@ -253,10 +249,14 @@ class UnplugMachine:
         elif isinstance(event, Left):
             self._left(out)
         elif isinstance(event, Stopped):
-            if not self._keeping:
+            # Every waiter wakes at once, also while a call is out (a call
+            # into a domain whose job another client holds may block for
+            # long); a verdict kept meanwhile came first and stands.
+            if self.decided:
+                assert self.verdict is not None
+                self._conclude(out, self.verdict)
+            else:
                 self._end(out, End(Ending.STOPPED, reason=event.reason))
-            elif not self.decided and self.stopping is None:
-                self.stopping = event.reason  # acted on once the call out answered
         elif isinstance(event, Resumed | ConnectionDown):
             self._woken(out, event, now)
         elif isinstance(event, Reconnected):
@@ -279,13 +279,11 @@ class UnplugMachine:
     def _keeping(self) -> bool:
         """A call is out (the request in its thread, a read): a verdict is
         kept and acted on as soon as it answered, before anything else."""
-        return self.phase is Phase.SENDING or self.reading
+        return self.phase is Phase.SENDING or self.reading != 0
 
     def _event(self, out: list[Action], event: Event, now: float) -> None:
         verdict = event.verdict
         early = verdict is not Verdict.GONE and not (self.handed or event.in_libvirt)
-        if self.stopping is not None:
-            return  # the domain stopped first
         if self.verdict is None or (self.early and not early):
             self.verdict, self.early = verdict, early
         if self._keeping:
@@ -296,9 +294,6 @@ class UnplugMachine:
 
     def _kept(self, out: list[Action]) -> bool:
         """The call out answered: end on what was kept meanwhile, if it counts."""
-        if self.stopping is not None:
-            self._end(out, End(Ending.STOPPED, reason=self.stopping))
-            return True
         if self.decided:
             assert self.verdict is not None
             self._conclude(out, self.verdict)
@@ -360,7 +355,7 @@ class UnplugMachine:
         if outcome not in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED):
             out.append(Report("request_sent"))
             self.handed = not busy
-        if outcome is Outcome.JOURNAL_FAILED and self.stopping is None:
+        if outcome is Outcome.JOURNAL_FAILED:
             self._end(out, End(Ending.ERROR, error=answer.error))
             return
         self.phase = Phase.QUEUED  # nothing is out any more
@@ -491,6 +486,10 @@ class UnplugMachine:
             # RESUMED, or a lost connection (RESUMED may be lost with it): look.
             self.reading = True
             out.append(_READ_STATE)
+        elif self.reading and phase in (Phase.PAUSED, Phase.RECHECKING):
+            # The state read out may have been answered before it: if it
+            # says paused, look again at once rather than in ``timeout``.
+            self.reading = _READ_AGAIN
         elif phase is Phase.WAITING and isinstance(event, ConnectionDown):
             self.after = Phase.WAITING
             self._reconnect(out)
@@ -538,6 +537,7 @@ class UnplugMachine:
     def _state_read(self, out: list[Action], read: StateRead, now: float) -> None:
         if not self.reading:
             return
+        again = self.reading == _READ_AGAIN
         self.reading = False
         if self._kept(out):
             return
@@ -549,6 +549,13 @@ class UnplugMachine:
             return
         paused = read.state == "paused"
         phase = self.phase
+        if paused and again and phase in (Phase.PAUSED, Phase.RECHECKING):
+            if phase is Phase.RECHECKING:
+                out.append(Report("paused"))
+                self.phase = Phase.PAUSED
+            self.reading = True  # RESUMED came while it was read: look again now
+            out.append(_READ_STATE)
+            return
         if phase is Phase.PAUSED:
             if paused:
                 self._enter(out, Phase.PAUSED, now)  # look again in ``timeout``

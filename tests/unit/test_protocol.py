@@ -561,6 +561,26 @@ async def test_daemon_down_past_the_limit_is_connection_lost(fake: FakeHyperviso
             await svc.detach("vm", alias="ua-d")
 
 
+async def test_daemon_is_given_up_on_only_after_the_whole_limit(fake: FakeHypervisor) -> None:
+    """Rule 7: "if the daemon stays away longer than ``reconnect_timeout``":
+    not when the next backoff would cross the bound, but once it was tried at
+    the bound (with the backoff as large as the limit, a give-up before the
+    bound would come ~half a limit early)."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
+    settings = DetachSettings(
+        attempts=2, timeout=5, reconnect_timeout=1.0, reconnect_backoff_max=1.0
+    )
+    async with DetachService(backend=fake, settings=settings) as svc:
+        task = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        while not fake.requests:
+            await asyncio.sleep(0.001)
+        lost_at = time.monotonic()
+        fake.crash()
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(task, 5)
+        assert time.monotonic() - lost_at >= 1.0
+
+
 # -- the event loop stays free ---------------------------------------------------------
 
 

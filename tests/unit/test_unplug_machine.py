@@ -688,28 +688,63 @@ ROWS = [
         Phase.DONE,
     ),
     Row(
-        "r5-stopped-during-request-after-answer",
-        [*SENDING, (Stopped("migrated"), 0.1)],
-        Answered(Outcome.SENT),
-        0.2,
-        [Report("request_sent"), End(Ending.STOPPED, reason="migrated")],
+        "r5-stopped-during-request-ends-at-once",
+        SENDING,
+        Stopped("migrated"),
+        0.1,
+        [End(Ending.STOPPED, reason="migrated")],
         Phase.DONE,
     ),
     Row(
-        "r5-stopped-beats-a-later-event",
-        [*SENDING, (Stopped("shutdown"), 0.1), (Event(Verdict.REMOVED, in_libvirt=True), 0.15)],
-        Answered(Outcome.SENT),
-        0.2,
-        [Report("request_sent"), End(Ending.STOPPED, reason="shutdown")],
+        "r5-a-verdict-kept-before-the-stop-stands",
+        [*SENDING, (Event(Verdict.REMOVED, in_libvirt=True), 0.1)],
+        Stopped("shutdown"),
+        0.15,
+        [End(Ending.REMOVED, confirmed_by="event")],
         Phase.DONE,
     ),
     Row(
-        "r5-stopped-during-a-read-ends-when-it-answers",
-        [*RECHECK_XML, (Stopped("crashed"), 11.15)],
-        XmlRead(present=True),
-        11.2,
+        "r5-nothing-is-sent-after-a-stop",
+        [*SENDING, (Stopped("shutdown"), 0.1)],
+        Answered(Outcome.SKIPPED),
+        0.2,
+        [],
+        Phase.DONE,
+    ),
+    Row(
+        "r5-stopped-during-a-read-ends-at-once",
+        RECHECK_XML,
+        Stopped("crashed"),
+        11.15,
         [End(Ending.STOPPED, reason="crashed")],
         Phase.DONE,
+        {"used": 0},
+    ),
+    Row(
+        "r2-resumed-during-the-recheck-state-read-looks-again",
+        [*RECHECK_STATE, (Resumed(), 11.05)],
+        StateRead("paused"),
+        11.1,
+        [Report("paused"), ReadState()],
+        Phase.PAUSED,
+        {"used": 0},
+    ),
+    Row(
+        "r2-resumed-during-a-paused-look-looks-again",
+        [*PAUSED, ("timer", 21.1), (Resumed(), 21.15)],
+        StateRead("paused"),
+        21.2,
+        [ReadState()],
+        Phase.PAUSED,
+        {"used": 0},
+    ),
+    Row(
+        "r2-running-after-the-second-look-gets-a-full-window",
+        [*PAUSED, ("timer", 21.1), (Resumed(), 21.15), (StateRead("paused"), 21.2)],
+        StateRead("running"),
+        21.3,
+        [Report("resumed"), WaitUntil(31.3, 0, window=True)],
+        Phase.WAITING,
         {"used": 0},
     ),
     Row(
@@ -953,7 +988,7 @@ def test_wants_request_asked_in_the_thread() -> None:
     assert m.wants_request  # an early verdict is only checked
     m, _ = run(SENDING)
     m.handle(Stopped("destroyed"), 0.1)
-    assert not m.wants_request
+    assert not m.wants_request  # over
 
 
 @pytest.mark.parametrize("module", [machine_module, machine_io], ids=lambda m: m.__name__)

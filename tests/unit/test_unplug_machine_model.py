@@ -107,7 +107,6 @@ class UnplugRules(RuleBasedStateMachine):
         self.gone_seen = False
         self.paused = False
         self.used_before_pause = 0
-        self.stopped_during_request: str | None = None
 
     # ----------------------------------------------------------- driving
     def feed(self, what: Input) -> list[Action]:
@@ -148,7 +147,6 @@ class UnplugRules(RuleBasedStateMachine):
             and self.read_out is None
             and (self.handed or what.in_libvirt)
             and what.verdict is not Verdict.GONE
-            and self.stopped_during_request is None
         ):
             raise AssertionError("a verdict that counts ends the unplug where it lands")
 
@@ -255,21 +253,23 @@ class UnplugRules(RuleBasedStateMachine):
     def event(self, verdict: Verdict, ours: bool) -> None:
         in_libvirt = ours and self.request_out
         counts = self.handed or in_libvirt
-        if counts and self.real_verdict is None and self.stopped_during_request is None:
+        if counts and self.real_verdict is None:
             self.real_verdict = verdict
         self.feed(Event(verdict, in_libvirt))
 
     @precondition(lambda self: self.ended is None)
     @rule(reason=st.sampled_from(["destroyed", "migrated"]))
     def stopped(self, reason: str) -> None:
+        kept = self.real_verdict is not None and (self.request_out or self.read_out is not None)
         out = self.feed(Stopped(reason))
-        if self.request_out or self.read_out is not None:
-            if self.real_verdict is None:
-                self.stopped_during_request = reason
-            assert out == []
+        # Every waiter wakes at once, also while a call is out; a verdict
+        # kept while that call was out came first and stands.
+        if kept:
+            assert len(out) == 1
+            assert isinstance(out[0], End)
+            assert out[0].how in (Ending.REMOVED, Ending.FAILED)
         else:
             assert out == [End(Ending.STOPPED, reason=reason)]
-            self.ended = out[0]  # type: ignore[assignment]
 
     @precondition(lambda self: self.ended is None)
     @rule()

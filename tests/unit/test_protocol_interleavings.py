@@ -1,5 +1,8 @@
-"""Adversarial probes of the live unplug's promises (docs/protocol.md), through
-the public API only, on the fake hypervisor.
+"""The live unplug's promises (docs/protocol.md) under interleavings, through
+the public API only, on the fake hypervisor: verdicts, stops, RESUMED, a close
+or a caller's own deadline landing while a call is in its worker thread, during
+a re-check, a back-off or a pause; connection losses; journal take-up; two
+names for one domain; batches.
 
 Each probe names the promise it checks.  A call can be *held* inside the fake,
 in its worker thread, either before it does anything (``after=False``) or
@@ -165,7 +168,7 @@ def add_vm(fake: FakeHypervisor, unplug: GuestUnplug, **kw: Any) -> Any:
     return vm
 
 
-LIVE = {"alias": ALIAS, "live": True, "persistent": False}
+LIVE: dict[str, Any] = {"alias": ALIAS, "live": True, "persistent": False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,12 +291,6 @@ async def test_domain_stopped_during_recheck_read(hv: HoldFake, method: str, aft
         assert n_detach_live(hv) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: a DomainStopped that lands while one of the unplug's calls is in its "
-    "worker thread (the request, or the re-check's state/XML read) does not wake the "
-    "waiters until that call returns",
-)
 @pytest.mark.parametrize(
     ("method", "after"),
     [("detach_live", False), ("detach_live", True), ("lookup", True), ("domain_xml", True)],
@@ -1068,11 +1065,6 @@ async def test_paused_lost_resume_event_is_noticed(hv: HoldFake) -> None:
         assert len(live_requests(hv)) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: a RESUMED that lands while a state read that saw PAUSED is in its "
-    "thread is dropped; the unplug waits for the next look (one more timeout)",
-)
 async def test_resumed_during_recheck_state_read_not_lost(hv: HoldFake) -> None:
     """RESUMED lands while the re-check's state read (which saw PAUSED) is in
     its thread: the resume must not wait for the next look."""
@@ -1095,11 +1087,6 @@ async def test_resumed_during_recheck_state_read_not_lost(hv: HoldFake) -> None:
             await reap(task)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING: a RESUMED that lands while a state read that saw PAUSED is in its "
-    "thread is dropped; the unplug waits for the next look (one more timeout)",
-)
 async def test_resumed_during_paused_look_not_lost(hv: HoldFake) -> None:
     """RESUMED lands while the paused phase's periodic state look (which saw
     PAUSED) is in its thread."""
@@ -1357,7 +1344,7 @@ async def test_many_batch_aborted_leaves_nothing_running(hv: HoldFake) -> None:
         err = info.value
         assert isinstance(err.__cause__, RuntimeError)
         assert sorted(err.unfinished) == [0, 1, 3]
-        by_index = {o.index: o for o in err.outcomes}
+        by_index: dict[int, Any] = {o.index: o for o in err.outcomes}  # type: ignore[attr-defined]
         assert by_index[2].result is not None
         sent = {r.alias for r in hv.requests}
         # asking again joins the unplug still running
