@@ -76,8 +76,8 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         "3: nothing is sent for nobody",
-        "            self.callers > 0\n            and not self.decided",
-        "            self.callers >= 0\n            and not self.decided",
+        "        return self.callers > 0 and not self.decided",
+        "        return self.callers >= 0 and not self.decided",
     ),
     (
         "3: an orphan lingers one timeout for a caller",

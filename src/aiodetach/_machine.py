@@ -193,8 +193,8 @@ class UnplugMachine:
     @property
     def wants_request(self) -> bool:
         """Asked in the worker thread just before the request is handed to
-        libvirt: not for nobody, nor for an unplug an event decided meanwhile
-        , nor after the end (the domain stopped, or the service closed, while
+        libvirt: not for nobody, nor for an unplug an event decided meanwhile,
+        nor after the end (the domain stopped, or the service closed, while
         it waited for a thread)."""
         return self.callers > 0 and not self.decided and self.phase is not Phase.DONE
 
