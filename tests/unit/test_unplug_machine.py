@@ -1220,6 +1220,7 @@ ROWS = [
     Row("stale-answer-ignored", WAITING, Answered(Outcome.SENT), 2.0, [], Phase.WAITING),
     Row("stale-read-ignored", WAITING, XmlRead(present=False), 2.0, [], Phase.WAITING),
     Row("stale-reconnected-ignored", WAITING, Reconnected(), 2.0, [], Phase.WAITING),
+    Row("stale-resumed-ignored-while-waiting", WAITING, Resumed(), 2.0, [], Phase.WAITING),
 ]
 
 
