@@ -1,6 +1,6 @@
 """Mutation testing of the pure protocol machine and the planner: do the tests bite?
 
-    python benchmarks/mutation.py                 # about 10 min on 2 cores
+    python benchmarks/mutation.py                 # 2 workers; about 6 min with 3
     python benchmarks/mutation.py --max-children 4 --json out.json --keep /tmp/mut
 
 mutmut (``pip install mutmut``; configured in pyproject.toml, ``[tool.mutmut]``)
