@@ -286,6 +286,27 @@ ROWS = [
         Phase.DONE,
         {"sent": 1},
     ),
+    Row(
+        "r2-the-first-verdict-that-counts-is-final",
+        [
+            *SENDING,
+            (Event(Verdict.REMOVED, in_libvirt=True), 0.5),
+            (Event(Verdict.FAILED, in_libvirt=True), 0.55),
+        ],
+        Answered(Outcome.SENT),
+        0.6,
+        [Report("request_sent"), End(Ending.REMOVED, confirmed_by="event")],
+        Phase.DONE,
+    ),
+    Row(
+        "r2-removed-after-a-resend-is-success",
+        [*RESENDING, (Answered(Outcome.SENT), 12.0)],
+        Event(Verdict.REMOVED),
+        13.0,
+        [End(Ending.REMOVED, confirmed_by="event")],
+        Phase.DONE,
+        {"sent": 2, "used": 1},
+    ),
     # Rule 2: an event from before our request is checked.
     Row(
         "r2-early-removed-during-queue-kept",
@@ -373,6 +394,19 @@ ROWS = [
         0.3,
         [End(Ending.FAILED)],
         Phase.DONE,
+    ),
+    Row(
+        "r2-window-over-during-a-check-is-rechecked-at-once",
+        [
+            *SENDING,
+            (Event(Verdict.REMOVED), 0.1),
+            (Answered(Outcome.SENT), 0.2),  # window ends at 10.2
+            (StateRead("running"), 5.0),
+        ],
+        XmlRead(present=True),
+        10.2,
+        [_stale_removed(), ReadState()],
+        Phase.RECHECKING,
     ),
     # Rule 2: a paused domain.
     Row(
@@ -519,6 +553,95 @@ ROWS = [
         1.2,
         [_stale_removed(), WaitUntil(1.5, 5)],
         Phase.BACKING_OFF,
+    ),
+    Row(
+        "r2-busy-backoff-is-at-most-5s",
+        [
+            (Joined(), 0.0),
+            ("begin", 0.0),
+            (Answered(Outcome.BUSY), 0.0),  # 1
+            ("timer", 1.0),
+            (Answered(Outcome.BUSY), 1.0),  # 1.5
+            ("timer", 2.5),
+            (Answered(Outcome.BUSY), 2.5),  # 2.25
+            ("timer", 4.75),
+            (Answered(Outcome.BUSY), 4.75),  # 3.375
+            ("timer", 8.125),
+        ],
+        Answered(Outcome.BUSY),
+        8.125,
+        [Report("request_sent"), Report("busy_backoff", "delay", 5.0), WaitUntil(13.125, 0)],
+        Phase.BACKING_OFF,
+        {"used": 0, "busy_refusals": 5},
+        Limits(timeout=100.0),
+    ),
+    Row(
+        "r2-busy-backoff-is-never-longer-than-timeout",
+        [
+            (Joined(), 0.0),
+            ("begin", 0.0),
+            (Answered(Outcome.BUSY), 0.0),  # 0.5 (a quarter of the timeout)
+            ("timer", 0.5),
+            (Answered(Outcome.BUSY), 0.5),  # 0.75
+            ("timer", 1.25),
+            (Answered(Outcome.BUSY), 1.25),  # 1.125
+            ("timer", 2.375),
+            (Answered(Outcome.BUSY), 2.375),  # 1.6875, a timeout of refusals: an attempt
+            ("timer", 4.0625),
+        ],
+        Answered(Outcome.BUSY),
+        4.0625,
+        [Report("request_sent"), Report("busy_backoff", "delay", 2.0), WaitUntil(6.0625, 0)],
+        Phase.BACKING_OFF,
+        {"used": 1, "busy_refusals": 5},
+        Limits(timeout=2.0),
+    ),
+    Row(
+        "r2-busy-time-is-counted-from-the-first-refusal",
+        [(Joined(), 100.0), ("begin", 100.0), (Answered(Outcome.BUSY), 100.5), ("timer", 101.5)],
+        Answered(Outcome.BUSY),
+        101.6,
+        [Report("request_sent"), Report("busy_backoff", "delay", 1.5), WaitUntil(103.1, 0)],
+        Phase.BACKING_OFF,
+        {"used": 0, "busy_refusals": 2, "busy_since": 100.5},
+    ),
+    Row(
+        "r2-early-removed-kept-through-a-busy-refusal-is-checked",
+        [*SENDING, (Event(Verdict.REMOVED), 0.1)],
+        Answered(Outcome.BUSY),
+        0.5,
+        [Report("request_sent"), Report("busy_backoff", "delay", 1.0), WaitUntil, ReadState()],
+        Phase.CONFIRMING,
+        {"after": Phase.BACKING_OFF, "sent": 0},
+    ),
+    Row(
+        "r2-early-event-during-the-check-of-another-is-checked-next",
+        [
+            *BACKING_OFF,
+            (Event(Verdict.REMOVED), 1.0),
+            (Event(Verdict.FAILED), 1.05),
+            (StateRead("running"), 1.1),
+        ],
+        XmlRead(present=True),
+        1.2,
+        [_stale_removed(), WaitUntil(1.5, 0), Report("stale_event_ignored", "reason", "failed")],
+        Phase.BACKING_OFF,
+        {"verdict": None},
+    ),
+    Row(
+        "r2-in-progress-first-then-busy-on-the-resend-is-in-progress",
+        [
+            *SENDING,
+            (Answered(Outcome.IN_PROGRESS, reason="already in the process of unplug"), 1.0),
+            ("timer", 11.0),
+            (StateRead("running"), 11.1),
+            (XmlRead(present=True), 11.2),
+        ],
+        Answered(Outcome.BUSY, reason="guest is busy"),
+        12.0,
+        [Report("request_sent"), Report("in_progress", "reason", "guest is busy"), WaitUntil],
+        Phase.WAITING,
+        {"sent": 2, "used": 1},
     ),
     # Rule 2 / refusals.
     Row(
@@ -678,6 +801,63 @@ ROWS = [
         Phase.BACKING_OFF,
         {"callers": 1},
     ),
+    Row(
+        "r3-busy-refusal-after-every-caller-left-ends-it",
+        [*SENDING, (Left(), 0.2)],
+        Answered(Outcome.BUSY),
+        0.5,
+        [Report("request_sent"), Report("busy_backoff", "delay", 1.0), End(Ending.ABANDONED)],
+        Phase.DONE,
+        {"sent": 0},
+    ),
+    Row(
+        "r3-window-over-during-a-check-with-nobody-lingers",
+        [
+            *SENDING,
+            (Event(Verdict.REMOVED), 0.1),
+            (Answered(Outcome.SENT), 0.2),  # window ends at 10.2
+            (Left(), 0.3),
+            (StateRead("running"), 10.5),
+        ],
+        XmlRead(present=True),
+        10.6,
+        [_stale_removed(), WaitUntil(20.6, 0)],
+        Phase.IDLE,
+        {"resume": Phase.RECHECKING},
+    ),
+    Row(
+        "r3-resend-not-sent-then-nobody-lingers-once-back",
+        [
+            *RESENDING,
+            (Answered(Outcome.NOT_SENT), 11.3),
+            (Left(), 11.4),
+            (Reconnected(), 12.0),
+            (StateRead("running"), 12.1),
+        ],
+        XmlRead(present=True),
+        12.2,
+        [WaitUntil(22.2, 0)],
+        Phase.IDLE,
+        {"resume": Phase.QUEUED, "sent": 1, "used": 1},
+    ),
+    Row(
+        "r3-one-of-two-callers-back-leaving-keeps-the-resume",
+        [*IDLE_RECHECK, (Joined(), 12.0), (Joined(), 12.5)],
+        Left(),
+        13.0,
+        [],
+        Phase.IDLE,
+        {"callers": 1},
+    ),
+    Row(
+        "r3-resend-skipped-for-nobody-lingers",
+        [*RESENDING, (Left(), 11.25)],
+        Answered(Outcome.SKIPPED),
+        11.3,
+        [WaitUntil(21.3, 0)],
+        Phase.IDLE,
+        {"resume": Phase.QUEUED, "sent": 1, "used": 1},
+    ),
     # Rule 5: the domain stops.
     Row(
         "r5-stopped-while-waiting",
@@ -777,6 +957,34 @@ ROWS = [
         Answered(Outcome.NO_DOMAIN),
         0.5,
         [Report("request_sent"), End(Ending.STOPPED, reason="undefined")],
+        Phase.DONE,
+    ),
+    Row(
+        "r5-stop-kept-while-the-request-was-out-wins-over-a-journal-failure",
+        [*SENDING, (Stopped("destroyed"), 0.2)],
+        Answered(Outcome.JOURNAL_FAILED, error="disk full"),
+        0.5,
+        [End(Ending.STOPPED, reason="destroyed")],
+        Phase.DONE,
+    ),
+    Row(
+        "r5-a-verdict-that-counts-before-the-stop-wins",
+        [
+            *SENDING,
+            (Event(Verdict.REMOVED, in_libvirt=True), 0.2),
+            (Stopped("destroyed"), 0.3),
+        ],
+        Answered(Outcome.SENT),
+        0.5,
+        [Report("request_sent"), End(Ending.REMOVED, confirmed_by="event")],
+        Phase.DONE,
+    ),
+    Row(
+        "r5-the-first-stop-kept-is-the-reason",
+        [*SENDING, (Stopped("destroyed"), 0.2), (Stopped("migrated"), 0.3)],
+        Answered(Outcome.SENT),
+        0.5,
+        [Report("request_sent"), End(Ending.STOPPED, reason="destroyed")],
         Phase.DONE,
     ),
     # Rule 6: close.
@@ -919,10 +1127,135 @@ ROWS = [
         [ReadState()],
         Phase.PAUSED,
     ),
+    Row(
+        "r7-answer-over-a-remade-connection-looks-then-waits",
+        [
+            *SENDING,
+            (Answered(Outcome.SENT, reconnected=True), 1.0),
+            (Reconnected(), 1.5),
+            (StateRead("running"), 1.6),
+        ],
+        XmlRead(present=True),
+        1.7,
+        [WaitUntil(11.0, 0, window=True)],
+        Phase.WAITING,
+    ),
+    Row(
+        "r7-in-progress-over-a-remade-connection-looks-first",
+        SENDING,
+        Answered(Outcome.IN_PROGRESS, reason="in progress", reconnected=True),
+        1.0,
+        [
+            Report("request_sent"),
+            Report("in_progress", "reason", "in progress"),
+            Report("waiting_for_reconnect"),
+            WaitReconnect(),
+        ],
+        Phase.RECONNECTING,
+        {"accepted": True},
+    ),
+    Row(
+        "r7-early-event-is-checked-once-the-connection-is-back",
+        [*SENDING, (Event(Verdict.REMOVED), 0.1)],
+        Answered(Outcome.MAYBE_SENT, reason="End of file"),
+        0.5,
+        [
+            Report("request_sent"),
+            LoseConnection("call failed: End of file"),
+            Report("waiting_for_reconnect"),
+            WaitReconnect(),
+        ],
+        Phase.RECONNECTING,
+    ),
+    Row(
+        "r7-not-sent-then-early-removed-is-checked-before-sending",
+        [
+            *SENDING,
+            (Answered(Outcome.NOT_SENT), 0.5),
+            (Event(Verdict.REMOVED), 0.6),
+            (Reconnected(), 1.0),
+            (StateRead("running"), 1.1),
+        ],
+        XmlRead(present=True),
+        1.2,
+        [ReadState()],
+        Phase.CONFIRMING,
+        {"after": Phase.QUEUED},
+    ),
+    Row(
+        "r7-not-sent-then-early-removed-still-there-sends",
+        [
+            *SENDING,
+            (Answered(Outcome.NOT_SENT), 0.5),
+            (Event(Verdict.REMOVED), 0.6),
+            (Reconnected(), 1.0),
+            (StateRead("running"), 1.1),
+            (XmlRead(present=True), 1.2),
+            (StateRead("running"), 1.3),
+        ],
+        XmlRead(present=True),
+        1.4,
+        [_stale_removed(), Send()],
+        Phase.SENDING,
+        {"sent": 1},
+    ),
+    Row(
+        "r7-not-sent-then-stale-failed-is-ignored-and-sends",
+        [
+            *SENDING,
+            (Answered(Outcome.NOT_SENT), 0.5),
+            (Event(Verdict.FAILED), 0.6),
+            (Reconnected(), 1.0),
+            (StateRead("running"), 1.1),
+        ],
+        XmlRead(present=True),
+        1.2,
+        [Report("stale_event_ignored", "reason", "failed"), Send()],
+        Phase.SENDING,
+        {"sent": 1},
+    ),
+    Row(
+        "r7-reconnect-after-back-offs-waits-out-the-window",
+        [
+            *BACKING_OFF,
+            ("timer", 1.5),
+            (Answered(Outcome.BUSY), 1.6),
+            ("timer", 3.1),
+            (Answered(Outcome.SENT), 3.2),  # window ends at 13.2
+            (ConnectionDown(), 4.0),
+            (Reconnected(), 5.0),
+            (StateRead("running"), 5.1),
+        ],
+        XmlRead(present=True),
+        5.2,
+        [WaitUntil(13.2, 0, window=True)],
+        Phase.WAITING,
+    ),
+    Row(
+        "r7-reconnect-with-nobody-after-the-window-lingers",
+        [
+            *BACKING_OFF,
+            ("timer", 1.5),
+            (Answered(Outcome.BUSY), 1.6),
+            ("timer", 3.1),
+            (Answered(Outcome.SENT), 3.2),  # window ends at 13.2
+            (ConnectionDown(), 4.0),
+            (Left(), 4.5),
+            (Reconnected(), 13.0),
+            (StateRead("running"), 13.1),
+        ],
+        XmlRead(present=True),
+        13.5,
+        [WaitUntil(23.5, 0)],
+        Phase.IDLE,
+        {"resume": Phase.RECHECKING},
+    ),
     # Stale inputs.
     Row("stale-timer-ignored", [*WAITING, (Joined(), 2.0)], Timer(0), 11.0, [], Phase.WAITING),
     Row("stale-answer-ignored", WAITING, Answered(Outcome.SENT), 2.0, [], Phase.WAITING),
     Row("stale-read-ignored", WAITING, XmlRead(present=False), 2.0, [], Phase.WAITING),
+    Row("stale-reconnected-ignored", WAITING, Reconnected(), 2.0, [], Phase.WAITING),
+    Row("stale-resumed-ignored-while-waiting", WAITING, Resumed(), 2.0, [], Phase.WAITING),
 ]
 
 
@@ -950,6 +1283,30 @@ def test_rule(row: Row) -> None:
         assert getattr(m, name) == value, (name, getattr(m, name), value)
 
 
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_every_wait_has_a_new_token_and_a_replaced_one_is_ignored(row: Row) -> None:
+    """A timer is matched to its wait by token: every wait armed gets a token
+    no earlier wait had, and the timer of a wait replaced since does nothing."""
+    m = UnplugMachine(row.limits)
+    armed: list[int] = []
+    for what, now in [*row.given, (row.input, row.at)]:
+        if what == "begin":
+            out = m.begin(now)
+        elif what == "timer":
+            out = m.handle(Timer(m.token), now)
+        else:
+            out = m.handle(what, now)
+        for action in out:
+            if isinstance(action, WaitUntil):
+                assert not armed or action.token > armed[-1], (armed, action)
+                armed.append(action.token)
+    phase = m.phase
+    for token in armed:
+        if token != m.token:
+            assert m.handle(Timer(token), row.at) == [], token
+    assert m.phase is phase
+
+
 def test_every_rule_has_rows() -> None:
     rules = {row.id.split("-")[0] for row in ROWS}
     assert {"r2", "r3", "r5", "r6", "r7"} <= rules
@@ -973,6 +1330,14 @@ def test_take_up_with_window_over_lingers_for_a_caller() -> None:
     m2 = UnplugMachine(Limits())
     m2.taken_up(sent=1, used=0, left=0.0, now=100.0)
     assert m2.handle(Timer(m2.token), 110.0) == [End(Ending.ABANDONED)]
+
+
+def test_take_up_with_part_of_a_second_left_waits_it_out() -> None:
+    m = UnplugMachine(Limits())
+    assert m.taken_up(sent=1, used=0, left=0.5, now=100.0) == [
+        WaitUntil(100.5, m.token, window=True)
+    ]
+    assert m.phase is Phase.WAITING
 
 
 def test_wants_request_asked_in_the_thread() -> None:

@@ -3,10 +3,10 @@
 No loop, no threads: the test is the driver.  It hands the machine any input
 that a real driver could hand it at that moment (an answer only while a
 request is out, a read's result only while that read is asked for, a timer
-only for the wait armed, events, stops, pauses, callers coming and going,
-the connection going and coming back, a close) on a virtual clock, and after
-every input checks what came out against a model of the rules written from
-docs/protocol.md, not from the machine's code:
+for the wait armed or for one replaced since, events, stops, pauses, callers
+coming and going, the connection going and coming back, a close) on a
+virtual clock, and after every input checks what came out against a model
+of the rules written from docs/protocol.md, not from the machine's code:
 
 - at most one request is out at a time, and none is sent with nobody waiting;
 - a request after the first that counted is sent only after a look at the
@@ -22,7 +22,9 @@ docs/protocol.md, not from the machine's code:
   ``DEVICE_REMOVED`` that counted; success "xml" only after a read found the
   device gone;
 - no attempt is used while the domain is paused;
-- nothing is dropped while a caller waits; nothing comes out after the end.
+- nothing is dropped while a caller waits; nothing comes out after the end;
+- every wait armed has a token no earlier wait had, and the timer of a wait
+  replaced since is ignored.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class UnplugRules(RuleBasedStateMachine):
         self.request_out = False
         self.read_out: str | None = None
         self.wait: WaitUntil | None = None
+        self.armed: set[int] = set()  # the tokens of every wait armed, ...
+        self.fired: set[int] = set()  # ... and of those whose timer was delivered
         self.reconnect_out = False
         # The model's own account.
         self.callers = 0
@@ -131,6 +135,10 @@ class UnplugRules(RuleBasedStateMachine):
             elif isinstance(action, ReadXml):
                 self.read_out = "xml"
             elif isinstance(action, WaitUntil):
+                # A timer is matched to its wait by token: a wait replaced
+                # since must never be taken for the current one.
+                assert action.token > max(self.armed, default=0), "a wait's token is new"
+                self.armed.add(action.token)
                 if action.token == self.m.token:
                     self.wait = action
             elif isinstance(action, WaitReconnect):
@@ -240,7 +248,22 @@ class UnplugRules(RuleBasedStateMachine):
         assert self.wait is not None
         self.now = max(self.now, self.wait.when)
         wait, self.wait = self.wait, None
+        self.fired.add(wait.token)
         self.feed(Timer(wait.token))
+
+    @precondition(
+        lambda self: (
+            self.ended is None
+            and bool(self.armed - self.fired - {self.wait.token if self.wait else 0})
+        )
+    )
+    @rule(data=st.data())
+    def stale_timer(self, data: st.DataObject) -> None:
+        """The timer of a wait replaced since (it fired as the machine moved
+        on): ignored, whatever the phase."""
+        current = self.wait.token if self.wait else 0
+        token = data.draw(st.sampled_from(sorted(self.armed - self.fired - {current})))
+        assert self.feed(Timer(token)) == [], "a stale timer is ignored"
 
     @rule(dt=st.floats(min_value=0.0, max_value=30.0))
     def time_passes(self, dt: float) -> None:
