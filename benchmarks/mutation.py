@@ -136,6 +136,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "self._enter(out, Phase.IDLE, now)",
         "self._enter(out, Phase.IDLE, None)",
     ): _NOW_UNUSED,
+    (
+        "UnplugMachine._woken",
+        "elif self.reading and phase in (Phase.PAUSED, Phase.RECHECKING):",
+        "elif self.reading or phase in (Phase.PAUSED, Phase.RECHECKING):",
+    ): (
+        "a RECHECKING unplug is always reading and a PAUSED one not reading is taken by the "
+        "branch before; a read out in another phase marked 'again' is read as any read out "
+        "(only a state read in PAUSED or RECHECKING looks at the mark)"
+    ),
     ("UnplugMachine._joined", "self.token += 1", "self.token += 2"): _WAIT_ID,
     ("UnplugMachine._left", "self.token += 1", "self.token += 2"): _WAIT_ID,
     ("UnplugMachine._look", "self.token += 1", "self.token += 2"): _WAIT_ID,
