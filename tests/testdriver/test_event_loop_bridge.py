@@ -95,10 +95,20 @@ async def _stopped_event_of_a_destroyed_domain(uri: str) -> tuple[str, str | Non
         events = svc.events("test")
         first = asyncio.create_task(_first(events))
         await asyncio.sleep(0)
-        # Destroy it on the service's own connection (the test driver's state
-        # is per connection), from a worker thread as a blocking call would be.
+        # Destroy it on the service's own connection, from a worker thread as
+        # a blocking call would be.  The test driver's default state is shared
+        # by every connection of the process that is open at the time: one an
+        # earlier test still holds (a stuck call's, closed when it returns)
+        # may have kept "test" destroyed, so start it first if need be.
         conn = backend._connection()
-        await asyncio.to_thread(lambda: conn.lookupByName("test").destroy())
+
+        def destroy() -> None:
+            dom = conn.lookupByName("test")
+            if not dom.isActive():
+                dom.create()
+            dom.destroy()
+
+        await asyncio.to_thread(destroy)
         async with asyncio.timeout(5):
             event = await first
     return event.kind, event.detail
