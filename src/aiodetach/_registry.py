@@ -151,7 +151,7 @@ class Unplugs:
         key = (entry.domain_uuid, entry.alias)
         unplug = Unplug(self, key, entry.domain_name, run_id=run_id, device=entry.device, ref=ref)
         self._add(unplug)
-        unplug.take_up(entry, self.settings.timeout)
+        unplug.take_up(entry)
         unplug.record("started")
         unplug.record("recovered")
         return unplug

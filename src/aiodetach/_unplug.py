@@ -194,9 +194,10 @@ class Unplug(UnplugCalls):
     def _begin(self) -> None:
         self._perform(self.begin(self._registry.loop.time()), self.token)
 
-    def take_up(self, entry: Entry, timeout: float) -> None:
+    def take_up(self, entry: Entry) -> None:
         """Continue an unplug found unfinished in the journal (see
-        :meth:`UnplugMachine.take_up`)."""
+        :meth:`UnplugMachine.taken_up`; the linger's ``timeout`` is the
+        machine's own limit)."""
         journalled = self._journalled
         assert journalled is not None  # taken up from a journal
         journalled.resumed = True
@@ -207,7 +208,6 @@ class Unplug(UnplugCalls):
         now = time.time()
         left = min(max(entry.window_end(now) - now, 0.0), entry.timeout)
         loop_now = self._registry.loop.time()
-        del timeout  # the machine's limits carry it
         self._perform(self.taken_up(entry.sent, entry.used, left, loop_now), self.token)
 
     def follow(self) -> asyncio.Future[LiveDone]:
