@@ -1,8 +1,8 @@
 """aiodetach: detach devices from libvirt/QEMU guests correctly, on asyncio.
 
 The public surface is what ``__all__`` lists; modules whose names start with
-``_`` are internal.  Errors live in :mod:`aiodetach.errors`, the fake
-hypervisor for tests in :mod:`aiodetach.testing`.
+``_`` are internal.  Errors live in [`aiodetach.errors`][aiodetach.errors], the fake
+hypervisor for tests in [`aiodetach.testing`][aiodetach.testing].
 """
 
 from __future__ import annotations
