@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import check_docs
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("check_docs", ROOT / "scripts/check_docs.py")
+    assert spec is not None
+    assert spec.loader is not None
+    check_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_docs)
     out = tmp_path_factory.mktemp("site")
     check_docs.build(out)
     found = check_docs.raw_roles(out)
