@@ -7,6 +7,7 @@ hypervisor for tests in [`aiodetach.testing`][aiodetach.testing].
 
 from __future__ import annotations
 
+from ._blocking import BlockingDetachService
 from ._eventloop import install_event_loop
 from ._fleet import DetachFleet
 from ._many import DetachOutcome, DetachRequest
@@ -17,6 +18,7 @@ from ._version import __version__
 from .errors import DetachError
 
 __all__ = [
+    "BlockingDetachService",
     "DetachError",
     "DetachFleet",
     "DetachOutcome",

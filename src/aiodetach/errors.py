@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousDevice",
     "BatchAborted",
+    "CalledFromEventLoop",
     "ConnectionLost",
     "DetachError",
     "DetachFailed",
@@ -256,6 +257,13 @@ class EventLoopConflict(DetachError, RuntimeError):
     """libvirt's event implementation is bound to an event loop that is still
     running in another thread, or someone else registered a different
     implementation first (see [`aiodetach`][aiodetach] docs: *Event loops*)."""
+
+
+class CalledFromEventLoop(DetachError, RuntimeError):
+    """A blocking call ([`BlockingDetachService`][aiodetach.BlockingDetachService])
+    was made from a thread that runs an asyncio event loop: it would stall
+    that loop for the whole unplug (and deadlock on the facade's own loop).
+    Await [`DetachService`][aiodetach.DetachService] there instead."""
 
 
 class JournalError(DetachError):
