@@ -6,6 +6,7 @@ in the ``docs`` dependency group, which CI's first stage installs)."""
 from __future__ import annotations
 
 import html
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -87,3 +88,18 @@ def test_signatures_are_typed(site: Path) -> None:
     text = _flat(site / "reference/aiodetach/index.html")
     assert "detach(self,domain:DomainRef," in text or "detach(domain:DomainRef," in text
     assert "live:bool|None=None,persistent:bool|None=None,)->DetachResult" in text
+
+
+@pytest.mark.parametrize(
+    ("module", "page"),
+    [
+        ("aiodetach", "reference/aiodetach/index.html"),
+        ("aiodetach.errors", "reference/aiodetach.errors/index.html"),
+        ("aiodetach.testing", "reference/aiodetach.testing/index.html"),
+    ],
+)
+def test_every_public_name_has_its_entry(site: Path, module: str, page: str) -> None:
+    names = importlib.import_module(module).__all__
+    text = (site / page).read_text("utf-8")
+    missing = [n for n in names if not n.startswith("__") and f'id="{module}.{n}"' not in text]
+    assert missing == []
