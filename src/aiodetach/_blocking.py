@@ -32,7 +32,7 @@ from ._result import DetachResult, Recovered
 from ._rules import DomainRef
 from ._service import DetachService, DeviceEvent
 from ._settings import DetachSettings
-from .errors import CalledFromEventLoop, ServiceClosed
+from .errors import CalledFromEventLoop, InvalidRequest, ServiceClosed
 
 __all__ = ["BlockingDetachService"]
 
@@ -152,18 +152,35 @@ class BlockingDetachService:
             return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        if timeout is not None and (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or not timeout >= 0
+            or timeout == float("inf")
+        ):
+            coro.close()
+            raise InvalidRequest(f"timeout must be a finite number of seconds, not {timeout!r}")
         future = self._submit(coro)
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            # The caller gives up, as a cancelled awaiting caller does: it
-            # leaves its unplug, which follows its own rules (others may be
-            # joined to it; a request out is remembered for its window).
-            future.cancel()
-            raise TimeoutError(f"no result within the caller's timeout of {timeout} s") from None
         except concurrent.futures.CancelledError:
             # Cancelled by the loop's end: only a close does that.
             raise ServiceClosed("the blocking service was closed during the call") from None
+        except BaseException as exc:
+            if future.done() and not future.cancelled():
+                if exc is future.exception():
+                    raise  # the call's own outcome (a DetachTimeout is a TimeoutError too)
+                return future.result()  # it ended just as the wait gave up: its own outcome
+            # The caller gives up (its timeout, a KeyboardInterrupt), as a
+            # cancelled awaiting caller does: it leaves its unplug, which
+            # follows its own rules (others may be joined to it; a request out
+            # is remembered for its window).
+            future.cancel()
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(
+                    f"no result within the caller's timeout of {timeout} s"
+                ) from None
+            raise
 
     @property
     def _svc(self) -> DetachService:

@@ -23,6 +23,7 @@ from aiodetach import BlockingDetachService, DetachResult, DetachSettings, Devic
 from aiodetach.errors import (
     CalledFromEventLoop,
     DetachError,
+    DetachTimeout,
     DeviceNotFound,
     InvalidRequest,
     ServiceClosed,
@@ -186,6 +187,21 @@ def test_a_callers_timeout_leaves_the_unplug_to_its_rules(
         result = patient.result(WAIT)
     assert result.attempts == 1
     assert len(fake.requests) == 1
+
+
+def test_the_guests_timeout_is_not_taken_for_the_callers(
+    fake: FakeHypervisor, open_facade: Callable[..., BlockingDetachService]
+) -> None:
+    # DetachTimeout is a TimeoutError too: it must reach the caller as itself.
+    fake.add_domain("vm").add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.never())
+    svc = open_facade(DetachSettings(attempts=1, timeout=0.05))
+    for timeout in (None, WAIT):
+        with pytest.raises(DetachTimeout) as stayed:
+            svc.detach("vm", alias="ua-disk1", timeout=timeout)
+        assert (stayed.value.alias, stayed.value.attempts) == ("ua-disk1", 1)
+    for bad in (-1, float("nan"), float("inf"), "5", True):
+        with pytest.raises(InvalidRequest, match="timeout"):
+            svc.detach("vm", alias="ua-disk1", timeout=bad)  # type: ignore[arg-type]
 
 
 def test_a_lone_caller_that_gives_up_never_causes_a_second_request(
