@@ -9,6 +9,12 @@ service therefore holds unchanged: the same results, the same exception
 objects, and one unplug per device joined by every caller, whichever thread
 it came from (they all meet on the one loop).
 
+Why one loop thread for every facade of the process: libvirt's event
+implementation is process-wide and bound to one running loop
+(docs/event-loops.md), so facades on loops of their own, in threads of their
+own, could not both get their events.  The thread starts with the first
+facade and ends when the last one closes.
+
 Why a daemon thread plus an exit hook: a facade left open must neither hang
 interpreter exit nor be killed mid-close.  The hook is registered with
 `threading._register_atexit`, which runs *before* the interpreter joins
@@ -67,7 +73,8 @@ class BlockingDetachService:
     ```
 
     It takes exactly the arguments of `DetachService` and runs one on an
-    event loop of its own in one background thread.  Any number of threads
+    event loop in one background thread (one for every facade of the
+    process: libvirt's events are bound to one loop).  Any number of threads
     may call it at once: each call blocks its own thread only, returns the
     same [`DetachResult`][aiodetach.DetachResult] and raises the same
     [`DetachError`][aiodetach.errors.DetachError] subclasses (the same objects,
@@ -94,62 +101,33 @@ class BlockingDetachService:
         _refuse_in_event_loop("BlockingDetachService()")
         self._lock = threading.Lock()
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._closed: concurrent.futures.Future[None] | None = None
         self._service: DetachService | None = None
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(args, kwargs, ready),
-            name="aiodetach-blocking",
-            daemon=True,
-        )
-        self._thread.start()
+        self._runner = _LoopThread.acquire()
+
+        async def open_service() -> DetachService:
+            service = DetachService(*args, **kwargs)
+            await service.open()
+            return service
+
         try:
-            ready.result()
+            self._service = self._runner.submit(open_service()).result()
         except BaseException:
-            self._thread.join()
+            self._closing = True
+            self._runner.release()
+            self._runner.join(None)
             raise
         _open_facades.add(self)
         _register_exit_hook()
-
-    # ------------------------------------------------------------ the thread
-    def _run(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        ready: concurrent.futures.Future[None],
-    ) -> None:
-        asyncio.run(self._main(args, kwargs, ready))
-
-    async def _main(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        ready: concurrent.futures.Future[None],
-    ) -> None:
-        try:
-            service = DetachService(*args, **kwargs)
-            await service.open()
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._service = service
-        ready.set_result(None)
-        await self._stop.wait()
-        # Every call still waiting gets ServiceClosed from here (aclose's rule).
-        await service.aclose()
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Hand ``coro`` to the loop, unless the facade is closing (checked
         under the lock close() takes, so nothing is submitted behind it)."""
         with self._lock:
-            if self._closing or self._loop is None:
+            if self._closing:
                 coro.close()
                 raise ServiceClosed("the blocking service is closed")
-            return asyncio.run_coroutine_threadsafe(coro, self._loop)
+            return asyncio.run_coroutine_threadsafe(coro, self._runner.loop)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         if timeout is not None and (
@@ -198,24 +176,40 @@ class BlockingDetachService:
         self.close()
 
     def close(self, timeout: float | None = None) -> None:
-        """Close the service and end its thread; idempotent, from any thread.
+        """Close the service; idempotent, from any thread but an event loop's.
 
         What is in flight ends as `DetachService.aclose()` ends it: callers
         still waiting get [`ServiceClosed`][aiodetach.errors.ServiceClosed];
-        live unplugs already requested go on in their guests.  ``timeout``
-        bounds the wait for the thread (``None``: until it has ended).
+        live unplugs already requested go on in their guests.  The loop
+        thread ends with the last facade of the process.  ``timeout`` bounds
+        the wait (``None``: until closed).
         """
-        if threading.current_thread() is not self._thread:
-            _refuse_in_event_loop("close()")
+        _refuse_in_event_loop("close()")
         with self._lock:
-            first = not self._closing
-            self._closing = True
-        if first and self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                self._loop.call_soon_threadsafe(self._stop.set)
-        _open_facades.discard(self)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            first = self._closed is None
+            if self._closed is None:
+                self._closing = True  # from here on nothing is submitted
+                self._closed = self._runner.submit(self._aclose())
+            closed = self._closed
+        if first:
+            _open_facades.discard(self)
+        try:
+            closed.result(timeout)
+        except BaseException:
+            if first and not closed.done():
+                # Out of time: the close goes on in the loop, and lets go of
+                # it when it is over.
+                closed.add_done_callback(lambda _: self._runner.release())
+            elif first:
+                self._runner.release()
+            raise
+        if first:
+            self._runner.release()
+        self._runner.join(timeout)
+
+    async def _aclose(self) -> None:
+        if self._service is not None:
+            await self._service.aclose()
 
     @property
     def closed(self) -> bool:
@@ -347,6 +341,58 @@ def _refuse_in_event_loop(what: str) -> None:
     )
 
 
+class _LoopThread:
+    """The event loop every open facade runs its service on, in one daemon
+    thread: started by the first facade, stopped by the last one's close."""
+
+    _current: _LoopThread | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.users = 0
+        self.thread = threading.Thread(target=self._run, name="aiodetach-blocking", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def acquire(cls) -> _LoopThread:
+        with cls._guard:
+            runner = cls._current
+            if runner is None:
+                runner = cls._current = _LoopThread()
+            runner.users += 1
+            return runner
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def release(self) -> None:
+        """One facade fewer; the last one stops the loop (its thread then ends)."""
+        with self._guard:
+            self.users -= 1
+            if self.users == 0:
+                if type(self)._current is self:
+                    type(self)._current = None
+                self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def join(self, timeout: float | None) -> None:
+        """Wait for the thread to end, if the last facade let go of it."""
+        with self._guard:
+            ending = self.users == 0
+        if ending and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)  # this thread's own: nothing process-wide
+        try:
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            self.loop.close()
+
+
 # ------------------------------------------------------------ interpreter exit
 _open_facades: weakref.WeakSet[BlockingDetachService] = weakref.WeakSet()
 _exit_hook_registered = False
@@ -356,7 +402,10 @@ _exit_hook_lock = threading.Lock()
 def _close_open_facades() -> None:
     """Close every facade still open, each bounded by ``EXIT_CLOSE_TIMEOUT``."""
     for facade in list(_open_facades):
-        facade.close(timeout=EXIT_CLOSE_TIMEOUT)
+        # Nothing may stop the interpreter's exit: a close that fails or runs
+        # out of time leaves its daemon thread to die with the process.
+        with contextlib.suppress(Exception):
+            facade.close(timeout=EXIT_CLOSE_TIMEOUT)
 
 
 def _register_exit_hook() -> None:
