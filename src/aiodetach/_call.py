@@ -2,23 +2,23 @@
 
 A call is two separate steps after its reads, each in its own module:
 
-1. **persistent** (``AFFECT_CONFIG``, :mod:`aiodetach._persistent`): one
+1. **persistent** (``AFFECT_CONFIG``, `aiodetach._persistent`): one
    synchronous call, never retried, shared by concurrent callers of the
    device.  "Device not found" there is ignored when a live detach follows;
    any other error is fatal and the live step does not start.
-2. **live** (:mod:`aiodetach._unplug`): the caller joins the device's unplug
+2. **live** (`aiodetach._unplug`): the caller joins the device's unplug
    (one per device, started if none is in flight) and follows it.
 
-Whatever ends a call, its error goes through one rule (:meth:`Calls.error`):
+Whatever ends a call, its error goes through one rule (`Calls.error()`):
 it names the call's domain, alias and persistent outcome, and what a close
-does to a call in flight is :class:`ServiceClosed`, never an outcome
-(:mod:`aiodetach._closing`).
+does to a call in flight is [`ServiceClosed`][aiodetach.errors.ServiceClosed], never an outcome
+(`aiodetach._closing`).
 
 Memory is the constraint here: ten thousand callers may wait at once, each
 holding the frames of its current step.  So the steps up to the join are one
 frame awaiting plain futures, the planner's look-ups run in a short frame of
 their own, and the live half is followed in the caller's outermost frame
-(:meth:`aiodetach.DetachService.detach`), the frames before it gone.
+([`aiodetach.DetachService.detach()`][aiodetach.DetachService.detach]), the frames before it gone.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _E = TypeVar("_E", bound=DetachError)
 class Calls:
     """What the detach calls of one service need of it, and the steps of one call.
 
-    Built with the service; :meth:`bind` hands it the connection, the
+    Built with the service; `bind()` hands it the connection, the
     registry and the config step at ``open()``, and ``closing`` turns True
     when ``aclose()`` begins (the only place that says the service closes).
     """
@@ -110,8 +110,8 @@ class Calls:
     # ------------------------------------------------------------ the rule
     def error(self, call: Progress, exc: BaseException) -> BaseException:
         """What a call raises when ``exc`` ended it, at whatever step: the
-        close's doing → :class:`ServiceClosed`; a :class:`DetachError` → a copy
-        naming the call (see :meth:`Progress.complete`); anything else (the
+        close's doing → `ServiceClosed`; a `DetachError` → a copy
+        naming the call (see `Progress.complete()`); anything else (the
         caller's own cancellation included) → itself.  Raise the result."""
         err: BaseException
         cause: BaseException | None
@@ -156,9 +156,9 @@ class Calls:
         live: bool | None,
         persistent: bool | None,
     ) -> DetachResult | None:
-        """Validate, then :meth:`_up_to_join`.  Returns the result, or None when
+        """Validate, then `_up_to_join()`.  Returns the result, or None when
         the live half is under way (``progress`` then says what the caller
-        follows, see :meth:`aiodetach.DetachService.detach`)."""
+        follows, see [`aiodetach.DetachService.detach()`][aiodetach.DetachService.detach])."""
         ref = domain_ref(domain)
         try:
             selector = selector_from(alias=alias, target=target, mac=mac, xml=xml)
@@ -263,10 +263,10 @@ class Calls:
         ticket: int,
         unplug_ticket: int,
     ) -> Plan:
-        """:func:`plan_devices`, with what ended since the caller began: looked
+        """`plan_devices()`, with what ended since the caller began: looked
         up only where a read missed the device, and handed to the planner as
         values.  A function of its own: what it computes lives in this short
-        frame, not in :meth:`_up_to_join`'s, which ten thousand callers hold
+        frame, not in `_up_to_join()`'s, which ten thousand callers hold
         while they wait."""
         assert self.persistent is not None
         assert self.unplugs is not None

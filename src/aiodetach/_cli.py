@@ -2,7 +2,7 @@
 
 The only place in the package that configures structlog.  Progress lines
 ("attempt 2 of 8…") on stderr are drawn from hook records
-(:mod:`aiodetach._progress`), not from log event names, so renaming a log
+(`aiodetach._progress`), not from log event names, so renaming a log
 call cannot break them; ``detach-many`` draws a progress bar on a terminal;
 with ``--json`` the library's log events go to stderr as JSON lines.
 Results go to stdout.  Each error class has its own exit status so scripts
@@ -79,7 +79,7 @@ class _Stderr:
     """Whatever ``sys.stderr`` is when a line is written.  structlog's logger
     factory keeps the stream it is given; holding ``sys.stderr`` itself would
     keep writing into a stream that was replaced and closed (a test's capture,
-    a caller that redirected stderr after calling :func:`main`)."""
+    a caller that redirected stderr after calling `main()`)."""
 
     def write(self, text: str) -> int:
         return sys.stderr.write(text)
@@ -91,7 +91,7 @@ class _Stderr:
 def configure_logging(*, as_json: bool, verbose: bool, stream: Any = None) -> None:
     """The library's structlog events on stderr: JSON lines with ``--json``
     (info and up, debug with -v); otherwise key=value lines, warnings only
-    unless -v (progress comes from the hooks, see :mod:`aiodetach._progress`)."""
+    unless -v (progress comes from the hooks, see `aiodetach._progress`)."""
     level = 10 if verbose else (20 if as_json else 30)
     renderer: Any = (
         structlog.processors.JSONRenderer()

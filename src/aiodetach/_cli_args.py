@@ -1,6 +1,6 @@
 """The ``aiodetach`` command's arguments: its options, and the batch file format.
 
-Kept apart from :mod:`aiodetach._cli` (what the commands do and print) so
+Kept apart from `aiodetach._cli` (what the commands do and print) so
 that each reads as one thing.
 """
 
@@ -29,7 +29,7 @@ def settings_from(args: argparse.Namespace) -> DetachSettings:
 def parse_batch(text: str) -> list[dict[str, Any]]:
     """Batch lines: a JSON object, or ``DOMAIN key=value …`` (``#`` comments).
 
-    Keys are those of :class:`aiodetach.DetachRequest`; ``live``/``persistent``
+    Keys are those of [`aiodetach.DetachRequest`][aiodetach.DetachRequest]; ``live``/``persistent``
     take true/false.
     """
     requests: list[dict[str, Any]] = []

@@ -2,10 +2,10 @@
 
 Closing a service (or a fleet) cancels the unplugs' drivers, drops the
 connection and shuts the worker threads down.  What that does to a call in
-flight (a cancellation the caller did not ask for, a :class:`ConnectionLost`,
-a :class:`HypervisorError` or ``RuntimeError`` from an executor shut down
-under it, a :class:`ServiceClosed`) says nothing about the device: the caller
-gets :class:`ServiceClosed` instead.  A caller's *own* cancellation
+flight (a cancellation the caller did not ask for, a `ConnectionLost`,
+a `HypervisorError` or ``RuntimeError`` from an executor shut down
+under it, a `ServiceClosed`) says nothing about the device: the caller
+gets [`ServiceClosed`][aiodetach.errors.ServiceClosed] instead.  A caller's *own* cancellation
 (``task.cancel()`` on the caller's task) stays a cancellation, close or not.
 
 The journal has the same rule from the guest's side: an unplug that ended
@@ -42,6 +42,6 @@ def by_close(exc: BaseException, *, closing: bool) -> bool:
 def leaves_unplug_running(error: BaseException) -> bool:
     """Whether an unplug that ended with ``error`` may still be running in the
     guest, so that the journal has no outcome to write for it: the service
-    closed (a cancellation, :class:`ServiceClosed`), the daemon was given up
-    on (:class:`ConnectionLost`), the journal itself failed."""
+    closed (a cancellation, `ServiceClosed`), the daemon was given up
+    on ([`ConnectionLost`][aiodetach.errors.ConnectionLost]), the journal itself failed."""
     return isinstance(error, (asyncio.CancelledError, ConnectionLost, ServiceClosed, JournalError))

@@ -1,12 +1,12 @@
 """One libvirt connection: worker threads, bounded calls, reconnect with backoff.
 
-Everything the protocol does to libvirt goes through :class:`Connection`, so
+Everything the protocol does to libvirt goes through `Connection`, so
 the rules about *when* a call may be made live in one place:
 
 - a blocking call never runs on the event loop: it goes to this connection's
   own worker threads;
 - once closing has begun, no call is handed to those threads any more
-  (callers get :class:`~aiodetach.errors.ServiceClosed`, never an executor's
+  (callers get [`ServiceClosed`][aiodetach.errors.ServiceClosed], never an executor's
   ``RuntimeError``);
 - reads are bounded by ``max_threads``: ten thousand detaches starting
   together must not queue ten thousand reads whose answers (whole domain
@@ -14,7 +14,7 @@ the rules about *when* a call may be made live in one place:
   was the peak memory).  Live requests are not bounded here: each unplug
   sends at most one at a time;
 - a lost connection is re-opened with exponential backoff; the
-  :attr:`generation` counter tells an unplug that events may have been lost
+  `generation` counter tells an unplug that events may have been lost
   in between;
 - closing leaves no libvirt connection behind, even one whose ``open`` was
   still running in a worker thread when the close began (it is closed once
@@ -54,7 +54,7 @@ CLOSE_GRACE = 2.0
 
 def _guarded(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Callable[[], _T]:
     """``fn(*args, **kwargs)`` for a worker thread, with any exception but a
-    :class:`BackendError` turned into one: a backend's bug (a custom backend
+    `BackendError` turned into one: a backend's bug (a custom backend
     raising ``OSError``) is that request's error, never the whole batch's."""
 
     def run() -> _T:
@@ -118,7 +118,7 @@ class Connection:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Future[Any]] = set()
         self.close_grace = CLOSE_GRACE
-        """How long :meth:`close` waits for stuck threads (0 after a failed open)."""
+        """How long `close()` waits for stuck threads (0 after a failed open)."""
         self.reads = SharedReads()
         """Lookups and definitions shared by the callers asking at the same time."""
         self.on_lost: Callable[[], None] | None = None
@@ -151,8 +151,8 @@ class Connection:
 
     # ------------------------------------------------------------ life
     async def open(self, sink: EventSink) -> None:
-        """Start the worker threads and connect (raises :class:`BackendError`,
-        or :class:`ConnectionLost` when the daemon does not answer within
+        """Start the worker threads and connect (raises `BackendError`,
+        or `ConnectionLost` when the daemon does not answer within
         ``connect_timeout``: a TCP connect to a host behind a partition hangs
         for minutes, and nothing else would end it).
 
@@ -186,14 +186,14 @@ class Connection:
 
         The backend is closed twice on purpose: once at once (a backend that
         allows it unblocks calls stuck on a dead daemon that way; libvirt's
-        waits for its call in flight, see :mod:`aiodetach._libvirt`), and once
+        waits for its call in flight, see `aiodetach._libvirt`), and once
         more after every worker thread has returned, in case an ``open`` that
         was still running in one of them connected after the first close.
 
         Neither may hold the close up for long: a connect to a host behind a
         network partition sits in its thread until the kernel gives up on
         it (about two minutes), and no libvirt call interrupts it.  So the
-        close waits at most :data:`CLOSE_GRACE` seconds for each step; what
+        close waits at most `CLOSE_GRACE` seconds for each step; what
         is still running then is finished by a helper thread of its own
         (which closes the late connection), and logged.
         """
@@ -256,7 +256,7 @@ class Connection:
         thread.join(1.0)  # it has only to return
 
     async def _bounded(self, fn: Callable[..., _T], limit: float, *args: Any, **kwargs: Any) -> _T:
-        """:meth:`call`, waiting at most ``limit`` s (TimeoutError); the call
+        """`call()`, waiting at most ``limit`` s (TimeoutError); the call
         itself goes on in its thread and its result is dropped."""
         self._check_open()
         async with self._slots:
@@ -278,7 +278,7 @@ class Connection:
     async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run one blocking call in a worker thread (at most ``max_threads`` at once).
 
-        A close releases whoever waits here at once (:class:`ServiceClosed`),
+        A close releases whoever waits here at once (`ServiceClosed`),
         even if the call itself is stuck in its thread (a read on a connection
         into a network partition blocks until keepalive gives up, or longer).
         """
@@ -310,8 +310,8 @@ class Connection:
         """An idempotent call: if the connection drops, wait for it and ask again.
 
         Never asked of a connection known to be down: it waits for the
-        reconnect first (:class:`ConnectionLost` once given up on).  A shared
-        read (:mod:`aiodetach._reads`) may start long after its callers came,
+        reconnect first (`ConnectionLost` once given up on).  A shared
+        read (`aiodetach._reads`) may start long after its callers came,
         behind a read that hung in a partition; by then a reconnect's connect
         may be holding the backend for minutes (a TCP connect into a partition
         sits in SYN retries for ~2 min), and a read sent then would wait for it.
@@ -332,7 +332,7 @@ class Connection:
     def lookup(self, ref: str, *, by: Readers = "callers") -> asyncio.Future[DomainInfo]:
         """The domain named ``ref`` (name or UUID), from a lookup that started
         no earlier than this call, shared with the concurrent calls of the
-        same ``by`` (see :mod:`aiodetach._reads`)."""
+        same ``by`` (see `aiodetach._reads`)."""
         return self.reads.read((by, "lookup", ref), lambda: self.read(self.backend.lookup, ref))
 
     def definition(
@@ -385,7 +385,7 @@ class Connection:
 
         Every attempt is bounded by the time left: a connect into a network
         partition hangs in the kernel for minutes, and the callers waiting
-        for us must get :class:`ConnectionLost` at the bound they configured.
+        for us must get `ConnectionLost` at the bound they configured.
         An attempt still hanging when time is up is not abandoned: if it
         connects after all, the connection is taken up again (as a
         reconnect), so the next request need not wait for a fresh one.

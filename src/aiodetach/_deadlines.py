@@ -1,6 +1,6 @@
 """One timer for the windows of every parked unplug.
 
-A parked unplug (see :meth:`aiodetach._unplug.Unplug._park`) waits for its
+A parked unplug (see `aiodetach._unplug.Unplug._park()`) waits for its
 window to end or for a wake-up.  With a timer of its own each would hold a
 ``TimerHandle``, a copy of the context and a bound method, about 0.25 KiB,
 for ten thousand pending unplugs 2.4 MiB, and put as many entries on the

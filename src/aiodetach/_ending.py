@@ -1,7 +1,7 @@
 """How a live unplug ends, in the terms its callers, the journal and the hooks use.
 
-The machine (:mod:`aiodetach._machine`) ends with an :class:`End` kind; this
-module turns it into what each party gets: the callers a :class:`LiveDone` or
+The machine (`aiodetach._machine`) ends with an `End` kind; this
+module turns it into what each party gets: the callers a `LiveDone` or
 a typed error naming the domain and alias, the journal its outcome (or none,
 when the guest's unplug may still be running), the hooks their outcome word.
 Pure functions of values, so the driver's end stays one short step.
@@ -84,7 +84,7 @@ def journal_outcome(
     """The journal row's outcome (and how removal was learnt), or None.
 
     What leaves the guest's unplug possibly still running is *not* an
-    outcome (see :mod:`aiodetach._closing`): such a row stays unfinished and
+    outcome (see `aiodetach._closing`): such a row stays unfinished and
     the next ``open()`` takes it up.
     """
     if error is None:

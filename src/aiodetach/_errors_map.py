@@ -105,7 +105,7 @@ def is_not_sent(err: BackendError) -> bool:
 
 def request_outcome(err: BackendError, *, closing: bool) -> Outcome:
     """What libvirt refusing a live detach request means for the unplug
-    (see :mod:`aiodetach._machine`).  ``closing``: the service is closing, so
+    (see `aiodetach._machine`).  ``closing``: the service is closing, so
     a failed connection is not waited for."""
     if is_busy(err):
         return Outcome.BUSY  # the machine knows whether anything of ours was accepted

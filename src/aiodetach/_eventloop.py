@@ -2,7 +2,7 @@
 several event loops one after another.
 
 libvirt needs an event-loop implementation for events, keepalive and close
-notifications; :mod:`libvirtaio` (shipped with libvirt-python) provides one
+notifications; `libvirtaio` (shipped with libvirt-python) provides one
 on asyncio.  Used as is it has two properties that break a service like ours:
 
 * **It is not thread-safe.**  libvirt invokes the add/update/remove hooks from
@@ -15,7 +15,7 @@ on asyncio.  Used as is it has two properties that break a service like ours:
   only be called once, so after that loop closes (``asyncio.run`` returning,
   pytest-asyncio's per-test loops) no event is ever delivered again.
 
-:class:`_ThreadSafeImpl` is a small subclass that fixes both without touching
+`_ThreadSafeImpl` is a small subclass that fixes both without touching
 how libvirtaio dispatches: every hook call made off the loop thread is queued,
 in order, and applied on the loop thread (woken with ``call_soon_threadsafe``);
 handle/timer ids are our own, so a hook can return its id at once.  When a
@@ -281,7 +281,7 @@ def install_event_loop() -> _ThreadSafeImpl:
     """Run libvirt's events on the running asyncio loop (idempotent).
 
     Call it from inside the loop before opening *your own* libvirt connections
-    if your process uses libvirt next to aiodetach; :class:`DetachService` calls
+    if your process uses libvirt next to aiodetach; [`DetachService`][aiodetach.DetachService] calls
     it for you.  It replaces ``libvirtaio.virEventRegisterAsyncIOImpl()`` (which
     must not be called as well: libvirt accepts one implementation per
     process).  Safe to call from each new loop of a process that runs several

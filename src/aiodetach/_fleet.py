@@ -1,4 +1,4 @@
-"""Many hypervisors from one process: one :class:`DetachService` per URI.
+"""Many hypervisors from one process: one [`DetachService`][aiodetach.DetachService] per URI.
 
 Each libvirt URI (``qemu:///system``, ``qemu+ssh://host/system``,
 ``qemu+tcp://…``) gets its own service, hence its own connection, event
@@ -45,23 +45,23 @@ _log = structlog.get_logger("aiodetach")
 class DetachFleet:
     """Route detaches to per-URI services, opened on first use.
 
-    ::
-
-        async with DetachFleet() as fleet:
-            await fleet.detach("qemu+ssh://host-a/system", "vm-1", alias="ua-disk1")
-            outcomes = await fleet.detach_many([
-                {"uri": "qemu+ssh://host-a/system", "domain": "vm-1", "target": "vdb"},
-                {"uri": "qemu+ssh://host-b/system", "domain": "vm-7", "mac": "52:54:…"},
-            ])
+    ```python
+    async with DetachFleet() as fleet:
+        await fleet.detach("qemu+ssh://host-a/system", "vm-1", alias="ua-disk1")
+        outcomes = await fleet.detach_many([
+            {"uri": "qemu+ssh://host-a/system", "domain": "vm-1", "target": "vdb"},
+            {"uri": "qemu+ssh://host-b/system", "domain": "vm-7", "mac": "52:54:…"},
+        ])
+    ```
 
     ``backend_factory(uri)`` replaces libvirt (tests use fake hypervisors).
     ``hooks`` and ``log`` are given to every service (see
-    :class:`DetachService`); records carry their ``uri``.
+    [`DetachService`][aiodetach.DetachService]); records carry their ``uri``.
 
     ``journal=PATH``: one journal for every host (rows keyed by URI), locked
     by the fleet.  Entering the fleet opens it (its errors are raised there)
     and opens the service of every URI it holds unfinished unplugs for, so
-    they are taken up as :meth:`DetachService.open` describes (a host that
+    they are taken up as `DetachService.open()` describes (a host that
     cannot be reached keeps its rows for a later run; that is logged).
     """
 
@@ -193,7 +193,7 @@ class DetachFleet:
         return svc
 
     async def detach(self, uri: str, domain: DomainRef, **kwargs: Any) -> DetachResult:
-        """:meth:`DetachService.detach` on the host at ``uri``."""
+        """[`DetachService.detach()`][aiodetach.DetachService.detach] on the host at ``uri``."""
         try:
             svc = await self.service(uri)
         except DetachError as exc:
@@ -216,7 +216,7 @@ class DetachFleet:
 
         A host is connected to before any of its requests takes a global
         slot, with one connection attempt shared by all of them: an
-        unreachable host yields :class:`~aiodetach.errors.ConnectionLost`
+        unreachable host yields [`ConnectionLost`][aiodetach.errors.ConnectionLost]
         outcomes for its own requests, quickly, and holds up no other host.
         """
         batch = checked_batch(requests, concurrency, per_domain)
@@ -239,9 +239,9 @@ class DetachFleet:
         per_domain: int | None = 4,
         on_progress: Callable[[DetachOutcome, int, int], None] | None = None,
     ) -> list[DetachOutcome]:
-        """:meth:`detach_iter`, collected in request order (``on_progress`` as
-        in :meth:`DetachService.detach_many`, including
-        :class:`~aiodetach.errors.BatchAborted` if it raises)."""
+        """`detach_iter()`, collected in request order (``on_progress`` as
+        in [`DetachService.detach_many()`][aiodetach.DetachService.detach_many], including
+        [`BatchAborted`][aiodetach.errors.BatchAborted] if it raises)."""
         batch = checked_batch(requests, concurrency, per_domain)
         if self._closed:
             raise ServiceClosed("the fleet is closed")

@@ -1,6 +1,6 @@
 """Event intake: libvirt's callbacks, onto the loop, into the unplugs.
 
-A backend calls :class:`EventIntake` (an :class:`~aiodetach.backend.EventSink`)
+A backend calls `EventIntake` (an [`EventSink`][aiodetach.backend.EventSink])
 from whatever thread libvirt runs its callbacks on; anything that arrives off
 the loop thread hops onto it with ``call_soon_threadsafe``.  These are not
 methods of the service on purpose: the service's public surface is what a
@@ -30,7 +30,7 @@ __all__ = ["CLOSED", "DeviceEvent", "EventIntake"]
 
 @dataclass(frozen=True, slots=True)
 class DeviceEvent:
-    """A device notification from libvirt, as streamed by :meth:`DetachService.events`."""
+    """A device notification from libvirt, as streamed by `DetachService.events()`."""
 
     kind: Literal["device-removed", "device-removal-failed", "domain-stopped"]
     domain_uuid: str
@@ -45,7 +45,7 @@ CLOSED: Any = object()
 
 
 class EventIntake:
-    """The service's :class:`~aiodetach.backend.EventSink`."""
+    """The service's [`EventSink`][aiodetach.backend.EventSink]."""
 
     def __init__(self, unplugs: Unplugs) -> None:
         self._unplugs = unplugs.by_key

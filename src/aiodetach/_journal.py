@@ -5,7 +5,7 @@ shows the device until the guest lets go.  A host agent that restarts
 while an unplug is pending (an upgrade, an OOM kill, a crash) would send a
 fresh request into the unplug still in progress, and would never learn the
 outcome of one that finished while it was down.  The journal is an SQLite
-file (stdlib :mod:`sqlite3`, WAL mode) with one row per live unplug of ours:
+file (stdlib `sqlite3`, WAL mode) with one row per live unplug of ours:
 
 - a row is written **and committed before** each live request goes to
   libvirt (in the worker thread that then sends it), with the request's
@@ -16,7 +16,7 @@ file (stdlib :mod:`sqlite3`, WAL mode) with one row per live unplug of ours:
 - its outcome is written when it is known (off the event loop, in the
   journal's own thread);
 - at ``open()`` the unfinished rows of the service's URI are reconciled
-  against the live XML (see :meth:`aiodetach.DetachService.open`).
+  against the live XML (see [`aiodetach.DetachService.open()`][aiodetach.DetachService.open]).
 
 Durability: ``synchronous=FULL`` by default (each commit is fsynced before
 the request goes out), so a row survives a power cut of the agent's host,
@@ -34,10 +34,10 @@ domain's run id, the alias and the device's identifying description (e.g.
 
 One writer: the database file itself is held with ``flock`` for the
 owner's life (the lock follows the file, not its path's spelling; a forked
-child drops it); a second opener gets :class:`JournalLocked`, naming the
+child drops it); a second opener gets [`JournalLocked`][aiodetach.errors.JournalLocked], naming the
 holder.  Which file is the journal, whether it is trusted and whether it is
 a journal at all is decided before anything writes to it
-(:mod:`._journal_file`).
+(`._journal_file`).
 """
 
 from __future__ import annotations
@@ -193,12 +193,12 @@ class Journal:
     def open(cls, path: str | os.PathLike[str], *, synchronous: str, retention: float) -> Journal:
         """Resolve, lock, check and open the journal at ``path`` (blocking).
 
-        The path is resolved once, here (see :mod:`._journal_file`): the file
+        The path is resolved once, here (see `._journal_file`): the file
         held is the journal from then on.  Nothing is written to the file
-        before it is accepted: held by another (:class:`JournalLocked`), not
-        trusted (:class:`JournalUnavailable`), newer
-        (:class:`JournalVersionError`), not a journal or a damaged row
-        (:class:`JournalCorrupt`) all leave it, and its side files, byte for
+        before it is accepted: held by another (`JournalLocked`), not
+        trusted ([`JournalUnavailable`][aiodetach.errors.JournalUnavailable]), newer
+        (`JournalVersionError`), not a journal or a damaged row
+        (`JournalCorrupt`) all leave it, and its side files, byte for
         byte as they were, and nothing is held.
         """
         shown = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
@@ -229,7 +229,7 @@ class Journal:
     @staticmethod
     def _open_db(path: Path, synchronous: str, version: int) -> sqlite3.Connection:
         """Open the accepted file for writing (``version``: what
-        :func:`inspect` found): WAL mode, and the schema of a new journal."""
+        `inspect()` found): WAL mode, and the schema of a new journal."""
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         except sqlite3.Error as exc:
@@ -388,7 +388,7 @@ class Journal:
     def unfinished(self, uri: str) -> list[Entry]:
         """The unfinished unplugs of ``uri``, oldest first.  Every row was
         checked at open; one damaged since (a writer that ignores the lock)
-        is :class:`JournalCorrupt` all the same, never a half-read entry."""
+        is `JournalCorrupt` all the same, never a half-read entry."""
         columns = expected_columns()
         with self._lock:
             try:
@@ -478,7 +478,7 @@ class Journal:
     def request_sent(self) -> None:
         """A live request of a journalled unplug was handed to libvirt.  Nothing
         is written: this is where the power-cut tests stop the process
-        (:data:`fault`, point ``request.sent``), so that the protocol code
+        (`fault`, point ``request.sent``), so that the protocol code
         calls the journal, never the test hook itself."""
         fault_point("request.sent")
 
@@ -520,7 +520,7 @@ class Journal:
             _log.warning("aiodetach.journal_write_failed", error="journal closed", row=row)
 
     async def aclose(self) -> None:
-        """:meth:`close` off the loop, shielded from cancellation."""
+        """`close()` off the loop, shielded from cancellation."""
         loop = asyncio.get_running_loop()
         done = loop.run_in_executor(None, self.close)
         try:
@@ -533,7 +533,7 @@ class Journal:
 async def open_journal(
     path: str | os.PathLike[str], *, synchronous: str, retention: float
 ) -> Journal:
-    """:meth:`Journal.open` off the loop.  A cancelled open releases what the
+    """`Journal.open()` off the loop.  A cancelled open releases what the
     thread still opens."""
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(

@@ -1,6 +1,6 @@
 """The journal's file: which file it is, whether to trust it, and whether it
 is a journal of this aiodetach, all decided before anything writes to it
-(which file, and whether to trust it: :mod:`aiodetach._journal_path`; whether
+(which file, and whether to trust it: `aiodetach._journal_path`; whether
 it is a journal: here).
 
 A journal decides which requests are sent to guests after a restart, so a
@@ -86,8 +86,8 @@ def inspect(where: Path, fd: int) -> int:
     the held file is a journal this aiodetach may use.  Returns its format
     number: 0 for a new journal (an empty file or an empty database, such as
     one left by a first open killed before its schema committed), else
-    :data:`FORMAT_VERSION`.  Raises :class:`JournalVersionError` or
-    :class:`JournalCorrupt`."""
+    `FORMAT_VERSION`.  Raises [`JournalVersionError`][aiodetach.errors.JournalVersionError] or
+    [`JournalCorrupt`][aiodetach.errors.JournalCorrupt]."""
     sides = [where.with_name(where.name + s) for s in ("-wal", "-journal")]
     pending = [p for p in sides if _size(p) > 0]
     if not pending:
@@ -147,7 +147,7 @@ def classify(err: sqlite3.Error, path: Path, doing: str) -> JournalError:
 
 def check_database(db: sqlite3.Connection, path: Path) -> int:
     """Format number, objects, integrity, table and rows of a journal
-    database, read only.  See :func:`inspect`."""
+    database, read only.  See `inspect()`."""
     shown = str(path)
     db.execute("PRAGMA trusted_schema=OFF")  # a foreign schema's functions never run
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -194,7 +194,7 @@ def check_database(db: sqlite3.Connection, path: Path) -> int:
 @cache
 def _expected() -> tuple[tuple[str, str, int, int], ...]:
     """(name, declared type, not null, primary key) of each column, as SQLite
-    reads :data:`SCHEMA`."""
+    reads `SCHEMA`."""
     db = sqlite3.connect(":memory:")
     try:
         db.executescript(SCHEMA)
@@ -260,7 +260,7 @@ def _finite(value: object) -> bool:
 
 
 def check_row(row: Mapping[str, object], path: Path) -> None:
-    """A row is exactly what this aiodetach writes, else :class:`JournalCorrupt`
+    """A row is exactly what this aiodetach writes, else `JournalCorrupt`
     naming the file and the row.  (SQLite stores whatever a statement gives
     it, whatever a column is declared as; so types are checked here.)"""
     problem = _row_problem(row)

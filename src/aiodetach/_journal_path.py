@@ -1,6 +1,6 @@
 """Which file the journal is, and whether to trust it, before anything is read.
 
-See :mod:`aiodetach._journal_file` for the whole story: the path is resolved
+See `aiodetach._journal_file` for the whole story: the path is resolved
 once (the working directory and the final component's symlinks, each of which
 must be ours or root's and must not lead into a directory others can write),
 and the file then held is the journal for the owner's life; the file and its

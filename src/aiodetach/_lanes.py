@@ -1,7 +1,7 @@
 """Which connection a blocking libvirt call runs on (the backend's *lanes*).
 
 Each lane is one libvirt connection with at most one call inside it (why:
-:class:`aiodetach._libvirt._Lane`).  Two rules decide who gets a lane, both
+`aiodetach._libvirt._Lane`).  Two rules decide who gets a lane, both
 measured as missing on a host where another libvirt client held one
 domain's job in a loop of its own device changes, so that our detach
 requests for that domain sat in libvirtd waiting for the job:
@@ -64,7 +64,7 @@ class _Waiter(Generic[_L]):
 
 
 class Lanes(Generic[_L]):
-    """Hands out lanes to calls from any thread: :meth:`take` for one call's
+    """Hands out lanes to calls from any thread: `take()` for one call's
     whole duration.
 
     Invariants (under ``_lock``): a lane is either free or held by exactly

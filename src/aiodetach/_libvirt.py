@@ -1,7 +1,7 @@
-"""The real hypervisor: libvirt-python behind the :class:`Backend` interface.
+"""The real hypervisor: libvirt-python behind the [`Backend`][aiodetach.backend.Backend] interface.
 
 This is the one place where libvirt exceptions exist; everything leaving this
-module is a :class:`BackendError` carrying libvirt's code, error domain and
+module is a `BackendError` carrying libvirt's code, error domain and
 message, which the service maps to typed errors in one function.
 """
 
@@ -59,8 +59,8 @@ class _Lane:
     Concurrency comes from several lanes instead: each call takes a whole
     connection, so every call in flight is alone on its own.  Which lane a
     call gets (any free one, never every lane for one domain) is
-    :class:`aiodetach._lanes.Lanes`'s business; the lock only keeps calls out
-    while :meth:`LibvirtBackend.open` or ``close`` has the lane.
+    `aiodetach._lanes.Lanes`'s business; the lock only keeps calls out
+    while `LibvirtBackend.open()` or ``close`` has the lane.
     """
 
     __slots__ = ("conn", "domains", "lock")
@@ -92,7 +92,7 @@ class _Lane:
 def _on_a_lane(
     method: Callable[Concatenate[LibvirtBackend, _Lane, _P], _T],
 ) -> Callable[Concatenate[LibvirtBackend, _P], _T]:
-    """Run the call on a lane of its own for its whole duration (see :class:`_Lane`).
+    """Run the call on a lane of its own for its whole duration (see `_Lane`).
 
     The call's first argument names its domain (a UUID, or a lookup's name
     or UUID), which the lanes need: one domain's calls never hold them all.
@@ -124,7 +124,7 @@ class LibvirtBackend:
 
     ``lanes`` is how many connections calls may use at once, the first
     included (``DetachSettings.connections``): one call in flight per
-    connection (see :class:`_Lane`), so with ``lanes=1`` every call waits for
+    connection (see `_Lane`), so with ``lanes=1`` every call waits for
     the one before it to return.  The first connection alone carries the
     callbacks and the close notification: the extra ones only make calls.
     """

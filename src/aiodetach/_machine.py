@@ -3,8 +3,8 @@
 This module *is* the live half of the protocol (docs/protocol.md, rules 2, 3,
 5 and 7); read it top to bottom.  It decides and never acts: no asyncio, no
 threads, no clock, no logging (a test enforces it).  Every input is handed to
-:meth:`UnplugMachine.handle` with the time it happened, and the answer is the
-list of actions the driver (:mod:`aiodetach._unplug`) must perform, whose
+`UnplugMachine.handle()` with the time it happened, and the answer is the
+list of actions the driver (`aiodetach._unplug`) must perform, whose
 results come back as further inputs.  So each rule is a row of a table:
 *in this phase, this input, these actions and that next phase*
 (``tests/unit/test_unplug_machine.py``).

@@ -1,5 +1,5 @@
 """The unplug machine's vocabulary: its phases, the inputs it is handed and
-the actions it asks for (see :mod:`aiodetach._machine`).
+the actions it asks for (see `aiodetach._machine`).
 
 Plain frozen values with no behaviour, so that a driver, a table of rules and
 a model can all speak to the machine in the same terms.
@@ -68,7 +68,7 @@ class Verdict(enum.Enum):
 
 
 class Outcome(enum.Enum):
-    """How libvirt answered a request (classified in :mod:`aiodetach._errors_map`)."""
+    """How libvirt answered a request (classified in `aiodetach._errors_map`)."""
 
     SENT = "sent"  # accepted
     SKIPPED = "skipped"  # not handed to libvirt: nobody wanted it, or decided meanwhile
@@ -148,7 +148,7 @@ class Answered:
 
     ``reconnected``: the connection was lost or re-made while the request was
     out, so events about it may have been lost.  ``error``: the driver's
-    description of a refusal, handed back in :class:`End`.
+    description of a refusal, handed back in `End`.
     """
 
     outcome: Outcome
@@ -180,7 +180,7 @@ class ReadFailed:
 
 @dataclass(frozen=True, slots=True)
 class Timer:
-    """The wait armed by the :class:`WaitUntil` carrying ``token`` is over."""
+    """The wait armed by the `WaitUntil` carrying ``token`` is over."""
 
     token: int
 
@@ -211,22 +211,22 @@ Input = (
 # ----------------------------------------------------------------- actions
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Hand the live request to a worker thread (answer: :class:`Answered`)."""
+    """Hand the live request to a worker thread (answer: `Answered`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReadState:
-    """Read the domain's state (answer: :class:`StateRead` or :class:`ReadFailed`)."""
+    """Read the domain's state (answer: `StateRead` or `ReadFailed`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReadXml:
-    """Read the live XML (answer: :class:`XmlRead` or :class:`ReadFailed`)."""
+    """Read the live XML (answer: `XmlRead` or `ReadFailed`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class WaitUntil:
-    """Hand back :class:`Timer` (``token``) at ``when``, unless another wait
+    """Hand back `Timer` (``token``) at ``when``, unless another wait
     replaced it.  ``window``: an attempt's window (the driver parks it on one
     timer shared by every waiting unplug)."""
 
@@ -237,7 +237,7 @@ class WaitUntil:
 
 @dataclass(frozen=True, slots=True)
 class WaitReconnect:
-    """Hand back :class:`Reconnected` or :class:`ReconnectFailed`."""
+    """Hand back `Reconnected` or `ReconnectFailed`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ workers are finite) and a per-domain bound: libvirt's QEMU driver runs every
 detach of a domain inside that domain's *job*, one at a time, so flooding one
 domain only queues the requests inside libvirtd (and, with ``detachDeviceFlags``,
 for up to 5 s each) while other domains sit idle.  One failure never aborts
-the rest: every request ends as a :class:`DetachOutcome` with its result or
+the rest: every request ends as a [`DetachOutcome`][aiodetach.DetachOutcome] with its result or
 its typed error.
 
 The order of the gates matters.  A request first learns which domain it is
@@ -46,9 +46,9 @@ __all__ = [
 
 
 class DetachRequest(BaseModel):
-    """One device to detach, as :meth:`DetachService.detach` takes it.
+    """One device to detach, as [`DetachService.detach()`][aiodetach.DetachService.detach] takes it.
 
-    ``uri`` is only used by :class:`DetachFleet`, which routes on it.
+    ``uri`` is only used by [`DetachFleet`][aiodetach.DetachFleet], which routes on it.
     """
 
     # strict: a batch item is checked as detach() checks its arguments, so
@@ -98,7 +98,7 @@ class DetachOutcome(BaseModel):
 
 
 def as_request(item: object) -> DetachRequest:
-    """One batch item as a :class:`DetachRequest`, checked as ``detach()`` would."""
+    """One batch item as a `DetachRequest`, checked as ``detach()`` would."""
     if isinstance(item, DetachRequest):
         request = item
     elif isinstance(item, Mapping):
@@ -129,7 +129,7 @@ def as_request(item: object) -> DetachRequest:
 
 
 def prepare_batch(requests: Iterable[object]) -> list[DetachRequest]:
-    """Check a whole batch; raise :class:`InvalidRequest` naming the first bad
+    """Check a whole batch; raise `InvalidRequest` naming the first bad
     item's index (``err.index``) before anything is sent."""
     if isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Iterable):
         raise InvalidRequest(
@@ -170,7 +170,7 @@ def check_bounds(concurrency: object, per_domain: object) -> None:
 
 Identify = Callable[[DetachRequest], Awaitable[Hashable]]
 """Which domain a request is for (its per-domain bound's key).  Awaited before
-any slot is taken; a :class:`DetachError` it raises is the request's outcome."""
+any slot is taken; a [`DetachError`][aiodetach.DetachError] it raises is the request's outcome."""
 
 
 class _Batch:
@@ -270,7 +270,7 @@ async def collect(
 
     ``on_progress(outcome, done, total)`` is called as each one completes.  If
     it raises, the batch stops: what still runs is cancelled and awaited, and
-    :class:`BatchAborted` (caused by the callback's exception) carries every
+    `BatchAborted` (caused by the callback's exception) carries every
     outcome known by then and the indexes of the requests left unfinished.
     """
     if not batch:

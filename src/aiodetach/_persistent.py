@@ -2,14 +2,14 @@
 
 Concurrent callers of one device share one config detach, keyed by the
 device's *identity* in the persistent definition (disk target, MAC, hostdev
-source, …; see :mod:`aiodetach._xml`), never by a description: two different
+source, …; see `aiodetach._xml`), never by a description: two different
 ``<hostdev>``s may describe alike, and each must get its own detach.
 
 A caller that began while another caller's config detach of the same device
 was under way would otherwise send a second one (or, reading the definition
 after it landed, not find the device) and get "device not found" for a
 detach that did happen.  Each caller therefore takes a
-:meth:`PersistentStep.ticket` when it begins; a config detach of its device
+`PersistentStep.ticket()` when it begins; a config detach of its device
 under way or completed since then counts as this caller's too.
 """
 
@@ -48,7 +48,7 @@ class PersistentStep:
         self._completed: Recent[Key, DeviceRef] = Recent()  # config detaches that landed
 
     def ticket(self) -> int:
-        """Take when a detach begins; give back with :meth:`release`."""
+        """Take when a detach begins; give back with `release()`."""
         return self._completed.ticket()
 
     def release(self, ticket: int) -> None:

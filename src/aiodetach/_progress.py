@@ -2,15 +2,15 @@
 
 Two hooks:
 
-- :class:`ProgressLines`: one line per step ("[vm-1/ua-disk1] attempt 2 of
+- `ProgressLines`: one line per step ("[vm-1/ua-disk1] attempt 2 of
   8: no DEVICE_REMOVED within 20 s; re-reading the live XML"), for ``detach``
   and for ``detach-many`` when stderr is not a terminal (a log file, a pipe).
-- :class:`ProgressBar`: ``detach-many`` on a terminal: one line redrawn in
+- `ProgressBar`: ``detach-many`` on a terminal: one line redrawn in
   place with ``\\r`` (done/total, ok, failed, unplugs pending, requests sent),
   and the steps worth an operator's eye (a timed-out attempt, a lost event, a
   failure) printed above it.  No dependency: a terminal is all it needs.
 
-Both only format: the texts come from :func:`describe`, in one place.
+Both only format: the texts come from `describe()`, in one place.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ its coroutine, outer future and two callbacks per caller: in a mass detach
 ten thousand callers wait on one read, and that was most of the memory the
 ramp took).  Its failure reaches every caller of that read as the same exception, which each
 caller maps to its own typed error (naming its own domain and alias).  A
-connection lost mid-read is :meth:`Connection.read`'s business, as for a
+connection lost mid-read is `Connection.read()`'s business, as for a
 read of one's own: the read waits for the reconnect and asks again.
 """
 

@@ -8,8 +8,8 @@ the device (and raises "not found" for a detach that did happen) or finds it
 in a read taken just before it went and sends a second request for a device
 already gone.
 
-So each caller takes a :meth:`Recent.ticket` when it begins and gives it back
-once it has acted; whatever ends meanwhile is kept (:meth:`Recent.add`) until
+So each caller takes a `Recent.ticket()` when it begins and gives it back
+once it has acted; whatever ends meanwhile is kept (`Recent.add()`) until
 no caller that began before it is left.  With nobody in flight nothing is
 kept at all, so an idle or steady service holds no records.
 """
@@ -36,12 +36,12 @@ class Recent(Generic[K, V]):
 
     def __init__(self) -> None:
         self.seq = 0
-        """Bumped by every :meth:`add`: a ticket, or a mark taken later, is a value of it."""
+        """Bumped by every `add()`: a ticket, or a mark taken later, is a value of it."""
         self._ended: dict[K, list[tuple[int, V]]] = {}  # one key may end more than once
         self._callers: Counter[int] = Counter()  # tickets in flight
 
     def ticket(self) -> int:
-        """Take when a caller begins; give it back with :meth:`release`."""
+        """Take when a caller begins; give it back with `release()`."""
         self._callers[self.seq] += 1
         return self.seq
 

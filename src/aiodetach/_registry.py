@@ -5,10 +5,10 @@ caller either starts the device's unplug or joins the one in flight, and an
 unplug leaves the registry in the same step as it ends, so a caller never
 joins one that is over by mistake.  The one exception is deliberate: an
 unplug that *removed* the device since a caller began (between that caller's
-read of the live definition and its join, see :mod:`aiodetach._recent`) is
-that caller's outcome too, and :meth:`Unplugs.join` hands it over instead of
+read of the live definition and its join, see `aiodetach._recent`) is
+that caller's outcome too, and `Unplugs.join()` hands it over instead of
 starting a second unplug of a device already gone.  The event intake reads
-:attr:`Unplugs.by_key` on its hot path.
+`Unplugs.by_key` on its hot path.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Unplugs:
         conn.on_lost = self._wake_all
 
     def ticket(self) -> int:
-        """Take when a detach begins, give back (:meth:`release`) once it has joined."""
+        """Take when a detach begins, give back (`release()`) once it has joined."""
         return self.removed.ticket()
 
     def release(self, ticket: int) -> None:
@@ -102,7 +102,7 @@ class Unplugs:
     ) -> tuple[Unplug, bool]:
         """The unplug of this device, started if none is in flight; counts the caller in.
 
-        ``since``: the caller's mark (:meth:`mark`) when its read showed the
+        ``since``: the caller's mark (`mark()`) when its read showed the
         device, its ticket when the read did not (``gone``).  An unplug that
         removed *that* device (the same identity) after it is this caller's
         outcome, when the read did not show the device, when nothing is in

@@ -45,7 +45,7 @@ class DetachResult(BaseModel):
 
 class Recovered(BaseModel):
     """An unplug an earlier run of this process left unfinished in the journal,
-    as ``open()`` found it (:meth:`aiodetach.DetachService.recovered`).
+    as ``open()`` found it (`aiodetach.DetachService.recovered()`).
 
     ``outcome``: ``"pending"`` (still attached; taken up, see
     ``svc.pending()``: a ``detach()`` of it joins it), ``"removed"`` (gone

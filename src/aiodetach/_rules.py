@@ -75,8 +75,8 @@ def uuid_in(ref: str) -> str | None:
     digit pairs, surrounding whitespace (so ``"6695EB01F6A4..."`` is a UUID,
     ``"{6695eb01-...}"`` is not).  A domain is looked up by UUID and events are
     matched by UUID from the same answer, so a caller's spelling names the
-    same domain in :meth:`~aiodetach.DetachService.detach` and in
-    :meth:`~aiodetach.DetachService.events`.  Every backend call passes
+    same domain in [`detach()`][aiodetach.DetachService.detach] and in
+    [`events()`][aiodetach.DetachService.events].  Every backend call passes
     through here (a lane is per domain), hence regular expressions.
     """
     if _UUID.fullmatch(ref) is None:
@@ -86,7 +86,7 @@ def uuid_in(ref: str) -> str | None:
 
 
 def names_domain(ref: str) -> Callable[[str, str], bool]:
-    """Whether the caller's ``ref`` (from :func:`domain_ref`) names a domain,
+    """Whether the caller's ``ref`` (from `domain_ref()`) names a domain,
     given its UUID and name, as a lookup of ``ref`` resolves it: by UUID when
     ``ref`` reads as one (else, as the lookup falls back to, by name), by name
     otherwise."""
@@ -139,9 +139,9 @@ class Found:
 
     What a read missed may be explained by another caller's work that ended
     (or is under way) since this caller began; that is looked up outside,
-    only when :attr:`live_missed` or :attr:`persistent_missed` says a read
-    missed it, and handed back as a value (:meth:`unplugged`,
-    :meth:`config_removed`).
+    only when `live_missed` or `persistent_missed` says a read
+    missed it, and handed back as a value (`unplugged()`,
+    `config_removed()`).
     """
 
     live: DeviceRef | None
@@ -162,9 +162,9 @@ class Found:
         self, ended: DeviceRef | None, persistent_xml: Domain | None, live_xml: Domain | None
     ) -> Found:
         """``ended``: the device another caller's unplug removed from the live
-        definition just before our read (see :mod:`aiodetach._recent`); this
-        caller shares its outcome.  Raises the bare :class:`AmbiguousDevice`
-        of :func:`find_same_device` (see :func:`ambiguous`)."""
+        definition just before our read (see `aiodetach._recent`); this
+        caller shares its outcome.  Raises the bare `AmbiguousDevice`
+        of `find_same_device()` (see `ambiguous()`)."""
         if ended is None:
             return self
         persistent = self.persistent
@@ -176,7 +176,7 @@ class Found:
 
     def config_removed(self, removed: DeviceRef | None) -> Found:
         """``removed``: the device whose config detach by another caller is under
-        way or landed just before our read (see :mod:`aiodetach._persistent`);
+        way or landed just before our read (see `aiodetach._persistent`);
         this caller shares it."""
         return self if removed is None else replace(self, persistent=removed)
 
@@ -193,7 +193,7 @@ def find_devices(
     (disk target, MAC, hostdev source, controller type and index, guest
     address), and both halves are done.  Where that identity is shared (two
     interfaces with one MAC), the guest address tells the twins apart; where
-    nothing does, :class:`AmbiguousDevice` is raised before anything is done,
+    nothing does, `AmbiguousDevice` is raised before anything is done,
     rather than detaching a guess or one half in silence.
     """
     where = "live"
@@ -218,7 +218,7 @@ def plan_devices(
     persistent: bool | None,
     found: Found,
 ) -> Plan:
-    """Apply the not-found rules to what was found (:func:`find_devices`, with
+    """Apply the not-found rules to what was found (`find_devices()`, with
     what other callers' unplugs and config detaches explain of its misses)."""
     live_dev, pers_dev = found.live, found.persistent
     alias = selector.value if selector.kind == "alias" else None

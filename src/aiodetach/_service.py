@@ -1,15 +1,15 @@
-"""The front of the library: :class:`DetachService`, a facade.
+"""The front of the library: [`DetachService`][aiodetach.DetachService], a facade.
 
 It owns the service's parts and their life (open, the journal's take-up,
 close) and hands each call to the module that does it:
 
 - one detach call, lookup → reads → plan → persistent half → join → follow:
-  :mod:`aiodetach._call` (the follow itself is awaited in :meth:`detach`,
+  `aiodetach._call` (the follow itself is awaited in `detach()`,
   the caller's outermost frame);
-- the journal's take-up at ``open()``: :mod:`aiodetach._takeup`;
-- batches: :mod:`aiodetach._many`; events: :mod:`aiodetach._intake`;
-- the connection's threads and reconnects: :mod:`aiodetach._connection`;
-  the live unplugs: :mod:`aiodetach._registry` and :mod:`aiodetach._unplug`.
+- the journal's take-up at ``open()``: `aiodetach._takeup`;
+- batches: `aiodetach._many`; events: `aiodetach._intake`;
+- the connection's threads and reconnects: `aiodetach._connection`;
+  the live unplugs: `aiodetach._registry` and `aiodetach._unplug`.
 """
 
 from __future__ import annotations
@@ -61,25 +61,27 @@ __all__ = ["DetachService", "DeviceEvent", "DomainRef"]
 class DetachService:
     """Detach devices from libvirt domains, waiting for the guest.
 
-    Use as an async context manager; one instance per libvirt URI::
+    Use as an async context manager; one instance per libvirt URI
 
-        async with DetachService("qemu:///system") as svc:
-            result = await svc.detach("vm-1", alias="ua-disk1")
+    ```python
+    async with DetachService("qemu:///system") as svc:
+        result = await svc.detach("vm-1", alias="ua-disk1")
+    ```
 
-    ``backend`` replaces libvirt (see :mod:`aiodetach.backend` and
-    :class:`aiodetach.testing.FakeHypervisor`).  ``read_only=True`` opens a
-    read-only connection, good for :meth:`events` only: detaching through it
-    raises :class:`ReadOnlyConnection`.
+    ``backend`` replaces libvirt (see [`aiodetach.backend`][aiodetach.backend] and
+    `aiodetach.testing.FakeHypervisor`).  ``read_only=True`` opens a
+    read-only connection, good for `events()` only: detaching through it
+    raises [`ReadOnlyConnection`][aiodetach.errors.ReadOnlyConnection].
 
     ``hooks`` are called with a record of every step of every detach (see
-    :mod:`aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
+    [`aiodetach.instrumentation`][aiodetach.instrumentation]: Prometheus and OpenTelemetry hooks are
     there).  The library's structlog logging is itself a hook, called first;
     ``log=False`` leaves it out (the CLI does, to print its own lines).
 
     ``journal=PATH`` keeps an SQLite journal of the live requests sent, so
     that a restart of this process neither re-sends into an unplug still in
     progress nor loses the outcome of one that finished meanwhile (see
-    :meth:`open`, :meth:`recovered`).  Without it nothing is written.
+    `open()`, `recovered()`).  Without it nothing is written.
     """
 
     def __init__(
@@ -148,19 +150,19 @@ class DetachService:
         await self.aclose()
 
     async def open(self) -> None:
-        """Connect.  Raises :class:`ConnectionLost` if libvirtd cannot be reached.
+        """Connect.  Raises `ConnectionLost` if libvirtd cannot be reached.
 
         A cancelled ``open()`` closes what it started, including a connection
         that completes in its worker thread after the cancellation.
 
         With a journal, it is locked and checked first, before libvirt is
-        contacted (:class:`~aiodetach.errors.JournalError` subclasses); then
+        contacted ([`JournalError`][aiodetach.errors.JournalError] subclasses); then
         every unplug it holds unfinished for this URI is reconciled with the
         live XML: gone → reported detached (``confirmed_by="xml"``); still
         attached → taken up (``pending()``), with no request sent before its
         last request's window is over, and a ``detach()`` of it joins it
         (``result.resumed``); domain gone, shut off or re-started since → the
-        request died with it.  :meth:`recovered` lists what was found.
+        request died with it.  `recovered()` lists what was found.
         """
         calls = self._calls
         if calls.loop is not None:
@@ -213,7 +215,7 @@ class DetachService:
     def recovered(self) -> list[Recovered]:
         """What ``open()`` found unfinished in the journal, and how it stood.
 
-        ``"pending"`` ones are in :meth:`pending` (until they end); ask for
+        ``"pending"`` ones are in `pending()` (until they end); ask for
         the device again to await it (the call joins it).  Empty without a
         journal.
         """
@@ -224,7 +226,7 @@ class DetachService:
 
         Idempotent.  Shielded from cancellation: a cancelled ``aclose()`` still
         finishes closing before the cancellation is re-raised.  Every caller
-        still waiting gets :class:`ServiceClosed`.
+        still waiting gets [`ServiceClosed`][aiodetach.errors.ServiceClosed].
         """
         if self._close_task is None:
             self._calls.closing = True  # from here on, what fails in flight is the close's
@@ -290,7 +292,7 @@ class DetachService:
         such as ``virtio-disk1`` exists in the live XML only) is found in the
         other by what identifies it there.
 
-        Raises a :class:`~aiodetach.errors.DetachError` subclass naming the
+        Raises a [`DetachError`][aiodetach.errors.DetachError] subclass naming the
         domain and alias on every failure; one raised after the persistent
         half was done says so (``err.persistent_done``).
 
@@ -334,7 +336,7 @@ class DetachService:
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
 
-        ``domain`` filters, naming a domain as :meth:`detach` does (name, UUID
+        ``domain`` filters, naming a domain as `detach()` does (name, UUID
         in any spelling libvirt takes, or virDomain).  Ends when the service closes.
         """
         self._calls.usable()
@@ -360,7 +362,7 @@ class DetachService:
         concurrency: int = 16,
         per_domain: int | None = 4,
     ) -> AsyncGenerator[DetachOutcome, None]:
-        """Detach many devices; yield each :class:`DetachOutcome` as it completes.
+        """Detach many devices; yield each `DetachOutcome` as it completes.
 
         At most ``concurrency`` detaches run at once, and at most
         ``per_domain`` on one domain (libvirt serialises a domain's detaches
@@ -368,7 +370,7 @@ class DetachService:
         name in one request and by UUID in another is one domain.  A request
         waiting for its domain's turn holds no global slot.  A failure is an
         outcome, never an exception: the rest go on.  The whole batch is
-        checked before anything is sent (:class:`InvalidRequest` with the
+        checked before anything is sent (`InvalidRequest` with the
         bad item's ``index``).  Close the iterator (``contextlib.aclosing``)
         to stop early: what still runs is cancelled and awaited.
         """
@@ -391,11 +393,11 @@ class DetachService:
         per_domain: int | None = 4,
         on_progress: Callable[[DetachOutcome, int, int], None] | None = None,
     ) -> list[DetachOutcome]:
-        """Like :meth:`detach_iter`, collected in request order.
+        """Like `detach_iter()`, collected in request order.
 
         ``on_progress(outcome, done, total)`` is called as each one completes.
         If it raises, the batch stops (what still runs is cancelled and
-        awaited) and :class:`~aiodetach.errors.BatchAborted` is raised from
+        awaited) and [`BatchAborted`][aiodetach.errors.BatchAborted] is raised from
         that exception, carrying every outcome known and the indexes left
         unfinished.
         """
@@ -411,7 +413,7 @@ class DetachService:
         )
 
     def batch_identities(self, look_up: bool) -> Callable[[DetachRequest], Awaitable[Hashable]]:
-        """A per-batch ``request -> domain UUID`` lookup (also for :class:`DetachFleet`);
+        """A per-batch ``request -> domain UUID`` lookup (also for `DetachFleet`);
         without a per-domain bound nothing needs looking up."""
         return batch_identities(self._calls.uuid_of if look_up else None, self._hooks, self.uri)
 

@@ -1,12 +1,12 @@
-"""The live unplug's driver: performs what :mod:`aiodetach._machine` decides.
+"""The live unplug's driver: performs what `aiodetach._machine` decides.
 
 The rules of the live half are all in the pure machine; this module only
 feeds it inputs (libvirt's events, the answers of the worker-thread calls,
 timers, callers joining and leaving, the connection going and coming back)
 and performs the actions it asks for (send the request in a worker thread,
 read the domain's state or live XML through the shared reads, wait, wait
-for a reconnect, record, end).  :class:`Unplug` *is* its machine (it
-subclasses :class:`~aiodetach._machine.UnplugMachine`): thousands of unplugs
+for a reconnect, record, end).  [`Unplug`][aiodetach.testing.Unplug] *is* its machine (it
+subclasses `UnplugMachine`): thousands of unplugs
 may wait at once, and each would otherwise hold a second object.
 
 What the driver adds, and why:
@@ -15,8 +15,8 @@ What the driver adds, and why:
   done-callback that feeds the result back; an unplug in its window holds no
   task, no coroutine frame and no timer of its own: its window's end is an
   entry on one timer shared by every waiting unplug
-  (:mod:`aiodetach._deadlines`).  Callers wait on a plain future each
-  (:meth:`Unplug.follow`), so ten thousand pending unplugs hold no task and
+  (`aiodetach._deadlines`).  Callers wait on a plain future each
+  (`Unplug.follow()`), so ten thousand pending unplugs hold no task and
   no ``shield`` of their own.
 - **One input at a time.**  An action may cause another input to the same
   unplug at once (telling the connection it is lost wakes every unplug); it
@@ -29,7 +29,7 @@ What the driver adds, and why:
 - **A request is journalled before it is sent** (with a journal): the row is
   committed in the request's worker thread just before libvirt is called,
   and the outcome when the unplug ends.  An unplug taken up from the
-  journal after a restart (:meth:`Unplug.take_up`) waits out what is left of
+  journal after a restart (`Unplug.take_up()`) waits out what is left of
   its last request's window, *maybe sent*.
 """
 
@@ -188,7 +188,7 @@ class Unplug(UnplugCalls):
 
     def start(self) -> None:
         """Send the first request, one loop step after the first caller joined
-        (it follows the unplug first: see :meth:`follow`)."""
+        (it follows the unplug first: see `follow()`)."""
         self._registry.loop.call_soon(self._begin)
 
     def _begin(self) -> None:
@@ -196,7 +196,7 @@ class Unplug(UnplugCalls):
 
     def take_up(self, entry: Entry) -> None:
         """Continue an unplug found unfinished in the journal (see
-        :meth:`UnplugMachine.taken_up`; the linger's ``timeout`` is the
+        `UnplugMachine.taken_up()`; the linger's ``timeout`` is the
         machine's own limit)."""
         journalled = self._journalled
         assert journalled is not None  # taken up from a journal
@@ -215,7 +215,7 @@ class Unplug(UnplugCalls):
 
         The caller's cancellation cancels only that future, never the unplug:
         what ``asyncio.shield`` of a shared future would do, for one plain
-        future per caller.  Hand it back to :meth:`unfollow`.
+        future per caller.  Hand it back to `unfollow()`.
         """
         mine: asyncio.Future[LiveDone] = self._registry.loop.create_future()
         if self.phase is Phase.DONE:
@@ -314,7 +314,7 @@ class Unplug(UnplugCalls):
 
     def window_over(self, when: float) -> bool:
         """Its entry for the window ending at ``when`` came up in the shared
-        deadlines (see :mod:`aiodetach._deadlines`): go on if it is still
+        deadlines (see `aiodetach._deadlines`): go on if it is still
         parked on that window.  False: the entry was stale."""
         if self.parked_on(when):
             self._parked = False  # its entry is used up (taken off the queue)

@@ -1,15 +1,15 @@
 """The calls a live unplug makes, and how their answers become its machine's inputs.
 
-The middle layer of an unplug (:class:`aiodetach._unplug.Unplug`): above the
-pure machine (:mod:`aiodetach._machine`), below the driver that feeds it and
+The middle layer of an unplug (`aiodetach._unplug.Unplug`): above the
+pure machine (`aiodetach._machine`), below the driver that feeds it and
 keeps its waits.  Each method here starts one call (the live request in a
 worker thread, a shared read of the domain's state or live XML, a wait for
 a reconnect) and hands its answer back as one input, classified once:
-libvirt's refusals by :func:`aiodetach._errors_map.request_outcome`, a read's
+libvirt's refusals by `aiodetach._errors_map.request_outcome()`, a read's
 failure as the typed error the callers will get.
 
 The request is decided in its worker thread, just before libvirt is called
-(:attr:`~aiodetach._machine.UnplugMachine.wants_request`): one whose callers
+(`wants_request`): one whose callers
 all left while it waited for a thread, or whose unplug an event decided
 meanwhile, is not sent.  With a journal, it is noted (committed) in that
 thread before libvirt hears of it, so a restart finds it.
@@ -48,7 +48,7 @@ Key = tuple[str, str]
 OUTSIDE: list[Any] = [False, -1]
 """No request of this unplug is out (never written: each request gets a
 list of its own, ``[handed to libvirt, connection generation]``, see
-:meth:`UnplugCalls._send`)."""
+`UnplugCalls._send()`)."""
 
 
 class UnplugCalls(UnplugMachine):
@@ -243,7 +243,7 @@ class Journalled:
 
 
 class Registry(Protocol):
-    """What an unplug needs from the service (see :mod:`aiodetach._registry`)."""
+    """What an unplug needs from the service (see `aiodetach._registry`)."""
 
     conn: Connection
     settings: DetachSettings

@@ -1,7 +1,7 @@
 """Finding a device in a domain's XML, and naming it.
 
 Everything here is pure (strings in, values out) so it is tested without a
-hypervisor.  XML is parsed and serialised with :mod:`xml.etree.ElementTree`;
+hypervisor.  XML is parsed and serialised with `xml.etree.ElementTree`;
 nothing is ever built by formatting user input into markup.  User-supplied
 device XML is refused if it carries a DTD, so no entity tricks reach expat.
 """
@@ -80,7 +80,7 @@ class DeviceRef:
     """A device found in one definition of a domain.
 
     ``identity`` names the device within its domain by what *both*
-    definitions carry (see :func:`device_identity`): equal for the live and
+    definitions carry (see `device_identity()`): equal for the live and
     the persistent copy of one device, different for two devices.  ``None``
     when nothing but an alias identifies it.  It is hashable, so it also keys
     per-device work (one persistent detach per device, whatever the caller
@@ -95,7 +95,7 @@ class DeviceRef:
 
     @property
     def identity_alone(self) -> Identity | None:
-        """:attr:`identity` without the :class:`At` a shared one ends with:
+        """`identity` without the `At` a shared one ends with:
         what names the device whatever its twins do (a twin that leaves or
         arrives drops or adds the ``At``).  The journal knows a device by it."""
         return _split(self.identity)[0] if self.identity is not None else None
@@ -112,7 +112,7 @@ def _split(identity: Identity) -> tuple[Identity, At | None]:
 class Definition:
     """The ``<devices>`` of one domain definition, parsed once.
 
-    Concurrent callers share one read of a definition (:mod:`aiodetach._reads`),
+    Concurrent callers share one read of a definition (`aiodetach._reads`),
     and with it one parse: in a mass detach each of N callers parsing the
     same XML was most of the CPU aiodetach added to raw libvirt.  The
     elements are only read, never changed.  Every function below takes it or
@@ -121,7 +121,7 @@ class Definition:
 
     devices: tuple[ET.Element, ...]
     shared: frozenset[Identity] = frozenset()
-    """The identities that more than one device of the definition has (see :class:`At`)."""
+    """The identities that more than one device of the definition has (see `At`)."""
 
 
 def parse_definition(domain_xml: str) -> Definition:
@@ -139,7 +139,7 @@ def parse_definition(domain_xml: str) -> Definition:
 
 
 Domain = str | Definition
-"""A domain definition: libvirt's XML, or that XML parsed (:class:`Definition`)."""
+"""A domain definition: libvirt's XML, or that XML parsed (`Definition`)."""
 
 
 def selector_from(
@@ -261,7 +261,7 @@ def _key_of(elem: ET.Element, kind: str) -> object:
 def find_device(domain_xml: Domain, sel: Selector) -> DeviceRef | None:
     """Return the device ``sel`` names in ``domain_xml``, or ``None``.
 
-    Raises :class:`AmbiguousDevice` when a MAC or device XML names more than
+    Raises `AmbiguousDevice` when a MAC or device XML names more than
     one device (libvirt accepts two interfaces with one MAC) and nothing in
     the selector tells them apart: an ``xml=`` that carries the guest
     ``<address>`` of one of them does.  An alias names the first device that
@@ -298,7 +298,7 @@ def ended_device(tag: str | None, alias: str, identity: Identity | None) -> Devi
     alias and identity (its XML is gone with it, so ``xml`` is empty).
 
     A caller whose read came after another caller's unplug removed the
-    device shares that unplug (see :mod:`aiodetach._recent`).
+    device shares that unplug (see `aiodetach._recent`).
     """
     tag = tag or "device"  # an unplug taken up from the journal keeps no tag
     return DeviceRef(tag, alias, "", describe(tag, alias, identity), identity)
@@ -306,7 +306,7 @@ def ended_device(tag: str | None, alias: str, identity: Identity | None) -> Devi
 
 def describe(tag: str, alias: str | None, identity: Identity | None) -> str:
     """A device described from its tag, alias and identity alone, in the words
-    :func:`_describe` finds in its XML (for disks, interfaces, controllers and
+    `_describe()` finds in its XML (for disks, interfaces, controllers and
     the rest; a MAC lower-cased).  A waiting caller holds no description of
     its own when this gives the same (see ``aiodetach._call.Progress``)."""
     parts = [tag]
@@ -328,9 +328,9 @@ def describe(tag: str, alias: str | None, identity: Identity | None) -> str:
 
 def names_device(sel: Selector, tag: str | None, alias: str, identity: Identity | None) -> bool:
     """Whether ``sel`` names the device with this tag, alias and identity,
-    without its XML (a device already unplugged: see :func:`ended_device`).
+    without its XML (a device already unplugged: see `ended_device()`).
 
-    By alias, disk target or MAC, as :func:`find_device` would match them; a
+    By alias, disk target or MAC, as `find_device()` would match them; a
     hostdev named by its XML by the identity of that XML (its source).
     """
     want_tag, key = _matcher(sel)
@@ -395,7 +395,7 @@ def find_same_device(
     twin is at ``dev``'s address but each is at the address of another
     device of ``own`` (``dev``'s own definition) that shares the identity: a
     second NIC with the MAC of the first, hot-plugged live only, is in the
-    persistent definition under no name.  :class:`AmbiguousDevice` when the
+    persistent definition under no name.  `AmbiguousDevice` when the
     twins cannot be told apart (no address, the address twice, a twin at no
     address ``own`` explains): detaching a guess from the persistent
     definition would remove the wrong device for good, and taking it for
@@ -512,7 +512,7 @@ def _devices(domain_xml: Domain) -> tuple[ET.Element, ...]:
 def _ref(elem: ET.Element, definition: Definition) -> DeviceRef:
     """``elem`` of ``definition``, with its identity there: where another
     device of that definition has the same identity, its guest address is
-    added (see :class:`At`)."""
+    added (see `At`)."""
     identity = _identity(elem)
     if identity is not None and identity in definition.shared:
         identity = (*identity, At(_guest_address(elem)))

@@ -2,8 +2,8 @@
 
 The service only ever needs six blocking calls and four kinds of
 notification.  Keeping them behind this interface is what lets the same
-protocol code run against a real libvirtd (:mod:`aiodetach._libvirt`) and
-against :class:`aiodetach.testing.FakeHypervisor`, which produces the
+protocol code run against a real libvirtd (`aiodetach._libvirt`) and
+against [`aiodetach.testing.FakeHypervisor`][aiodetach.testing.FakeHypervisor], which produces the
 interleavings a real QEMU cannot be made to produce on demand.
 
 Blocking calls are made from worker threads; notifications may be delivered
@@ -11,8 +11,8 @@ from any thread.  The service does the hopping onto its event loop.
 
 It is public because ``DetachService(backend=...)`` is: a wrapper around the
 libvirt backend (to record or inject faults) or a backend of your own
-implements :class:`Backend` and reports through the :class:`EventSink` it is
-given.  Errors are :class:`BackendError` with libvirt's numeric code.
+implements `Backend` and reports through the `EventSink` it is
+given.  Errors are [`BackendError`][aiodetach.backend.BackendError] with libvirt's numeric code.
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ class EventSink(Protocol):
 
 
 class Backend(Protocol):
-    """Blocking hypervisor calls; each may raise :class:`BackendError`."""
+    """Blocking hypervisor calls; each may raise `BackendError`."""
 
     @property
     def uses_libvirt_events(self) -> bool:
         """True if its connections need libvirt's event loop running on asyncio
-        (the service then installs :func:`aiodetach.install_event_loop` on its
+        (the service then installs `aiodetach.install_event_loop()` on its
         loop before opening); False for a backend that delivers its
         notifications by itself, like the fake."""
 

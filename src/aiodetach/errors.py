@@ -1,7 +1,7 @@
 """The exception hierarchy of aiodetach.
 
 Every error a caller can cause, or that the hypervisor can report, is a
-:class:`DetachError`.  Each carries the domain and device alias it is about (when
+[`DetachError`][aiodetach.DetachError].  Each carries the domain and device alias it is about (when
 known at the point of failure), so a host agent detaching hundreds of devices at
 once can tell from the exception alone which detach went wrong.  Errors that
 come from libvirt keep libvirt's numeric error code (``libvirt_code``) and the
@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousDevice",
     "BatchAborted",
+    "CalledFromEventLoop",
     "ConnectionLost",
     "DetachError",
     "DetachFailed",
@@ -50,6 +51,10 @@ class DetachError(Exception):
             must know that its next cold boot will not have the device.
     """
 
+    message: str
+    domain: str | None
+    alias: str | None
+    libvirt_code: int | None
     persistent_done: bool = False
 
     def __init__(
@@ -142,6 +147,8 @@ class DomainStopped(DomainNotRunning):
     ``"migrated"``, ``"crashed"``, ``"failed"``, ``"saved"``, …).
     """
 
+    reason: str
+
     def __init__(
         self,
         message: str,
@@ -183,6 +190,9 @@ class DetachTimeout(DetachError, TimeoutError):
     """The guest did not release the device after ``attempts`` requests of
     ``timeout`` seconds each; the device is still in the live definition."""
 
+    attempts: int
+    timeout: float
+
     def __init__(
         self,
         message: str,
@@ -213,16 +223,19 @@ class BatchAborted(DetachError):
     ``on_progress`` callback raised; that exception is the ``__cause__``.
 
     Nothing of the batch is left running: the detaches still in flight were
-    cancelled and awaited.  As with any cancelled :meth:`DetachService.detach`,
+    cancelled and awaited.  As with any cancelled `DetachService.detach()`,
     a live unplug already requested goes on in the guest and is remembered for
     its window, so asking again joins it rather than re-sending.
 
     Attributes:
-        outcomes: every :class:`~aiodetach.DetachOutcome` that was known, in
+        outcomes: every [`DetachOutcome`][aiodetach.DetachOutcome] that was known, in
             request order (including the one whose callback raised).
         unfinished: the indexes (in the batch) of the requests that were
             cancelled before they had an outcome.
     """
+
+    outcomes: list[object]
+    unfinished: list[int]
 
     def __init__(
         self,
@@ -243,7 +256,14 @@ class HypervisorError(DetachError):
 class EventLoopConflict(DetachError, RuntimeError):
     """libvirt's event implementation is bound to an event loop that is still
     running in another thread, or someone else registered a different
-    implementation first (see :mod:`aiodetach` docs: *Event loops*)."""
+    implementation first (see [`aiodetach`][aiodetach] docs: *Event loops*)."""
+
+
+class CalledFromEventLoop(DetachError, RuntimeError):
+    """A blocking call ([`BlockingDetachService`][aiodetach.BlockingDetachService])
+    was made from a thread that runs an asyncio event loop: it would stall
+    that loop for the whole unplug (and deadlock on the facade's own loop).
+    Await [`DetachService`][aiodetach.DetachService] there instead."""
 
 
 class JournalError(DetachError):
@@ -253,6 +273,8 @@ class JournalError(DetachError):
     any domain; raised by a detach when its request could not be recorded,
     in which case that request was not sent.  ``path`` is the journal file.
     """
+
+    path: str
 
     def __init__(self, message: str, *, path: str = "", **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]

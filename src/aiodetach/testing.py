@@ -1,7 +1,7 @@
 """A **fake** hypervisor for testing code that uses aiodetach.
 
-:class:`FakeHypervisor` is not libvirt and not QEMU.  It implements the small
-interface :class:`~aiodetach.DetachService` talks to, with libvirt's error
+`FakeHypervisor` is not libvirt and not QEMU.  It implements the small
+interface [`DetachService`][aiodetach.DetachService] talks to, with libvirt's error
 codes and messages, and lets a test decide what the "guest" does with each
 unplug: release the device at once (before the request returns, as a booted
 Linux guest often does), later, never (a guest with no OS), reject it
@@ -11,18 +11,20 @@ also drop events, crash and restart "libvirtd", and stop domains.
 
 Use it where a real hypervisor cannot produce the case on demand; test the
 happy paths against a real libvirtd too.  Everything it does is recorded in
-:attr:`FakeHypervisor.requests` so tests can assert how many requests were
-sent, and :attr:`FakeHypervisor.max_in_flight` tells whether an unplug was
+`FakeHypervisor.requests` so tests can assert how many requests were
+sent, and `FakeHypervisor.max_in_flight` tells whether an unplug was
 ever re-sent while one was pending.
 
-Example::
+Example
 
-    fake = FakeHypervisor()
-    vm = fake.add_domain("vm-1")
-    vm.add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.later(0.05))
-    async with DetachService(backend=fake) as svc:
-        result = await svc.detach("vm-1", alias="ua-disk1")
-    assert len(fake.requests) == 1
+```python
+fake = FakeHypervisor()
+vm = fake.add_domain("vm-1")
+vm.add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.later(0.05))
+async with DetachService(backend=fake) as svc:
+    result = await svc.detach("vm-1", alias="ua-disk1")
+assert len(fake.requests) == 1
+```
 """
 
 from __future__ import annotations
@@ -90,12 +92,12 @@ class GuestUnplug:
 
     @classmethod
     def manual(cls) -> GuestUnplug:
-        """Nothing happens until the test calls :meth:`FakeHypervisor.complete`."""
+        """Nothing happens until the test calls `FakeHypervisor.complete()`."""
         return cls("manual")
 
 
 Unplug = GuestUnplug
-"""The former name of :class:`GuestUnplug`, kept as an alias (the same class):
+"""The former name of `GuestUnplug`, kept as an alias (the same class):
 ``Unplug.later(0.05)`` goes on working.  New code says ``GuestUnplug``, which
 does not read like the library's own live unplug."""
 
@@ -114,10 +116,10 @@ class FakeDevice:
     """Its guest ``<address>`` (attributes as libvirt writes them:
     ``type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'``)."""
     live_address: dict[str, str] | None = None
-    """The live definition's address when it differs from :attr:`address`
+    """The live definition's address when it differs from `address`
     (a device attached to both definitions at once is placed in each)."""
     xml: str | None = None
-    """The device's own XML, for a device added with :meth:`FakeDomain.add_device`."""
+    """The device's own XML, for a device added with `FakeDomain.add_device()`."""
 
     def element(self, *, live: bool) -> ET.Element:
         # The test's own XML, or built from the attributes.
@@ -358,7 +360,7 @@ class FakeHypervisor:
         self.fail_next: dict[str, BackendError] = {}
         """Method name → error raised once by the next call of it."""
         self.busy_refusals = 0
-        """Requests refused as "guest is busy" (see :attr:`GuestUnplug.busy_first`)."""
+        """Requests refused as "guest is busy" (see `GuestUnplug.busy_first`)."""
 
     # -- test controls -----------------------------------------------------------------
     @property
@@ -445,7 +447,7 @@ class FakeHypervisor:
 
     def pause_domain(self, domain: str) -> None:
         """Suspend the vCPUs: the guest answers nothing until resumed (the
-        fake's timers still run, so pair this with :meth:`GuestUnplug.manual`)."""
+        fake's timers still run, so pair this with `GuestUnplug.manual()`)."""
         with self._lock:
             self.domain(domain).state = DomainState.PAUSED
 
@@ -459,7 +461,7 @@ class FakeHypervisor:
             sink.domain_resumed(dom.uuid, dom.name)
 
     def crash(self) -> None:
-        """libvirtd dies: the connection closes, calls fail until :meth:`restart`."""
+        """libvirtd dies: the connection closes, calls fail until `restart()`."""
         with self._lock:
             self.daemon_up = False
             was = self.connected

@@ -22,3 +22,14 @@ async def test_a_device_planned_with_the_former_name_is_detached(fake: FakeHyper
             result = await svc.detach("vm", alias=alias)
             assert result.confirmed_by == "event"
     assert len(fake.requests) == 2
+
+
+def test_the_blocking_facade_and_its_error_are_public() -> None:
+    import aiodetach
+    import aiodetach.errors
+
+    assert "BlockingDetachService" in aiodetach.__all__
+    assert aiodetach.BlockingDetachService.__module__ == "aiodetach._blocking"
+    assert "CalledFromEventLoop" in aiodetach.errors.__all__
+    assert issubclass(aiodetach.errors.CalledFromEventLoop, aiodetach.errors.DetachError)
+    assert issubclass(aiodetach.errors.CalledFromEventLoop, RuntimeError)

@@ -1,33 +1,35 @@
 """Hooks into every step of a detach: for dashboards, traces and progress lines.
 
-A *hook* is any callable taking one record (:data:`Record`):
+A *hook* is any callable taking one record ([`Record`][aiodetach.instrumentation.Record]):
 
-- :class:`DetachRecord`: a step of one ``detach()`` call (``started``,
+- `DetachRecord`: a step of one ``detach()`` call (``started``,
   ``persistent_detached``, ``unplug_started`` / ``unplug_joined``,
-  ``finished`` with its :class:`~aiodetach.DetachResult` or error);
-- :class:`UnplugRecord`: a step of a device's live unplug, shared by every
+  ``finished`` with its [`DetachResult`][aiodetach.DetachResult] or error);
+- `UnplugRecord`: a step of a device's live unplug, shared by every
   caller joined to it (``request_sent``, ``attempt_timed_out``, ``removed``
   by event or by XML, ``ended``, …);
-- :class:`ConnectionRecord`: the libvirt connection (``lost``,
+- `ConnectionRecord`: the libvirt connection (``lost``,
   ``reconnected``, …).
 
 Give hooks to ``DetachService(..., hooks=[...])`` or
-``DetachFleet(..., hooks=[...])``::
+``DetachFleet(..., hooks=[...])``:
 
-    from aiodetach.instrumentation import otel_hook, prometheus_hook
+```python
+from aiodetach.instrumentation import otel_hook, prometheus_hook
 
-    async with DetachService(hooks=[prometheus_hook(), otel_hook()]) as svc:
-        ...
+async with DetachService(hooks=[prometheus_hook(), otel_hook()]) as svc:
+    ...
+```
 
 Hooks are called synchronously on the event loop thread, at each state
 change of a detach, never per libvirt event lookup and never from a worker
 thread.  A hook that raises is logged (``aiodetach.hook_failed``, once per
 hook and step) and otherwise ignored: it never changes an outcome.  The
-library's structlog logging is the default hook (:func:`log_hook`, same event
+library's structlog logging is the default hook (`log_hook()`, same event
 names as ever); ``log=False`` leaves it out.
 
-:func:`prometheus_hook` needs ``pip install 'aiodetach[prometheus]'``,
-:func:`otel_hook` ``pip install 'aiodetach[otel]'``; ``aiodetach`` itself
+`prometheus_hook()` needs ``pip install 'aiodetach[prometheus]'``,
+`otel_hook()` ``pip install 'aiodetach[otel]'``; ``aiodetach`` itself
 imports neither.
 """
 

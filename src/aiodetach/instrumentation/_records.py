@@ -2,16 +2,16 @@
 
 Three record types, because a detach has three owners of steps:
 
-- :class:`DetachRecord`: one caller's ``detach()`` call, from its start to its
+- `DetachRecord`: one caller's ``detach()`` call, from its start to its
   result or error.  Identified by ``detach_id``.
-- :class:`UnplugRecord`: a device's live unplug.  One unplug exists per
+- `UnplugRecord`: a device's live unplug.  One unplug exists per
   device at a time and every caller of that device is *joined* to it, so its
   steps (a request sent, an attempt timed out, the device removed) belong to
   all of them.  Identified by ``unplug_id``; a caller's ``unplug_started`` /
   ``unplug_joined`` record names the unplug it waits on, which is how a hook
   relates the two (the OpenTelemetry hook puts an unplug's steps on the span
   of every caller joined at that moment).
-- :class:`ConnectionRecord`: the service's libvirt connection (lost,
+- `ConnectionRecord`: the service's libvirt connection (lost,
   reconnected, …), for every detach on that URI.
 
 Times are ``time.monotonic()`` seconds; ``elapsed`` counts from the start of
@@ -82,9 +82,9 @@ ConnectionStep = Literal[
 
 Outcome = Literal["removed", "failed", "timeout", "stopped", "error", "cancelled"]
 """How a detach call ended: ``removed`` (a result), ``failed``
-(:class:`~aiodetach.errors.DetachFailed`), ``timeout``
-(:class:`~aiodetach.errors.DetachTimeout`), ``stopped``
-(:class:`~aiodetach.errors.DomainStopped`), ``cancelled`` (the caller's own
+([`DetachFailed`][aiodetach.errors.DetachFailed]), ``timeout``
+([`DetachTimeout`][aiodetach.errors.DetachTimeout]), ``stopped``
+([`DomainStopped`][aiodetach.errors.DomainStopped]), ``cancelled`` (the caller's own
 cancellation or deadline) or ``error`` (any other error)."""
 
 UnplugOutcome = Literal["removed", "failed", "timeout", "stopped", "error", "abandoned"]
@@ -183,7 +183,7 @@ ignored: it never changes a detach's outcome."""
 
 
 def outcome_of(error: BaseException | None) -> Outcome:
-    """The :data:`Outcome` of a call that raised ``error`` (None: success)."""
+    """The `Outcome` of a call that raised ``error`` (None: success)."""
     if error is None:
         return "removed"
     if isinstance(error, DetachFailed):
