@@ -175,8 +175,8 @@ class LibvirtBackend:
         if self._connected_uri is not None:
             return self._connected_uri
         if self._connect is not None:
-            name = getattr(self._connect, "__qualname__", None) or repr(self._connect)
-            return f"{name}()"
+            connect = self._connect
+            return f"{getattr(connect, '__qualname__', None) or type(connect).__qualname__}()"
         return os.environ.get("LIBVIRT_DEFAULT_URI") or "libvirt's default URI"
 
     @property
