@@ -21,7 +21,7 @@ import libvirt
 import pytest
 
 from aiodetach import DetachService, DetachSettings
-from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused
+from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused, HypervisorError
 
 TEST_URI = "test:///default"
 _NODE_WITH_AUTH = """<node>
@@ -232,3 +232,14 @@ async def test_libvirt_default_uri_names_the_hypervisor_without_a_uri(
             await svc.detach("test", target="vda")
     assert opened
     assert set(opened) == {None}
+
+
+async def test_a_factory_returning_no_connection_fails_the_open(test_uri: str) -> None:
+    def not_a_connection() -> libvirt.virConnect:
+        return "test:///default"  # type: ignore[return-value]
+
+    svc = DetachService(connect=not_a_connection)
+    with pytest.raises(HypervisorError) as info:
+        await svc.open()
+    assert "not a libvirt.virConnect" in str(info.value)
+    assert "connect to " in str(info.value)

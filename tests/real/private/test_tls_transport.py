@@ -27,7 +27,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from aiodetach import DetachService, DetachSettings, DeviceEvent
+from aiodetach import DetachService, DetachSettings, DeviceEvent, install_event_loop
 from aiodetach.errors import AuthenticationFailed, ConnectionLost, ReadOnlyConnection
 from aiodetach_lab import domains as _lab
 from aiodetach_lab.daemon import PrivateLibvirtd
@@ -250,3 +250,32 @@ async def test_a_read_only_connection_from_a_factory_is_refused_by_libvirt(
     assert info.value.domain == name
     xml = await asyncio.to_thread(live_xml, tls.daemon.uri, uuid)
     assert "'ua-s1'" in xml
+
+
+async def test_a_callers_tls_connection_keeps_its_close_callback_and_stays_open(
+    tls: Tls, guest: tuple[str, str]
+) -> None:
+    """The caller's connection, opened after an event implementation was
+    registered (see docs/event-loops.md), with a close callback of its own:
+    the service detaches through it (confirmed by the event), leaves the
+    caller's close callback in place, and never closes the connection."""
+    name, _ = guest
+    quiet()
+    install_event_loop()
+    conn = await asyncio.to_thread(libvirt.open, tls.uri())
+    closes: list[int] = []
+    conn.registerCloseCallback(lambda _c, reason, _o: closes.append(reason), None)
+    try:
+        settings = DetachSettings(attempts=1, timeout=20.0, connections=4)
+        async with DetachService(connection=conn, settings=settings) as svc:
+            assert svc.uri == tls.uri()
+            result = await svc.detach(name, alias="ua-s0")
+        assert (result.confirmed_by, result.attempts) == ("event", 1)
+        assert conn.isAlive()
+        assert conn.lookupByName(name).name() == name
+        with pytest.raises(libvirt.libvirtError, match="already registered"):
+            conn.registerCloseCallback(lambda *_a: None, None)  # the caller's is still there
+    finally:
+        conn.unregisterCloseCallback()
+        conn.close()
+    assert closes == []
