@@ -243,3 +243,39 @@ async def test_a_factory_returning_no_connection_fails_the_open(test_uri: str) -
         await svc.open()
     assert "not a libvirt.virConnect" in str(info.value)
     assert "connect to " in str(info.value)
+
+
+async def test_a_callers_connection_closed_before_open_is_a_typed_error(test_uri: str) -> None:
+    conn = libvirt.open(test_uri)
+    conn.close()
+    svc = DetachService(connection=conn)
+    with pytest.raises(ConnectionLost) as info:
+        await svc.open()
+    assert "it is closed" in str(info.value)
+    assert "never re-opens a caller's connection" in str(info.value)
+
+
+async def test_a_keepalive_answer_lost_by_libvirt_python_is_asked_again(
+    test_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt-python reads libvirt's per-thread error after the call; a
+    finalizer in between resets it, and the failure comes without a code.
+    The open asks again and gets the real answer (the test driver has no
+    keepalive: fine), instead of failing the open."""
+    original = libvirt.virConnect.setKeepAlive
+    lost: list[int] = []
+
+    def once_without_a_code(conn: libvirt.virConnect, interval: int, count: int) -> int:
+        if not lost:
+            lost.append(1)
+            err = libvirt.libvirtError("virConnectSetKeepAlive() failed")
+            err.err = None
+            raise err
+        return int(original(conn, interval, count))
+
+    monkeypatch.setattr(libvirt.virConnect, "setKeepAlive", once_without_a_code)
+    settings = DetachSettings(attempts=1, timeout=1, connections=1)
+    async with DetachService(connect=_Factory(test_uri), settings=settings) as svc:
+        with pytest.raises(DetachRefused):
+            await svc.detach("test", target="vda")
+    assert lost == [1]
