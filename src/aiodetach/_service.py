@@ -31,7 +31,7 @@ from typing import Any
 import libvirt
 
 from ._call import Calls, Progress, shown
-from ._connect import Connect, check_how_to_connect
+from ._connect import check_how_to_connect
 from ._connection import Connection
 from ._errors_map import map_connect_error
 from ._eventloop import install_event_loop
@@ -101,7 +101,7 @@ class DetachService:
         self,
         uri: str | None = None,
         *,
-        connect: Connect | None = None,
+        connect: Callable[[], libvirt.virConnect] | None = None,
         connection: libvirt.virConnect | None = None,
         settings: DetachSettings | None = None,
         backend: Backend | None = None,
