@@ -420,8 +420,8 @@ class Connection:
                     break
                 except BackendError as err:
                     left = deadline - loop.time()
-                    if left <= 0:
-                        self._give_up(err.message, err.code)
+                    if left <= 0 or err.final:  # final: no retry can help (a caller's
+                        self._give_up(err.message, err.code, final=err.final)  # dead one)
                         return
                     # The last try comes at the bound, not a backoff before
                     # it: the daemon is given up on only once it stayed away
@@ -436,10 +436,10 @@ class Connection:
         self._up.set()
         self.record("reconnected")
 
-    def _give_up(self, reason: str, code: int | None) -> None:
+    def _give_up(self, reason: str, code: int | None, *, final: bool = False) -> None:
+        waited = f"did not come back within {self._settings.reconnect_timeout:g} s"
         self._dead = ConnectionLost(
-            f"libvirtd at {self.uri} did not come back within "
-            f"{self._settings.reconnect_timeout:g} s: {reason}",
+            f"libvirtd at {self.uri} {'is gone for good' if final else waited}: {reason}",
             libvirt_code=code,
         )
         self.record("dead", reason)

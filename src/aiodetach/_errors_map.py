@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._machine_io import Outcome
 from .backend import BackendError, ErrorCode, ErrorDomain
 from .errors import (
+    AuthenticationFailed,
     ConnectionLost,
     DetachError,
     DetachFailed,
@@ -19,6 +20,7 @@ from .errors import (
 
 __all__ = [
     "is_alias_missing",
+    "is_auth_failure",
     "is_busy",
     "is_connection_error",
     "is_domain_gone",
@@ -26,6 +28,7 @@ __all__ = [
     "is_not_running",
     "is_not_sent",
     "is_unsupported",
+    "map_connect_error",
     "map_error",
     "request_outcome",
 ]
@@ -122,6 +125,30 @@ def request_outcome(err: BackendError, *, closing: bool) -> Outcome:
     return Outcome.REFUSED
 
 
+def is_auth_failure(err: BackendError) -> bool:
+    """libvirtd (or our own TLS setup) refused the connection for its
+    credentials: measured on libvirt 9.0 over ``qemu+tls``, a client
+    certificate the server does not trust is ``AUTH_FAILED`` ("Failed to
+    verify peer's certificate"); one that does not verify against the
+    client's own CA, or none offered, a ``SYSTEM_ERROR`` of the RPC layer
+    naming the certificate or the TLS handshake."""
+    if err.code == ErrorCode.AUTH_FAILED:
+        return True
+    text = err.message.lower()
+    return err.origin == ErrorDomain.RPC and any(marker in text for marker in _TLS_REFUSALS)
+
+
+_TLS_REFUSALS = ("certificate", "tls confirmation", "tls handshake", "tls peer")
+
+
+def map_connect_error(err: BackendError, *, uri: str) -> DetachError:
+    """A failed connect: `AuthenticationFailed` for credentials,
+    `ConnectionLost` for any other connection failure, else as
+    `map_error` classifies it."""
+    cls = AuthenticationFailed if is_auth_failure(err) else _classify(err)
+    return cls(f"connect to {uri} failed: {err.message}", libvirt_code=err.code)
+
+
 def map_error(
     err: BackendError, *, domain: str | None, alias: str | None, action: str
 ) -> DetachError:
@@ -142,7 +169,7 @@ def _classify(err: BackendError) -> type[DetachError]:
         return DomainNotRunning
     if code in (ErrorCode.XML_ERROR, ErrorCode.XML_DETAIL):
         return InvalidRequest
-    if code in (ErrorCode.OPERATION_DENIED, ErrorCode.AUTH_FAILED):
+    if code in (ErrorCode.OPERATION_DENIED, ErrorCode.AUTH_FAILED, ErrorCode.ACCESS_DENIED):
         return ReadOnlyConnection
     if "rejected by the guest" in err.message:
         return DetachFailed

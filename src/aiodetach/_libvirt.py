@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import libvirt
 
+from ._connect import Connect, alive, from_factory
 from ._errors_map import is_domain_gone, is_unsupported
 from ._lanes import Lanes
 from ._rules import uuid_in
@@ -134,14 +136,30 @@ class LibvirtBackend:
 
     def __init__(
         self,
-        uri: str,
+        uri: str | None = None,
         *,
+        connect: Connect | None = None,
+        connection: libvirt.virConnect | None = None,
         keepalive: tuple[int, int] = (5, 3),
         lanes: int = DEFAULT_CONNECTIONS,
     ) -> None:
         if not 1 <= lanes <= MAX_CONNECTIONS:
             raise ValueError(f"lanes must be between 1 and {MAX_CONNECTIONS}, not {lanes!r}")
+        if sum(given is not None for given in (uri, connect, connection)) > 1:
+            raise ValueError("give one of uri, connect and connection, not several")
         self._uri = uri
+        self._connect = connect
+        self._given = connection
+        # The URI libvirt reports for the first connection, once one was opened
+        # (or at once for a caller's connection): what ``uri`` says when the
+        # caller named no URI.
+        self._connected_uri: str | None = None
+        self._given_close_callback = False  # ours is on the caller's connection
+        if connection is not None:
+            # A caller's connection is one connection: no extra lanes to open.
+            lanes = 1
+            with contextlib.suppress(libvirt.libvirtError):
+                self._connected_uri = connection.getURI()
         self._keepalive = keepalive
         self._lanes = tuple(_Lane() for _ in range(lanes))
         self._lanes_in_use = Lanes(self._lanes)
@@ -149,7 +167,19 @@ class LibvirtBackend:
 
     @property
     def uri(self) -> str:
-        return self._uri
+        """The URI as the caller gave it; else the one libvirt reports for the
+        connection (``getURI()``), known once connected.  Until then: the
+        ``LIBVIRT_DEFAULT_URI`` libvirt will use, or a description."""
+        if self._uri is not None:
+            return self._uri
+        if self._connected_uri is not None:
+            return self._connected_uri
+        if self._given is not None:
+            return "the caller's connection"  # closed before it was given
+        if self._connect is not None:
+            connect = self._connect
+            return f"{getattr(connect, '__qualname__', None) or type(connect).__qualname__}()"
+        return os.environ.get("LIBVIRT_DEFAULT_URI") or "libvirt's default URI"
 
     @property
     def lanes(self) -> int:
@@ -162,7 +192,7 @@ class LibvirtBackend:
         Under every lane's lock: a call made meanwhile waits for the new
         connections.  If any of them fails, those already opened are closed.
         """
-        opener = libvirt.openReadOnly if read_only else libvirt.open
+        opener = self._opener(read_only)
         with contextlib.ExitStack() as held:
             for lane in self._lanes:
                 held.enter_context(lane.lock)
@@ -174,16 +204,33 @@ class LibvirtBackend:
             except BaseException:
                 for other in extra:
                     self._close_conn(other, [])
-                self._close_conn(conn, ids)
+                self._release(conn, ids)
                 raise
             for lane, opened in zip(self._lanes, [conn, *extra], strict=True):
                 lane.conn, lane.domains = opened, {}
             self._callback_ids = ids
+            if self._uri is None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._connected_uri = conn.getURI()
+
+    def _opener(self, read_only: bool) -> Callable[[], libvirt.virConnect]:
+        """How this backend gets a connection: the URI's (``None``: libvirt's
+        default, which ``LIBVIRT_DEFAULT_URI`` or the client config names),
+        the caller's factory's (read-only is then the factory's business), or
+        the caller's one connection, as long as it is alive."""
+        given, connect, uri = self._given, self._connect, self._uri
+        if given is not None:
+            return lambda: alive(given, self.uri)
+        if connect is not None:
+            return functools.partial(from_factory, connect)
+        if read_only:
+            return lambda: libvirt.openReadOnly(uri)
+        return lambda: libvirt.open(uri)
 
     def _open_first(
-        self, opener: Callable[[str], libvirt.virConnect], sink: EventSink
+        self, opener: Callable[[], libvirt.virConnect], sink: EventSink
     ) -> tuple[libvirt.virConnect, list[int]]:
-        conn = _wrap(lambda: opener(self._uri))
+        conn = _wrap(opener)
 
         def removed(_c: Any, dom: libvirt.virDomain, alias: str, _o: Any) -> None:
             sink.device_removed(dom.UUIDString(), dom.name(), alias)
@@ -217,17 +264,27 @@ class LibvirtBackend:
                     conn.domainEventRegisterAny, None, event_id, callback, None
                 )
                 ids.append(_wrap(register))
-            _wrap(lambda: conn.registerCloseCallback(closed, None))
-            self._set_keepalive(conn)
+            if conn is not self._given:
+                _wrap(lambda: conn.registerCloseCallback(closed, None))
+                self._set_keepalive(conn)
+            else:
+                # libvirt keeps one close callback per connection: if the caller
+                # has one, theirs stays (a loss is then noticed by a failed call),
+                # and their keepalive is theirs to set.
+                try:
+                    _wrap(lambda: conn.registerCloseCallback(closed, None))
+                    self._given_close_callback = True
+                except BackendError:
+                    self._given_close_callback = False
         except BaseException:
-            self._close_conn(conn, ids)
+            self._release(conn, ids)
             raise
         return conn, ids
 
-    def _open_extra(self, opener: Callable[[str], libvirt.virConnect]) -> libvirt.virConnect:
+    def _open_extra(self, opener: Callable[[], libvirt.virConnect]) -> libvirt.virConnect:
         """A lane for calls only: no callbacks, but keepalive like the first,
         so that a call in flight on it into a partition fails just the same."""
-        conn = _wrap(lambda: opener(self._uri))
+        conn = _wrap(opener)
         try:
             self._set_keepalive(conn)
         except BaseException:
@@ -240,7 +297,7 @@ class LibvirtBackend:
         # socket: after `count` unanswered keepalives, `interval` s apart.
         interval, count = self._keepalive
         try:
-            _wrap(lambda: conn.setKeepAlive(interval, count))
+            _wrap(lambda: _keepalive(conn, interval, count))
         except BackendError as err:
             # An in-process driver (test:///default) has no keepalive: nothing to lose.
             if not is_unsupported(err):
@@ -253,16 +310,28 @@ class LibvirtBackend:
                 conn, lane.conn, lane.domains = lane.conn, None, {}
                 ids, self._callback_ids = (self._callback_ids, []) if i == 0 else ([], [])
                 if conn is not None:
-                    self._close_conn(conn, ids)
+                    self._release(conn, ids)
+
+    def _release(self, conn: libvirt.virConnect, ids: list[int]) -> None:
+        """Close a connection of ours; from the caller's, only take our callbacks off."""
+        if conn is self._given:
+            self._deregister(conn, ids, close_callback=self._given_close_callback)
+            self._given_close_callback = False
+        else:
+            self._close_conn(conn, ids)
 
     @staticmethod
-    def _close_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
+    def _deregister(conn: libvirt.virConnect, ids: list[int], *, close_callback: bool) -> None:
         for cid in ids:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(cid)
-        if ids:
+        if close_callback:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.unregisterCloseCallback()
+
+    @staticmethod
+    def _close_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
+        LibvirtBackend._deregister(conn, ids, close_callback=bool(ids))
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
@@ -315,6 +384,23 @@ class LibvirtBackend:
     def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
         dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+
+def _keepalive(conn: libvirt.virConnect, interval: int, count: int) -> None:
+    """``setKeepAlive``, asked once more when libvirt's answer was lost.
+
+    libvirt keeps its last error per thread and libvirt-python reads it only
+    after the call returned; a finalizer running in between (a virDomain's,
+    freed by the cyclic GC) resets it, and the failure arrives without a code
+    (seen once in a full test run: "virConnectSetKeepAlive() failed").  The
+    call is idempotent, so asking again gets the real answer (for an
+    in-process driver: "not supported")."""
+    try:
+        conn.setKeepAlive(interval, count)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() is not None:
+            raise
+        conn.setKeepAlive(interval, count)
 
 
 def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:

@@ -28,9 +28,12 @@ from collections.abc import (
 )
 from typing import Any
 
+import libvirt
+
 from ._call import Calls, Progress, shown
+from ._connect import check_how_to_connect
 from ._connection import Connection
-from ._errors_map import map_error
+from ._errors_map import map_connect_error
 from ._eventloop import install_event_loop
 from ._intake import CLOSED, DeviceEvent, EventIntake
 from ._journal import Journal, open_journal
@@ -68,6 +71,18 @@ class DetachService:
         result = await svc.detach("vm-1", alias="ua-disk1")
     ```
 
+    How it connects: ``uri`` (``None``, the default: libvirt's default URI,
+    as ``LIBVIRT_DEFAULT_URI`` or the client configuration name it), or
+    ``connect``, a callable returning a new ``libvirt.virConnect``
+    (``libvirt.openAuth`` with a credentials callback, a TLS URI with its
+    ``pkipath``…), called in a worker thread for every connection the
+    service opens (each of ``settings.connections``, and again on every
+    reconnect; the service closes what it returns), or ``connection``, an
+    open ``libvirt.virConnect`` of the caller's, used as the service's one
+    connection and never closed by it (if it dies, the service cannot
+    re-open it: pending and later detaches get
+    [`ConnectionLost`][aiodetach.errors.ConnectionLost]).  At most one of the three.
+
     ``backend`` replaces libvirt (see [`aiodetach.backend`][aiodetach.backend] and
     `aiodetach.testing.FakeHypervisor`).  ``read_only=True`` opens a
     read-only connection, good for `events()` only: detaching through it
@@ -86,8 +101,10 @@ class DetachService:
 
     def __init__(
         self,
-        uri: str = "qemu:///system",
+        uri: str | None = None,
         *,
+        connect: Callable[[], libvirt.virConnect] | None = None,
+        connection: libvirt.virConnect | None = None,
         settings: DetachSettings | None = None,
         backend: Backend | None = None,
         read_only: bool = False,
@@ -95,8 +112,7 @@ class DetachService:
         log: bool = True,
         journal: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not isinstance(uri, str) or not uri.strip():
-            raise InvalidRequest(f"uri must be a non-empty string, not {uri!r}")
+        check_how_to_connect(uri, connect, connection, backend)
         if journal is not None and not isinstance(journal, (str, os.PathLike)):
             raise InvalidRequest(f"journal must be a path, not {journal!r}")
         self._journal_path = journal
@@ -110,6 +126,8 @@ class DetachService:
             if backend is not None
             else LibvirtBackend(
                 uri,
+                connect=connect,
+                connection=connection,
                 keepalive=(self._settings.keepalive_interval, self._settings.keepalive_count),
                 lanes=self._settings.connections,
             )
@@ -127,6 +145,8 @@ class DetachService:
 
     @property
     def uri(self) -> str:
+        """The URI given; without one, the URI libvirt reports for the
+        connection once open (what records, errors and the journal carry)."""
         return self._backend.uri
 
     @property
@@ -187,6 +207,7 @@ class DetachService:
         self._intake.bind(loop)
         try:
             await conn.open(self._intake)
+            calls.uri = self.uri  # the connected URI, when none was given
             conn.record("connected")  # inside: whatever a hook raises, nothing stays open
         except BaseException as exc:
             # Nothing was ever usable: do not make the caller wait for a
@@ -195,9 +216,7 @@ class DetachService:
             conn.close_grace = 0.0
             await self.aclose()
             if isinstance(exc, BackendError):
-                raise map_error(
-                    exc, domain=None, alias=None, action=f"connect to {self.uri}"
-                ) from None
+                raise map_connect_error(exc, uri=self.uri) from None
             raise
         if self._journal is not None and not calls.read_only:
             try:

@@ -48,6 +48,8 @@ class ErrorCode(enum.IntEnum):
     NO_CONNECT = 5
     DEVICE_MISSING = 99
     AUTH_FAILED = 45
+    ACCESS_DENIED = 88
+    """An access control driver (polkit) refused the call's permission."""
 
 
 class ErrorDomain(enum.IntEnum):
@@ -60,11 +62,15 @@ class ErrorDomain(enum.IntEnum):
 class BackendError(Exception):
     """A hypervisor call failed; libvirt's code, error domain and message."""
 
-    def __init__(self, code: int, message: str, *, origin: int = 0) -> None:
+    def __init__(self, code: int, message: str, *, origin: int = 0, final: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.origin = origin
         self.message = message
+        self.final = final
+        """Trying again cannot help: a reconnect gives up at once instead of
+        retrying until ``reconnect_timeout`` (a connection the caller gave
+        that died cannot be re-opened by anyone but the caller)."""
 
 
 class DomainState(enum.Enum):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmbiguousDevice",
+    "AuthenticationFailed",
     "BatchAborted",
     "CalledFromEventLoop",
     "ConnectionLost",
@@ -211,6 +212,15 @@ class DetachTimeout(DetachError, TimeoutError):
 class ConnectionLost(DetachError, ConnectionError):
     """The libvirt daemon could not be reached (at open, or it went away and
     did not come back within ``reconnect_timeout``)."""
+
+
+class AuthenticationFailed(ConnectionLost):
+    """The connection was refused for who we are, not for where libvirtd is:
+    a TLS certificate (ours or the server's) that does not verify, wrong
+    credentials, a SASL failure.  Raised by ``open()`` after one attempt (the
+    message names the URI and carries libvirt's reason); a reconnect meeting
+    it retries with backoff until ``reconnect_timeout`` (certificates may be
+    replaced meanwhile), then ends as `ConnectionLost`."""
 
 
 class ServiceClosed(DetachError):

@@ -41,7 +41,7 @@ def main() -> int:
     fake = build()
 
     class OnFake(DetachService):
-        def __init__(self, uri: str = "fake:///system", **kwargs: Any) -> None:
+        def __init__(self, uri: str | None = "fake:///system", **kwargs: Any) -> None:
             super().__init__(uri, backend=fake, **kwargs)
 
     _cli.DetachService = OnFake  # type: ignore[attr-defined]

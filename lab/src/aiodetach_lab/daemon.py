@@ -10,6 +10,10 @@ socket, domain state, QEMU monitors and logs are its own.  Connect with
 remote driver's TCP transport with :attr:`PrivateLibvirtd.tcp_uri`
 (``qemu+tcp://127.0.0.1:PORT/session``: it listens on loopback only, without
 authentication, which is acceptable for a throwaway test daemon and nothing else).
+With ``tls=DIR`` (a directory with ``servercert.pem``, ``serverkey.pem`` and
+``cacert.pem``, see :mod:`aiodetach_lab.pki`) it also listens on TLS on
+loopback, requiring a client certificate signed by that CA:
+:meth:`PrivateLibvirtd.tls_uri` names a client's ``pkipath``.
 The partition tests (:mod:`aiodetach_lab.netns`) start it inside a network namespace
 of their own (``netns``), listening on that namespace's address (``listen_addr``).
 
@@ -61,8 +65,11 @@ class PrivateLibvirtd:
         listen_addr: str = "127.0.0.1",
         netns: str | None = None,
         extra_conf: str = "",
+        tls: Path | None = None,
     ) -> None:
         self.root = root
+        self.tls = tls
+        self.tls_port = _free_loopback_port() if tls is not None else None
         self.listen_addr = listen_addr
         # Started with ``nsenter --net=/run/netns/NETNS``: its TCP socket and its
         # QEMU processes live in that namespace; its UNIX socket and files do not.
@@ -96,6 +103,15 @@ class PrivateLibvirtd:
     def tcp_uri(self) -> str:
         return f"qemu+tcp://{self.listen_addr}:{self.tcp_port}/session"
 
+    def tls_uri(self, pkipath: Path) -> str:
+        """``qemu+tls://`` to this daemon, with the client's certificates in ``pkipath``.
+
+        The server certificate names 127.0.0.1 and localhost, so the client
+        verifies it as it would a production host's (no ``no_verify``)."""
+        if self.tls_port is None:
+            raise RuntimeError("this private libvirtd was made without tls=")
+        return f"qemu+tls://{self.listen_addr}:{self.tls_port}/session?pkipath={pkipath}"
+
     @property
     def pid(self) -> int | None:
         """PID of the daemon this object started, if it still runs."""
@@ -118,9 +134,20 @@ class PrivateLibvirtd:
             os.chown(path, self.uid, self.gid)
         os.chmod(self.runtime, 0o700)
         os.chmod(self.workdir, 0o777)  # noqa: S103 - QEMU runs as self.uid
+        tls = (
+            (
+                "listen_tls = 1\n"
+                f'tls_port = "{self.tls_port}"\n'
+                'auth_tls = "none"\n'
+                f'key_file = "{self.tls / "serverkey.pem"}"\n'
+                f'cert_file = "{self.tls / "servercert.pem"}"\n'
+                f'ca_file = "{self.tls / "cacert.pem"}"\n'
+            )
+            if self.tls is not None
+            else "listen_tls = 0\n"
+        )
         self.conf.write_text(
-            "listen_tls = 0\n"
-            "listen_tcp = 1\n"
+            tls + "listen_tcp = 1\n"
             f'listen_addr = "{self.listen_addr}"\n'
             f'tcp_port = "{self.tcp_port}"\n'
             'auth_tcp = "none"\n'
