@@ -40,6 +40,8 @@ WAIT = 120.0  # bounds the wait for a block against a hang only
 ILLUSTRATIVE = {
     ("coming-from.md", "# not run: libvirt-python against a real libvirtd"),
     ("journal.md", "# not run: writes /var/lib/myagent (a path on the host)"),
+    ("connecting.md", "# not run: the four ways side by side (uri, auth and conn are yours)"),
+    ("connecting.md", "# not run: needs your credentials store and a libvirtd on qemu+tcp"),
 }
 
 
