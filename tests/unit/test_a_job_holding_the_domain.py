@@ -170,7 +170,8 @@ async def test_a_held_job_is_waited_for_only_while_a_caller_waits(
         await svc.aclose()
     assert refused >= 2
     assert len(fake.job_timeouts) <= refused + 1  # the call out when the caller left
-    assert fake.requests == [] and fake.config_requests == []
+    assert fake.requests == []
+    assert fake.config_requests == []
     assert vm.live_device("ua-d") is not None
 
 
