@@ -25,6 +25,7 @@ cancelled (``abortJob``) lets them through; one held past libvirt's job wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -204,8 +205,11 @@ class _FrozenMigration:
         raise AssertionError("the migration's memory stream never began")
 
     def thaw(self) -> None:
-        if self.pid is not None:
-            os.kill(self.pid, signal.SIGCONT)
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            # A cancelled migration's destination QEMU is killed by its libvirtd.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def abort(self) -> float:
         """Cancel it (``abortJob``) and thaw the destination; when it was aborted."""
