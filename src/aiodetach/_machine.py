@@ -26,6 +26,8 @@ Phases and what moves them::
 
     an early verdict ──▶ CONFIRMING ──device still there──▶ the phase it left
     "no such alias" ──▶ VERIFYING ──device gone──▶ removed (by XML)
+    "not running" ──▶ STOPPING ──shutoff reason, or the STOPPED event──▶ DomainStopped
+    another job held the domain (code 68) ──▶ QUEUED (sent again, no attempt used)
     a step due with no caller ──▶ IDLE ──a caller joins──▶ that step
                                    └──── ``timeout`` later, nobody came: ABANDONED
 
@@ -57,6 +59,12 @@ The rules, each where the code below applies it:
   progress"**: the request was not taken.  Back off (1 s growing by half, at
   most 5 s, a quarter of ``timeout`` if less) and send again using no
   attempt; each ``timeout`` of uninterrupted refusals costs one attempt.
+- **Another job holding the domain is not a refusal.**  A request libvirt
+  gave up on after its job wait (a migration held the domain) did nothing:
+  it is sent again, using no attempt, for as long as a caller waits.
+- **"Not running" learns why.**  libvirt fails a call at the moment it emits
+  STOPPED, and the answer may come first: the domain's shutoff reason (a
+  state read), else its STOPPED event (STOPPING), says why it stopped.
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
   socket already closed) is not counted: the connection is re-made and the
