@@ -563,7 +563,7 @@ class UnplugMachine:
 
     def _left(self, out: list[Action]) -> None:
         self.callers -= 1
-        if self.callers == 0 and self.phase is Phase.BACKING_OFF:
+        if self.callers == 0 and self.phase is Phase.BACKING_OFF and not self.accepted:
             self._end(out, End(Ending.ABANDONED))  # nothing of ours is pending: stop now
         elif self.callers == 0 and self.phase is Phase.IDLE:
             self.token += 1  # gone again before it went on: the linger's end holds

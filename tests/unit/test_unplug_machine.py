@@ -1112,6 +1112,27 @@ ROWS = [
         {"sent": 0},
     ),
     Row(
+        "r3-job-held-on-a-re-send-caller-gone-the-unplug-lingers",
+        [
+            *RESENDING,
+            (Answered(Outcome.JOB_HELD), 11.5),  # refused at once: sent again at 12.5
+            (Left(), 12.0),
+        ],
+        "timer",
+        12.5,
+        [WaitUntil(22.5, 0)],
+        Phase.IDLE,
+        {"resume": Phase.QUEUED, "sent": 1, "used": 1},
+    ),
+    Row(
+        "r3-job-held-nothing-of-ours-pending-caller-gone-ends-at-once",
+        [*SENDING, (Answered(Outcome.JOB_HELD), 0.1)],
+        Left(),
+        0.5,
+        [End(Ending.ABANDONED)],
+        Phase.DONE,
+    ),
+    Row(
         "r5-job-held-then-the-migration-completes-ends-at-once",
         [*SENDING, (Answered(Outcome.JOB_HELD), 30.0)],
         Stopped("migrated"),
