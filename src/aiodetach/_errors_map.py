@@ -25,6 +25,7 @@ __all__ = [
     "is_connection_error",
     "is_domain_gone",
     "is_in_progress",
+    "is_job_held",
     "is_not_running",
     "is_not_sent",
     "is_unsupported",
@@ -79,6 +80,15 @@ def is_not_running(err: BackendError) -> bool:
     return err.code == ErrorCode.OPERATION_INVALID and "not running" in err.message
 
 
+def is_job_held(err: BackendError) -> bool:
+    """Another job held the domain for all of libvirt's wait for it (30 s on
+    QEMU, not configurable): "Timed out during operation: cannot acquire state
+    change lock (held by monitor=remoteDispatchDomainMigratePerform3Params)"
+    during a migration.  The call never ran: nothing was done, so it is sent
+    again (see ``_machine`` and ``_persistent``), not a failure."""
+    return err.code == ErrorCode.OPERATION_TIMEOUT
+
+
 def is_unsupported(err: BackendError) -> bool:
     """The driver does not implement the call (an in-process driver such as
     ``test:///default`` has no keepalive, say)."""
@@ -114,6 +124,8 @@ def request_outcome(err: BackendError, *, closing: bool) -> Outcome:
         return Outcome.BUSY  # the machine knows whether anything of ours was accepted
     if is_in_progress(err):
         return Outcome.IN_PROGRESS
+    if is_job_held(err):
+        return Outcome.JOB_HELD  # not taken: sent again, using no attempt
     if is_connection_error(err) and not closing:
         return Outcome.NOT_SENT if is_not_sent(err) else Outcome.MAYBE_SENT
     if is_alias_missing(err):

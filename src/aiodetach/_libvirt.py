@@ -37,6 +37,17 @@ _STOP_REASONS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "from-snapshot",
 }
+_SHUTOFF_REASONS = {
+    # libvirt's shutoff reason (``dom.state()``), named as the STOPPED event's
+    # detail: read when a call was refused as "not running" before that event came.
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from-snapshot",
+}
 _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
     libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
@@ -345,7 +356,7 @@ class LibvirtBackend:
         conn = lane.connection()
         dom = _wrap(lambda: conn.lookupByName(ref)) if uuid_in(ref) is None else _by_uuid(conn, ref)
         # libvirt-python annotates state() as str; it returns [state, reason].
-        state = cast(list[int], _wrap(dom.state))[0]
+        state, reason = cast(list[int], _wrap(dom.state))[:2]
         # isActive, not the state, says whether a live definition exists: while
         # a restarted libvirtd reconnects to its QEMU processes a running
         # domain may briefly report another state.
@@ -360,6 +371,7 @@ class LibvirtBackend:
             state=_state(state, active),
             persistent=persistent,
             run_id=run_id,
+            stop_reason=None if active else _SHUTOFF_REASONS.get(reason),
         )
 
     @_on_a_lane

@@ -26,6 +26,8 @@ Phases and what moves them::
 
     an early verdict ──▶ CONFIRMING ──device still there──▶ the phase it left
     "no such alias" ──▶ VERIFYING ──device gone──▶ removed (by XML)
+    "not running" ──▶ STOPPING ──shutoff reason, or the STOPPED event──▶ DomainStopped
+    another job held the domain (code 68) ──▶ QUEUED (sent again, no attempt used)
     a step due with no caller ──▶ IDLE ──a caller joins──▶ that step
                                    └──── ``timeout`` later, nobody came: ABANDONED
 
@@ -57,6 +59,12 @@ The rules, each where the code below applies it:
   progress"**: the request was not taken.  Back off (1 s growing by half, at
   most 5 s, a quarter of ``timeout`` if less) and send again using no
   attempt; each ``timeout`` of uninterrupted refusals costs one attempt.
+- **Another job holding the domain is not a refusal.**  A request libvirt
+  gave up on after its job wait (a migration held the domain) did nothing:
+  it is sent again, using no attempt, for as long as a caller waits.
+- **"Not running" learns why.**  libvirt fails a call at the moment it emits
+  STOPPED, and the answer may come first: the domain's shutoff reason (a
+  state read), else its STOPPED event (STOPPING), says why it stopped.
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
   socket already closed) is not counted: the connection is re-made and the
@@ -83,6 +91,8 @@ from typing import Literal, Protocol
 
 from ._machine_io import (
     BUSY_BACKOFF_MAX,
+    JOB_RETRY_GAP,
+    STOP_EVENT_WAIT,
     Abort,
     Action,
     Answered,
@@ -160,6 +170,7 @@ class UnplugMachine:
         "reading",
         "resume",
         "sent",
+        "sent_at",
         "token",
         "used",
         "verdict",
@@ -173,10 +184,12 @@ class UnplugMachine:
         self.verdict: Verdict | None = None  # kept while SENDING, or an early one being checked
         self.early = False
         self.failure: object = None  # VERIFYING: the refusal to end with if the device is there
+        # (STOPPING: the reason to end with if nothing tells why the domain stopped)
         self.reading = 0  # a state or XML read is out (_READ_AGAIN: and RESUMED came)
         self.handed = False  # a request of ours reached libvirt (and was not refused as busy)
         self.accepted = False  # libvirt accepted one: an unplug of ours may be pending
         self.sent = 0  # requests that counted (busy refusals and unsent ones do not)
+        self.sent_at = 0.0  # when the latest request was handed to its worker thread
         self.used = 0  # attempts used up
         self.busy_refusals = 0
         self.busy_since: float | None = None
@@ -268,7 +281,11 @@ class UnplugMachine:
         elif isinstance(event, ReadFailed):
             if self.reading:
                 self.reading = False
-                if not self._kept(out):
+                if self._kept(out):
+                    pass
+                elif self.phase is Phase.STOPPING:
+                    self._end(out, End(Ending.STOPPED, reason=str(self.failure)))
+                else:
                     self._end(out, End(Ending.ERROR, error=event.error))
         elif isinstance(event, Abort):
             self._end(out, End(Ending.CANCELLED))
@@ -343,6 +360,7 @@ class UnplugMachine:
             return
         self.phase = Phase.SENDING
         self.sent += 1
+        self.sent_at = now
         out.append(_SEND)
 
     def _answered(self, out: list[Action], answer: Answered, now: float) -> None:
@@ -350,11 +368,13 @@ class UnplugMachine:
             return
         outcome = answer.outcome
         busy = outcome is Outcome.BUSY and not self.accepted
-        if outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy:
+        held = outcome is Outcome.JOB_HELD
+        if outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy or held:
             self.sent -= 1  # not taken: it does not count
         if outcome not in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED):
             out.append(Report("request_sent"))
-            self.handed = not busy
+            if not held:  # it never reached the guest: events are as before it
+                self.handed = not busy
         if outcome is Outcome.JOURNAL_FAILED:
             self._end(out, End(Ending.ERROR, error=answer.error))
             return
@@ -391,10 +411,16 @@ class UnplugMachine:
             self.failure = answer.error
             self.phase = Phase.VERIFYING
             self._look(out)
-        elif outcome is Outcome.NOT_RUNNING:
-            self._end(out, End(Ending.STOPPED, reason="stopped"))
-        elif outcome is Outcome.NO_DOMAIN:
-            self._end(out, End(Ending.STOPPED, reason="undefined"))
+        elif held:
+            self._job_held(out, answer, now)
+        elif outcome in (Outcome.NOT_RUNNING, Outcome.NO_DOMAIN):
+            # libvirt fails the call at the moment it emits STOPPED, and the
+            # answer may come first: learn why before telling the callers
+            # (a migration is not a shutdown: the device is still attached
+            # on the new host).  The STOPPED event ends it with its detail.
+            self.failure = "undefined" if outcome is Outcome.NO_DOMAIN else "stopped"
+            self.phase = Phase.STOPPING
+            self._look(out)
         else:
             self._end(out, End(Ending.ERROR, error=answer.error))
 
@@ -413,6 +439,19 @@ class UnplugMachine:
         """An early verdict kept while the request was out is checked now."""
         if self.verdict is not None and self.phase is Phase.WAITING:
             self._settle(out, now)
+
+    def _job_held(self, out: list[Action], answer: Answered, now: float) -> None:
+        """Another job (a migration, another client's long call) held the
+        domain past libvirt's wait (30 s): the request was not taken.  Send it
+        again using no attempt, for as long as a caller waits: libvirt's own
+        wait for the job is the wait, and the request goes through the moment
+        the job ends (or the job's STOPPED ends the unplug meanwhile)."""
+        out.append(Report("job_held", "reason", answer.reason))
+        if now - self.sent_at >= JOB_RETRY_GAP or self.callers == 0:
+            self._queue(out, now)
+            return
+        self.deadline = now + JOB_RETRY_GAP  # refused at once: do not spin
+        self._enter(out, Phase.BACKING_OFF, now)
 
     def _back_off(self, out: list[Action], now: float) -> None:
         """QEMU refused with "guest is busy" and nothing of ours is pending."""
@@ -448,7 +487,7 @@ class UnplugMachine:
             out.append(WaitUntil(self.deadline, self.token, window=True))
         elif phase is Phase.PAUSED:
             out.append(WaitUntil(now + self.limits.timeout, self.token))
-        elif phase in (Phase.BACKING_OFF, Phase.IDLE):
+        elif phase in (Phase.BACKING_OFF, Phase.IDLE, Phase.STOPPING):
             out.append(WaitUntil(self.deadline, self.token))
         else:  # pragma: no cover - only the waiting phases are entered here
             raise AssertionError(phase)
@@ -474,6 +513,9 @@ class UnplugMachine:
                 out.append(_READ_STATE)
         elif phase is Phase.BACKING_OFF:
             self._queue(out, now)
+        elif phase is Phase.STOPPING:
+            # No STOPPED event came, and the state did not say why.
+            self._end(out, End(Ending.STOPPED, reason=str(self.failure)))
         elif phase is Phase.IDLE:
             if self.callers > 0:
                 self._resume_idle(out, now)
@@ -521,7 +563,7 @@ class UnplugMachine:
 
     def _left(self, out: list[Action]) -> None:
         self.callers -= 1
-        if self.callers == 0 and self.phase is Phase.BACKING_OFF:
+        if self.callers == 0 and self.phase is Phase.BACKING_OFF and not self.accepted:
             self._end(out, End(Ending.ABANDONED))  # nothing of ours is pending: stop now
         elif self.callers == 0 and self.phase is Phase.IDLE:
             self.token += 1  # gone again before it went on: the linger's end holds
@@ -541,11 +583,14 @@ class UnplugMachine:
         self.reading = False
         if self._kept(out):
             return
+        if self.phase is Phase.STOPPING:
+            self._stopping(out, read, now)
+            return
         if read.state == "missing":  # a transient domain went away
             self._end(out, End(Ending.STOPPED, reason="undefined"))
             return
         if read.state == "inactive":
-            self._end(out, End(Ending.STOPPED, reason="stopped"))
+            self._end(out, End(Ending.STOPPED, reason=read.reason or "stopped"))
             return
         paused = read.state == "paused"
         phase = self.phase
@@ -575,6 +620,21 @@ class UnplugMachine:
             out.append(Report("attempt_timed_out", "timeout", self.limits.timeout))
         self.reading = True
         out.append(_READ_XML)
+
+    def _stopping(self, out: list[Action], read: StateRead, now: float) -> None:
+        """The request was refused as "not running": its state says why the
+        domain stopped (libvirt's shutoff reason: ``migrated``, …), else its
+        STOPPED event does, which may still be on its way."""
+        if read.state == "inactive" and read.reason:
+            self._end(out, End(Ending.STOPPED, reason=read.reason))
+        elif read.state in ("running", "paused"):
+            # Started again since: the run the request was for is over.
+            self._end(out, End(Ending.STOPPED, reason=str(self.failure)))
+        else:
+            if read.state == "missing":
+                self.failure = "undefined"
+            self.deadline = now + STOP_EVENT_WAIT
+            self._enter(out, Phase.STOPPING, now)
 
     def _xml_read(self, out: list[Action], read: XmlRead, now: float) -> None:
         if not self.reading:

@@ -13,6 +13,8 @@ from typing import Literal
 
 __all__ = [
     "BUSY_BACKOFF_MAX",
+    "JOB_RETRY_GAP",
+    "STOP_EVENT_WAIT",
     "Abort",
     "Action",
     "Answered",
@@ -45,6 +47,14 @@ __all__ = [
 
 BUSY_BACKOFF_MAX = 5.0
 """Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
+STOP_EVENT_WAIT = 2.0
+"""How long a request refused as "not running" waits for the domain's STOPPED
+event when its state does not say why it stopped (libvirt emits the event at
+the moment it fails the call; measured within milliseconds)."""
+JOB_RETRY_GAP = 1.0
+"""A request refused because another job holds the domain is sent again at
+once (libvirt's own wait for the job, 30 s, is the wait); one refused sooner
+than this is sent again this long after (a backend that does not wait)."""
 
 
 class Phase(enum.Enum):
@@ -57,6 +67,7 @@ class Phase(enum.Enum):
     RECONNECTING = "reconnecting"  # the connection is down: waiting for it, then a look
     CONFIRMING = "confirming"  # an early verdict: is the device gone from the live XML?
     VERIFYING = "verifying"  # refused as "no such alias": is the device gone?
+    STOPPING = "stopping"  # refused as "not running": why (its STOPPED event, its state)?
     IDLE = "idle"  # nobody waits and the next step is due: kept a while for a caller
     DONE = "done"
 
@@ -79,6 +90,7 @@ class Outcome(enum.Enum):
     ALIAS_MISSING = "alias-missing"  # libvirt knows no device of that alias
     NOT_RUNNING = "not-running"  # the domain is not running
     NO_DOMAIN = "no-domain"  # the domain is gone (a transient one, say)
+    JOB_HELD = "job-held"  # another job (a migration) kept the domain past libvirt's wait
     JOURNAL_FAILED = "journal-failed"  # the request could not be journalled: not sent
     REFUSED = "refused"  # any other refusal: fatal, with its error
 
@@ -159,9 +171,12 @@ class Answered:
 
 @dataclass(frozen=True, slots=True)
 class StateRead:
-    """The domain's state: ``inactive`` (shut off), ``missing`` (undefined)."""
+    """The domain's state: ``inactive`` (shut off), ``missing`` (undefined).
+    ``reason``: why an inactive one is shut off (``"migrated"``, …; libvirt's
+    shutoff reason, "" when unknown)."""
 
     state: Literal["running", "paused", "inactive", "missing"]
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,10 @@
 """The persistent (config) half: one synchronous detach per device, never retried.
 
+Never retried once libvirt ran it.  A call libvirt did not run because
+another job (a migration) held the domain for all of its wait (30 s, "cannot
+acquire state change lock") is sent again while a caller waits for it: it
+was not taken.
+
 Concurrent callers of one device share one config detach, keyed by the
 device's *identity* in the persistent definition (disk target, MAC, hostdev
 source, …; see `aiodetach._xml`), never by a description: two different
@@ -22,7 +27,8 @@ from collections.abc import Hashable
 from typing import Literal
 
 from ._connection import Connection
-from ._errors_map import is_connection_error, map_error
+from ._errors_map import is_connection_error, is_job_held, map_error
+from ._machine_io import JOB_RETRY_GAP
 from ._recent import Recent
 from ._registry import Unplugs
 from ._xml import DeviceRef, Selector, find_device, find_same_device, same_identity
@@ -46,6 +52,7 @@ class PersistentStep:
         self._unplugs = unplugs
         self._ops: dict[Key, tuple[asyncio.Task[None], DeviceRef]] = {}
         self._completed: Recent[Key, DeviceRef] = Recent()  # config detaches that landed
+        self._waiting: dict[Key, int] = {}  # callers waiting for each config detach
 
     def ticket(self) -> int:
         """Take when a detach begins; give back with `release()`."""
@@ -91,17 +98,22 @@ class PersistentStep:
             # Another caller's config detach of this device, since we began.
             return "persistent_joined"
         if op is None:
-            task = asyncio.get_running_loop().create_task(self._config_detach(info, dev))
+            task = asyncio.get_running_loop().create_task(self._config_detach(info, dev, key))
             self._ops[key] = (task, dev)
             task.add_done_callback(functools.partial(self._done, key, dev))
         else:
             task = op[0]
+        self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             await asyncio.shield(task)
         except DeviceNotFound:
             if live_follows:
                 return "persistent_missing_ignored"
             raise
+        finally:
+            left = self._waiting.pop(key) - 1
+            if left:
+                self._waiting[key] = left
         return "persistent_detached"
 
     def _done(self, key: Key, dev: DeviceRef, task: asyncio.Task[None]) -> None:
@@ -115,10 +127,10 @@ class PersistentStep:
         tasks = [task for task, _dev in self._ops.values()]
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _config_detach(self, info: DomainInfo, dev: DeviceRef) -> None:
+    async def _config_detach(self, info: DomainInfo, dev: DeviceRef, key: Key) -> None:
         conn = self._conn
         try:
-            await conn.call(conn.backend.detach_config, info.uuid, dev.xml)
+            await self._send(info, dev, key)
         except BackendError as err:
             if not (is_connection_error(err) and conn.state == "open"):
                 raise map_error(
@@ -133,11 +145,30 @@ class PersistentStep:
                 # is another device (``own=xml``), so ``dev`` is gone.
                 if find_same_device(xml, dev, xml) is None:
                     return
-                await conn.call(conn.backend.detach_config, info.uuid, dev.xml)
+                await self._send(info, dev, key)
             except BackendError as err2:
                 raise map_error(
                     err2, domain=info.name, alias=dev.alias, action="persistent detach"
                 ) from None
+
+    async def _send(self, info: DomainInfo, dev: DeviceRef, key: Key) -> None:
+        """``detachDeviceFlags(CONFIG)``, sent again while another job holds
+        the domain past libvirt's wait and a caller still waits for it (the
+        caller's own deadline bounds it, as for the live half).  The call
+        blocks in libvirt until the job ends, so sending it again at once is
+        the wait; a refusal that came sooner is sent again a moment later."""
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await conn.call(conn.backend.detach_config, info.uuid, dev.xml)
+                return
+            except BackendError as err:
+                if not (is_job_held(err) and self._waiting.get(key)):
+                    raise
+            if loop.time() - started < JOB_RETRY_GAP:
+                await asyncio.sleep(JOB_RETRY_GAP)
 
 
 def _alone(dev: DeviceRef) -> str:

@@ -44,6 +44,8 @@ def _unplug_text(r: UnplugRecord) -> str | None:
         return f"attempt {r.attempt} of {r.attempts}: live detach request sent"
     if kind == "in_progress":
         return "an unplug is already in progress: waiting for it"
+    if kind == "job_held":
+        return "another job (a migration?) holds the domain: sending again, no attempt used"
     if kind == "busy_backoff":
         return f"the guest is busy (slot still settling): sending again in {r.delay or 0:.3g} s"
     if kind == "stale_event_ignored":

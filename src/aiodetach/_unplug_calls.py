@@ -180,9 +180,10 @@ class UnplugCalls(UnplugMachine):
             return
         error = future.exception()
         if error is None:
-            state = future.result().state
+            info = future.result()
+            state = info.state
             if not state.is_active:
-                self._feed(StateRead("inactive"))
+                self._feed(StateRead("inactive", info.stop_reason or ""))
             else:
                 self._feed(StateRead("paused" if state is DomainState.PAUSED else "running"))
         elif isinstance(error, BackendError) and is_domain_gone(error):

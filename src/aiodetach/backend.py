@@ -45,6 +45,7 @@ class ErrorCode(enum.IntEnum):
     NO_DOMAIN = 42
     OPERATION_INVALID = 55
     CONFIG_UNSUPPORTED = 67
+    OPERATION_TIMEOUT = 68
     NO_CONNECT = 5
     DEVICE_MISSING = 99
     AUTH_FAILED = 45
@@ -97,6 +98,12 @@ class DomainInfo:
     """Identifies this run of the domain (libvirt's domain id, new at every
     start), so a journal can tell a domain re-started since a request from
     the same one still running.  None when unknown or not running."""
+    stop_reason: str | None = None
+    """Why a shut-off domain is shut off, named as the STOPPED event's detail
+    (``"migrated"``, ``"destroyed"``, ``"shutdown"``, …): libvirt's shutoff
+    reason.  A live call refused as "domain is not running" may be answered
+    before that event arrives; this tells a migration from a shutdown all
+    the same.  None when running or unknown."""
 
 
 class EventSink(Protocol):

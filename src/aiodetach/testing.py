@@ -7,7 +7,9 @@ unplug: release the device at once (before the request returns, as a booted
 Linux guest often does), later, never (a guest with no OS), reject it
 (``DEVICE_REMOVAL_FAILED``, which real guests rarely produce), lose the first
 requests (a guest still in firmware), or wait for the test to say.  It can
-also drop events, crash and restart "libvirtd", and stop domains.
+also drop events, crash and restart "libvirtd", and stop domains, and hold a
+domain's job the way a live migration does (`FakeHypervisor.hold_job`,
+`FakeHypervisor.release_job`, `FakeHypervisor.finish_migration`).
 
 Use it where a real hypervisor cannot produce the case on demand; test the
 happy paths against a real libvirtd too.  Everything it does is recorded in
@@ -212,6 +214,10 @@ class FakeDomain:
     run: int = 1
     """This run of the domain (its ``DomainInfo.run_id``); bump it to model a
     domain re-started since."""
+    stop_reason: str | None = None
+    """Why it is shut off (its ``DomainInfo.stop_reason``, libvirt's shutoff
+    reason), set by `FakeHypervisor.stop_domain` and
+    `FakeHypervisor.finish_migration`."""
 
     def _add(
         self,
@@ -328,6 +334,16 @@ class Request:
     while_pending: bool
 
 
+@dataclass
+class _Job:
+    """A fake job holding a domain (see `FakeHypervisor.hold_job`)."""
+
+    holder: str
+    wait: float
+    ended: bool = False
+    blocked: int = 0
+
+
 def _err(code: int, message: str, origin: int = ErrorDomain.QEMU) -> BackendError:
     return BackendError(code, message, origin=origin)
 
@@ -361,6 +377,11 @@ class FakeHypervisor:
         """Method name → error raised once by the next call of it."""
         self.busy_refusals = 0
         """Requests refused as "guest is busy" (see `GuestUnplug.busy_first`)."""
+        self._jobs: dict[str, _Job] = {}
+        self._job_changed = threading.Condition(threading.Lock())
+        self.job_timeouts: list[str] = []
+        """Calls (``detach_live``, ``detach_config``) refused because a fake job
+        held their domain past its wait (code 68), in order."""
 
     # -- test controls -----------------------------------------------------------------
     @property
@@ -436,6 +457,7 @@ class FakeHypervisor:
         with self._lock:
             dom = self.domain(domain)
             dom.state = DomainState.SHUTOFF
+            dom.stop_reason = reason
             for dev in dom.devices:
                 dev.live = False
                 dev.pending_since = None
@@ -444,6 +466,97 @@ class FakeHypervisor:
             sink = self._sink if self.connected else None
         if sink is not None:
             sink.domain_stopped(dom.uuid, dom.name, reason)
+
+    def hold_job(
+        self,
+        domain: str,
+        *,
+        wait: float = 30.0,
+        holder: str = "remoteDispatchDomainMigratePerform3Params",
+    ) -> None:
+        """A fake job (a live migration, another client's long call) takes the
+        domain's job: from now on every detach call (live or config) blocks,
+        as libvirt's do, until `release_job` or `finish_migration`,
+        or until ``wait`` seconds (libvirt's job wait, 30 s on QEMU) have passed;
+        then it fails with code 68 (``VIR_ERR_OPERATION_TIMEOUT``) "cannot
+        acquire state change lock (held by monitor=<holder>)" having done
+        nothing.  Recorded in `job_timeouts`."""
+        with self._job_changed:
+            self._jobs[self.domain(domain).uuid] = _Job(holder, wait)
+
+    def release_job(self, domain: str) -> None:
+        """The job ends with the domain still here (a cancelled migration,
+        ``abortJob``): the blocked calls go on as if nothing had held them."""
+        uuid = self.domain(domain).uuid
+        with self._job_changed:
+            job = self._jobs.pop(uuid, None)
+            if job is not None:
+                job.ended = True
+                self._job_changed.notify_all()
+
+    def finish_migration(
+        self,
+        domain: str,
+        *,
+        event: Literal["before", "after", "lost"] = "before",
+        event_delay: float = 0.05,
+    ) -> None:
+        """The job held by `hold_job` ends as a completed migration: the
+        domain leaves this host (shut off with reason ``migrated``, a
+        transient one undefined), and the calls it blocked go on and fail as
+        libvirt's do, "domain is not running" (code 55; a transient domain's:
+        "no domain", code 42).  libvirt fails them at the moment it emits the
+        STOPPED/MIGRATED lifecycle event, and either may reach a client
+        first: ``event="before"`` emits it before the blocked calls are let
+        go, ``"after"`` ``event_delay`` seconds after they failed, ``"lost"``
+        never.  (The config definition of a persistent domain stays, inactive:
+        a blocked config detach then edits it, as libvirt's does.)"""
+        with self._lock:
+            dom = self.domain(domain)
+            dom.state = DomainState.SHUTOFF
+            dom.stop_reason = "migrated"
+            for dev in dom.devices:
+                dev.live = False
+                dev.pending_since = None
+            if not dom.persistent:
+                del self.domains[dom.uuid]
+            sink = self._sink if self.connected else None
+        if sink is not None and event == "before":
+            sink.domain_stopped(dom.uuid, dom.name, "migrated")
+        with self._job_changed:
+            job = self._jobs.pop(dom.uuid, None)
+            if job is not None:
+                job.ended = True
+                self._job_changed.notify_all()
+                while job.blocked:  # every blocked call has failed
+                    self._job_changed.wait()
+        if sink is not None and event == "after":
+            uuid, name = dom.uuid, dom.name
+            self._later(
+                event_delay, lambda _n, _a: sink.domain_stopped(uuid, name, "migrated"), "", ""
+            )
+
+    def _wait_for_job(self, uuid: str) -> None:
+        """Block a detach call while a fake job holds its domain (see `hold_job`)."""
+        with self._job_changed:
+            job = self._jobs.get(uuid)
+            if job is None:
+                return
+            job.blocked += 1
+            try:
+                deadline = time.monotonic() + job.wait
+                while not job.ended:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _err(
+                            ErrorCode.OPERATION_TIMEOUT,
+                            "Timed out during operation: cannot acquire state change lock "
+                            f"(held by monitor={job.holder})",
+                        )
+                    self._job_changed.wait(left)
+            finally:
+                job.blocked -= 1
+                self._job_changed.notify_all()
 
     def pause_domain(self, domain: str) -> None:
         """Suspend the vCPUs: the guest answers nothing until resumed (the
@@ -532,8 +645,10 @@ class FakeHypervisor:
         self._enter("lookup")
         with self._lock:
             dom = self._find(ref)
-            run_id = str(dom.run) if dom.state.is_active else None
-            return DomainInfo(dom.uuid, dom.name, dom.state, dom.persistent, run_id)
+            active = dom.state.is_active
+            run_id = str(dom.run) if active else None
+            stop_reason = None if active else dom.stop_reason
+            return DomainInfo(dom.uuid, dom.name, dom.state, dom.persistent, run_id, stop_reason)
 
     def domain_xml(self, uuid: str, *, inactive: bool) -> str:
         self._enter("domain_xml")
@@ -542,6 +657,7 @@ class FakeHypervisor:
 
     def detach_config(self, uuid: str, device_xml: str) -> None:
         self._enter("detach_config")
+        self._job_wait("detach_config", uuid)
         with self._lock:
             if self._read_only:
                 raise _err(
@@ -573,6 +689,7 @@ class FakeHypervisor:
 
     def detach_live(self, uuid: str, alias: str) -> None:
         self._enter("detach_live")
+        self._job_wait("detach_live", uuid)
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -632,6 +749,14 @@ class FakeHypervisor:
                 else lambda d, a: self.complete(d, a, emit=plan.emit_event)
             )
             self._later(plan.delay, action, name, alias)
+
+    def _job_wait(self, name: str, uuid: str) -> None:
+        try:
+            self._wait_for_job(uuid)
+        except BackendError:
+            with self._lock:
+                self.job_timeouts.append(name)
+            raise
 
     def _later(self, delay: float, fn: Callable[[str, str], None], name: str, alias: str) -> None:
         def fire() -> None:

@@ -34,6 +34,8 @@ def _log_unplug(r: UnplugRecord) -> None:
         _log.info("aiodetach.detach_sent", **where, attempt=r.attempt, attempts=r.attempts)
     elif kind == "in_progress":
         _log.info("aiodetach.unplug_in_progress", **where, message=r.reason)
+    elif kind == "job_held":
+        _log.info("aiodetach.job_held", **where, message=r.reason)
     elif kind == "busy_backoff":
         _log.info(
             "aiodetach.busy_backoff",

@@ -59,6 +59,7 @@ UnplugStep = Literal[
     "request_not_sent",  # it failed in the client before reaching libvirtd: sent again once back
     "in_progress",  # libvirt refused it: an unplug is already in progress (waiting for it)
     "busy_backoff",  # "guest is busy" before any request was accepted: sending again later
+    "job_held",  # another job (a migration) held the domain past libvirt's wait: sent again
     "stale_event_ignored",  # an event from before our request: the device is still there
     "attempt_timed_out",  # no DEVICE_REMOVED within timeout: re-reading the live XML
     "paused",  # the window ran out on a paused domain: waiting for it to run again
