@@ -36,13 +36,13 @@ from typing import Any
 
 import libvirt
 import libvirtaio
-import structlog
 
+from ._log import get_log
 from .errors import EventLoopConflict
 
 __all__ = ["install_event_loop"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 _registry_lock = threading.Lock()
 _impl: _ThreadSafeImpl | None = None
 
