@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import itertools
 import threading
@@ -40,7 +41,7 @@ import libvirtaio
 from ._log import get_log
 from .errors import EventLoopConflict
 
-__all__ = ["install_event_loop"]
+__all__ = ["install_event_loop", "quiet_connection"]
 
 _log = get_log()
 _registry_lock = threading.Lock()
@@ -306,12 +307,62 @@ def install_event_loop() -> _ThreadSafeImpl:
                 ) from None
             libvirtaio._current_impl = impl
             _impl = impl
-            _quiet_libvirt()
         else:
             _impl.bind(loop)
         return _impl
 
 
-def _quiet_libvirt() -> None:
-    """Stop libvirt from printing every error to stderr: we raise them instead."""
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+_ErrorFunc = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_ignore_error = _ErrorFunc(lambda _user_data, _error: None)  # alive for the process
+
+
+@functools.cache
+def _conn_set_error_func() -> Callable[[libvirt.virConnect], None] | None:
+    """libvirt's ``virConnSetErrorFunc``, which libvirt-python does not wrap.
+
+    ``None`` where it cannot be reached (no ``libvirt.so.0`` by that name, a
+    libvirt-python that stores its pointers differently): errors of aiodetach's
+    connections then go to the process's handler, as for any libvirt call.
+    """
+    try:
+        lib = ctypes.CDLL("libvirt.so.0")  # the copy libvirt-python already loaded
+        set_func = lib.virConnSetErrorFunc
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    except (OSError, AttributeError):
+        return None
+    set_func.argtypes = [ctypes.c_void_p, ctypes.c_void_p, _ErrorFunc]
+    set_func.restype = None
+    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    get_pointer.restype = ctypes.c_void_p
+
+    def quiet(conn: libvirt.virConnect) -> None:
+        capsule = getattr(conn, "_o", None)
+        if type(capsule).__name__ != "PyCapsule":
+            return
+        try:
+            pointer = get_pointer(capsule, b"virConnectPtr")
+        except ValueError:  # a capsule of another name: not ours to touch
+            return
+        if pointer:
+            set_func(pointer, None, _ignore_error)
+
+    return quiet
+
+
+def quiet_connection(conn: libvirt.virConnect) -> libvirt.virConnect:
+    """Keep libvirt from printing the errors of ``conn``'s calls to stderr.
+
+    libvirt reports every failed call to an error handler, and with none
+    registered its default one prints ``libvirt: <domain> error : <message>``
+    to stderr.  A handler registered with ``libvirt.registerErrorHandler`` is
+    process-wide: it belongs to the host.  So aiodetach sets a no-op handler
+    on each connection *it* opened (``virConnSetErrorFunc``), which libvirt
+    uses instead of the process's one for that connection's errors; aiodetach
+    raises them as typed errors.  The host's handler keeps seeing everything
+    else.  (A connect that fails has no connection yet: libvirt reports it to
+    the process's handler; see docs/event-loops.md.)
+    """
+    quiet = _conn_set_error_func()
+    if quiet is not None:
+        quiet(conn)
+    return conn

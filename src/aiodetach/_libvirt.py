@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import libvirt
 
 from ._errors_map import is_domain_gone, is_unsupported
+from ._eventloop import quiet_connection
 from ._lanes import Lanes
 from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
@@ -162,7 +163,11 @@ class LibvirtBackend:
         Under every lane's lock: a call made meanwhile waits for the new
         connections.  If any of them fails, those already opened are closed.
         """
-        opener = libvirt.openReadOnly if read_only else libvirt.open
+        base = libvirt.openReadOnly if read_only else libvirt.open
+
+        def opener(uri: str) -> libvirt.virConnect:
+            return quiet_connection(base(uri))  # its errors are raised, not printed
+
         with contextlib.ExitStack() as held:
             for lane in self._lanes:
                 held.enter_context(lane.lock)
