@@ -33,11 +33,12 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 import libvirtaio
 
+from ._eventloop_host import HostAsyncIO, HostThread, registered_elsewhere
 from ._log import get_log
 from .errors import EventLoopConflict
 
@@ -46,6 +47,7 @@ __all__ = ["install_event_loop", "quiet_connection"]
 _log = get_log()
 _registry_lock = threading.Lock()
 _impl: _ThreadSafeImpl | None = None
+_host: HostAsyncIO | HostThread | None = None
 
 
 class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
@@ -269,6 +271,9 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                 if callback.timeout >= 0:
                     self._apply(functools.partial(callback.update, callback.timeout))
 
+    async def ready(self) -> None:
+        """Nothing to check: aiodetach's implementation runs on this loop."""
+
     async def settle(self, max_iterations: int = 100) -> None:
         """Let queued hook calls and free-callbacks run (after a connection closed)."""
         for _ in range(max_iterations):
@@ -278,37 +283,54 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
             await asyncio.sleep(0)
 
 
-def install_event_loop() -> _ThreadSafeImpl:
-    """Run libvirt's events on the running asyncio loop (idempotent).
+class EventBridge(Protocol):
+    """What a service needs of libvirt's event implementation, whoever registered it."""
 
-    Call it from inside the loop before opening *your own* libvirt connections
-    if your process uses libvirt next to aiodetach; :class:`DetachService` calls
-    it for you.  It replaces ``libvirtaio.virEventRegisterAsyncIOImpl()`` (which
-    must not be called as well: libvirt accepts one implementation per
-    process).  Safe to call from each new loop of a process that runs several
-    loops one after another.
+    async def ready(self) -> None: ...
+
+    async def settle(self, max_iterations: int = 100) -> None: ...
+
+
+def install_event_loop() -> EventBridge:
+    """Have libvirt's events reach the running asyncio loop (idempotent).
+
+    :class:`DetachService` calls it for you.  libvirt takes one event
+    implementation per process, so it works with the one already registered:
+
+    * none yet: it registers aiodetach's (libvirtaio's, made thread-safe, and
+      moved along when a process runs several loops one after another); call
+      it, instead of ``libvirtaio.virEventRegisterAsyncIOImpl()``, before
+      opening your own connections if your process uses libvirt too;
+    * yours from ``libvirtaio.virEventRegisterAsyncIOImpl()`` on this loop: it
+      is kept, and made safe for calls from worker threads (its ``loop``
+      attribute is wrapped: see docs/event-loops.md); on another loop:
+      :class:`~aiodetach.errors.EventLoopConflict`;
+    * any other (libvirt's default one, run by a thread of yours): used as it
+      is; opening a service checks that something runs it.
     """
-    global _impl
+    global _impl, _host
     loop = asyncio.get_running_loop()
     with _registry_lock:
-        if _impl is None:
+        if _impl is not None:
+            _impl.bind(loop)
+            return _impl
+        if _host is None:
             current = libvirtaio.getCurrentImpl()
             if current is not None:
-                raise EventLoopConflict(
-                    "libvirtaio.virEventRegisterAsyncIOImpl() was called before aiodetach; "
-                    "call aiodetach.install_event_loop() instead (it is thread-safe)"
-                )
-            impl = _ThreadSafeImpl(loop)
-            try:
-                impl.register()
-            except RuntimeError as exc:
-                raise EventLoopConflict(
-                    f"another libvirt event implementation is already registered: {exc}"
-                ) from None
-            libvirtaio._current_impl = impl
-            _impl = impl
-        else:
-            _impl.bind(loop)
+                _host = HostAsyncIO(current)
+            elif registered_elsewhere():
+                _host = HostThread()
+        if _host is not None:
+            return _host.bind(loop)
+        impl = _ThreadSafeImpl(loop)
+        try:
+            impl.register()
+        except RuntimeError as exc:
+            raise EventLoopConflict(
+                f"another libvirt event implementation is already registered: {exc}"
+            ) from None
+        libvirtaio._current_impl = impl
+        _impl = impl
         return _impl
 
 

@@ -173,7 +173,7 @@ class DetachService:
                 retention=self._settings.journal_retention,
             )
         if self._backend.uses_libvirt_events:
-            install_event_loop()
+            await install_event_loop().ready()
         conn = Connection(
             self._backend, self._settings, read_only=calls.read_only, hooks=self._hooks
         )
