@@ -73,7 +73,7 @@ class DetachService:
 
     ``hooks`` are called with a record of every step of every detach (see
     :mod:`aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
-    there).  The library's structlog logging is itself a hook, called first;
+    there).  The library's logging is itself a hook, called first;
     ``log=False`` leaves it out (the CLI does, to print its own lines).
 
     ``journal=PATH`` keeps an SQLite journal of the live requests sent, so
