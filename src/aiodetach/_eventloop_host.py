@@ -85,7 +85,7 @@ class LoopGuard:
         return getattr(self.loop, name)
 
     def __repr__(self) -> str:
-        return f"<aiodetach LoopGuard of {self.loop!r}>"
+        return f"aiodetach LoopGuard({self.loop!r})"
 
     def submit(self, op: Callable[[], None]) -> None:
         """Run ``op`` now on the loop thread (after what was queued), else queue it."""
