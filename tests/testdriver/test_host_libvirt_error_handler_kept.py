@@ -13,9 +13,11 @@ process-wide, and the test-driver tier registers a handler of its own.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
-from _probes import fresh_python
+from _probes import child_env, fresh_python
 
 SCRIPT = """
 import asyncio, json, sys
@@ -64,3 +66,31 @@ def test_without_a_handler_libvirt_prints_the_hosts_errors_but_not_the_services(
     assert done.stderr.count("libvirt: ") == 1, done.stderr
     assert "host-looks-for-this" in done.stderr
     assert "Domain not found" not in done.stderr
+
+
+def test_the_command_line_prints_its_own_error_only() -> None:
+    # The CLI is an application: it owns the process's handler and silences
+    # libvirt's printing itself, so a failed connect is one line of its own.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiodetach",
+            "detach",
+            "--uri",
+            "qemu+unix:///system?socket=/nonexistent/aiodetach",
+            "--alias",
+            "ua-disk1",
+            "vm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ConnectionLost: "), done.stderr
