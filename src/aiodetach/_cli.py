@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import libvirt
 import structlog
 from pydantic import ValidationError
 
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     configure_logging(as_json=as_json, verbose=args.verbose)
+    # The command line is the application: it owns libvirt's process-wide
+    # error handler (the library never sets it), and reports errors itself.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         if args.command == "detach":
             xml = Path(args.xml_file).read_text() if args.xml_file else None

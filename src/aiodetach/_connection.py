@@ -32,10 +32,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
-import structlog
-
 from ._closing import by_close
 from ._errors_map import is_connection_error
+from ._log import get_log
 from ._reads import SharedReads
 from ._settings import DetachSettings
 from ._xml import Definition, parse_definition
@@ -46,7 +45,7 @@ from .instrumentation._records import ConnectionRecord, ConnectionStep
 
 __all__ = ["Connection"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 CLOSE_GRACE = 2.0
 """Seconds a close waits for a stuck libvirt call before leaving it to a helper thread."""

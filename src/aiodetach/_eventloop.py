@@ -27,24 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 import libvirtaio
-import structlog
 
+from ._eventloop_host import HostAsyncIO, HostThread, registered_elsewhere
+from ._log import get_log
 from .errors import EventLoopConflict
 
-__all__ = ["install_event_loop"]
+__all__ = ["install_event_loop", "quiet_connection"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 _registry_lock = threading.Lock()
 _impl: _ThreadSafeImpl | None = None
+_host: HostAsyncIO | HostThread | None = None
 
 
 class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
@@ -268,6 +271,9 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
                 if callback.timeout >= 0:
                     self._apply(functools.partial(callback.update, callback.timeout))
 
+    async def ready(self) -> None:
+        """Nothing to check: aiodetach's implementation runs on this loop."""
+
     async def settle(self, max_iterations: int = 100) -> None:
         """Let queued hook calls and free-callbacks run (after a connection closed)."""
         for _ in range(max_iterations):
@@ -277,41 +283,108 @@ class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
             await asyncio.sleep(0)
 
 
-def install_event_loop() -> _ThreadSafeImpl:
-    """Run libvirt's events on the running asyncio loop (idempotent).
+class EventBridge(Protocol):
+    """What a service needs of libvirt's event implementation, whoever registered it."""
 
-    Call it from inside the loop before opening *your own* libvirt connections
-    if your process uses libvirt next to aiodetach; [`DetachService`][aiodetach.DetachService] calls
-    it for you.  It replaces ``libvirtaio.virEventRegisterAsyncIOImpl()`` (which
-    must not be called as well: libvirt accepts one implementation per
-    process).  Safe to call from each new loop of a process that runs several
-    loops one after another.
+    async def ready(self) -> None: ...
+
+    async def settle(self, max_iterations: int = 100) -> None: ...
+
+
+def install_event_loop() -> EventBridge:
+    """Have libvirt's events reach the running asyncio loop (idempotent).
+
+    `DetachService` calls it for you.  libvirt takes one event
+    implementation per process, so it works with the one already registered:
+
+    * none yet: it registers aiodetach's (libvirtaio's, made thread-safe, and
+      moved along when a process runs several loops one after another); call
+      it, instead of ``libvirtaio.virEventRegisterAsyncIOImpl()``, before
+      opening your own connections if your process uses libvirt too;
+    * yours from ``libvirtaio.virEventRegisterAsyncIOImpl()`` on this loop: it
+      is kept, and made safe for calls from worker threads (its ``loop``
+      attribute is wrapped: see docs/event-loops.md); on another loop:
+      `aiodetach.errors.EventLoopConflict`;
+    * any other (libvirt's default one, run by a thread of yours): used as it
+      is; opening a service checks that something runs it.
     """
-    global _impl
+    global _impl, _host
     loop = asyncio.get_running_loop()
     with _registry_lock:
-        if _impl is None:
+        if _impl is not None:
+            _impl.bind(loop)
+            return _impl
+        if _host is None:
             current = libvirtaio.getCurrentImpl()
             if current is not None:
-                raise EventLoopConflict(
-                    "libvirtaio.virEventRegisterAsyncIOImpl() was called before aiodetach; "
-                    "call aiodetach.install_event_loop() instead (it is thread-safe)"
-                )
-            impl = _ThreadSafeImpl(loop)
-            try:
-                impl.register()
-            except RuntimeError as exc:
-                raise EventLoopConflict(
-                    f"another libvirt event implementation is already registered: {exc}"
-                ) from None
-            libvirtaio._current_impl = impl
-            _impl = impl
-            _quiet_libvirt()
-        else:
-            _impl.bind(loop)
+                _host = HostAsyncIO(current)
+            elif registered_elsewhere():
+                _host = HostThread()
+        if _host is not None:
+            return _host.bind(loop)
+        impl = _ThreadSafeImpl(loop)
+        try:
+            impl.register()
+        except RuntimeError as exc:
+            raise EventLoopConflict(
+                f"another libvirt event implementation is already registered: {exc}"
+            ) from None
+        libvirtaio._current_impl = impl
+        _impl = impl
         return _impl
 
 
-def _quiet_libvirt() -> None:
-    """Stop libvirt from printing every error to stderr: we raise them instead."""
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+_ErrorFunc = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_ignore_error = _ErrorFunc(lambda _user_data, _error: None)  # alive for the process
+
+
+@functools.cache
+def _conn_set_error_func() -> Callable[[libvirt.virConnect], None] | None:
+    """libvirt's ``virConnSetErrorFunc``, which libvirt-python does not wrap.
+
+    ``None`` where it cannot be reached (no ``libvirt.so.0`` by that name, a
+    libvirt-python that stores its pointers differently): errors of aiodetach's
+    connections then go to the process's handler, as for any libvirt call.
+    """
+    try:
+        lib = ctypes.CDLL("libvirt.so.0")  # the copy libvirt-python already loaded
+        set_func = lib.virConnSetErrorFunc
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    except (OSError, AttributeError):
+        return None
+    set_func.argtypes = [ctypes.c_void_p, ctypes.c_void_p, _ErrorFunc]
+    set_func.restype = None
+    get_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    get_pointer.restype = ctypes.c_void_p
+
+    def quiet(conn: libvirt.virConnect) -> None:
+        capsule = getattr(conn, "_o", None)
+        if type(capsule).__name__ != "PyCapsule":
+            return
+        try:
+            pointer = get_pointer(capsule, b"virConnectPtr")
+        except ValueError:  # a capsule of another name: not ours to touch
+            return
+        if pointer:
+            set_func(pointer, None, _ignore_error)
+
+    return quiet
+
+
+def quiet_connection(conn: libvirt.virConnect) -> libvirt.virConnect:
+    """Keep libvirt from printing the errors of ``conn``'s calls to stderr.
+
+    libvirt reports every failed call to an error handler, and with none
+    registered its default one prints ``libvirt: <domain> error : <message>``
+    to stderr.  A handler registered with ``libvirt.registerErrorHandler`` is
+    process-wide: it belongs to the host.  So aiodetach sets a no-op handler
+    on each connection *it* opened (``virConnSetErrorFunc``), which libvirt
+    uses instead of the process's one for that connection's errors; aiodetach
+    raises them as typed errors.  The host's handler keeps seeing everything
+    else.  (A connect that fails has no connection yet: libvirt reports it to
+    the process's handler; see docs/event-loops.md.)
+    """
+    quiet = _conn_set_error_func()
+    if quiet is not None:
+        quiet(conn)
+    return conn

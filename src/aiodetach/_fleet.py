@@ -16,10 +16,9 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any
 
-import structlog
-
 from ._closing import by_close
 from ._journal import Journal, open_journal
+from ._log import get_log
 from ._many import (
     DetachOutcome,
     DetachRequest,
@@ -39,7 +38,7 @@ from .instrumentation._records import Hook
 
 __all__ = ["DetachFleet"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 
 class DetachFleet:

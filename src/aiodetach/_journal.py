@@ -55,8 +55,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import structlog
-
 from ._journal_file import (
     FORMAT_VERSION,
     SCHEMA,
@@ -66,6 +64,7 @@ from ._journal_file import (
     inspect,
 )
 from ._journal_path import open_held, resolve
+from ._log import get_log
 from .errors import JournalError, JournalUnavailable
 
 __all__ = [
@@ -78,7 +77,7 @@ __all__ = [
     "open_journal",
 ]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 PRUNE_EVERY = 60.0
 """Seconds between two prunes of finished rows (plus one at open)."""

@@ -18,6 +18,7 @@ import libvirt
 
 from ._connect import Connect, alive, from_factory
 from ._errors_map import is_domain_gone, is_unsupported
+from ._eventloop import quiet_connection
 from ._lanes import Lanes
 from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
@@ -232,11 +233,13 @@ class LibvirtBackend:
         given, connect, uri = self._given, self._connect, self._uri
         if given is not None:
             return lambda: alive(given, self.uri)
+        # The connections the service owns get their errors raised, not
+        # printed (quiet_connection); the caller's one keeps its own handler.
         if connect is not None:
-            return functools.partial(from_factory, connect)
+            return lambda: quiet_connection(from_factory(connect))
         if read_only:
-            return lambda: libvirt.openReadOnly(uri)
-        return lambda: libvirt.open(uri)
+            return lambda: quiet_connection(libvirt.openReadOnly(uri))
+        return lambda: quiet_connection(libvirt.open(uri))
 
     def _open_first(
         self, opener: Callable[[], libvirt.virConnect], sink: EventSink

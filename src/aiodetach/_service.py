@@ -89,8 +89,8 @@ class DetachService:
     raises [`ReadOnlyConnection`][aiodetach.errors.ReadOnlyConnection].
 
     ``hooks`` are called with a record of every step of every detach (see
-    [`aiodetach.instrumentation`][aiodetach.instrumentation]: Prometheus and OpenTelemetry hooks are
-    there).  The library's structlog logging is itself a hook, called first;
+    `aiodetach.instrumentation`: Prometheus and OpenTelemetry hooks are
+    there).  The library's logging is itself a hook, called first;
     ``log=False`` leaves it out (the CLI does, to print its own lines).
 
     ``journal=PATH`` keeps an SQLite journal of the live requests sent, so
@@ -195,7 +195,7 @@ class DetachService:
                 retention=self._settings.journal_retention,
             )
         if self._backend.uses_libvirt_events:
-            install_event_loop()
+            await install_event_loop().ready()
         conn = Connection(
             self._backend, self._settings, read_only=calls.read_only, hooks=self._hooks
         )

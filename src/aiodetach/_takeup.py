@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-import structlog
-
 from ._connection import Connection
 from ._errors_map import is_domain_gone, is_not_running
 from ._journal import Entry, Journal
+from ._log import get_log
 from ._registry import Unplugs
 from ._result import Recovered
 from ._unplug import Unplug, Verdict, retrieve
 from ._xml import DeviceRef, Selector, find_device
 from .backend import BackendError
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 __all__ = ["fingerprint", "take_up"]
 

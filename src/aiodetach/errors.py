@@ -264,9 +264,10 @@ class HypervisorError(DetachError):
 
 
 class EventLoopConflict(DetachError, RuntimeError):
-    """libvirt's event implementation is bound to an event loop that is still
-    running in another thread, or someone else registered a different
-    implementation first (see [`aiodetach`][aiodetach] docs: *Event loops*)."""
+    """libvirt's event implementation cannot deliver to this service's loop: it
+    is bound to another event loop (libvirtaio's, still running in another
+    thread or ended), or one is registered that nothing runs.  The message says
+    what to do (see the docs: *Event loops*)."""
 
 
 class CalledFromEventLoop(DetachError, RuntimeError):

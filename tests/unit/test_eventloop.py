@@ -176,25 +176,22 @@ def test_watches_follow_a_new_loop(pipe: tuple[int, int]) -> None:
     assert "tick" in hits, "the timer must run on the new loop"
 
 
-def test_foreign_libvirtaio_registration_is_reported() -> None:
+def test_the_hosts_libvirtaio_registration_is_kept_not_refused() -> None:
     code = textwrap.dedent(
         """
         import asyncio, libvirtaio, aiodetach
-        from aiodetach.errors import EventLoopConflict
         async def main():
-            libvirtaio.virEventRegisterAsyncIOImpl()
-            try:
-                aiodetach.install_event_loop()
-            except EventLoopConflict as exc:
-                print("conflict:", exc)
+            host = libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+            aiodetach.install_event_loop()
+            aiodetach.install_event_loop()
+            assert libvirtaio.getCurrentImpl() is host
+            assert host.loop.loop is asyncio.get_running_loop()  # wrapped once
+            print("kept")
         asyncio.run(main())
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert "conflict:" in out.stdout
-    assert "install_event_loop" in out.stdout
+    out = fresh_python(code)
+    assert out.stdout.strip() == "kept"
 
 
 def test_install_twice_in_a_row_and_across_loops() -> None:

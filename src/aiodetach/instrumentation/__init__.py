@@ -25,7 +25,7 @@ Hooks are called synchronously on the event loop thread, at each state
 change of a detach, never per libvirt event lookup and never from a worker
 thread.  A hook that raises is logged (``aiodetach.hook_failed``, once per
 hook and step) and otherwise ignored: it never changes an outcome.  The
-library's structlog logging is the default hook (`log_hook()`, same event
+library's logging is the default hook (`log_hook`, same event
 names as ever); ``log=False`` leaves it out.
 
 `prometheus_hook()` needs ``pip install 'aiodetach[prometheus]'``,

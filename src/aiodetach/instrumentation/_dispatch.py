@@ -14,13 +14,12 @@ import itertools
 import time
 from collections.abc import Iterable
 
-import structlog
-
+from .._log import get_log
 from ._records import DetachRecord, Hook, Record, outcome_of
 
 __all__ = ["Hooks", "next_detach_id", "next_unplug_id"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 # Per process, not per service: a hook shared by a fleet's services needs ids
 # that do not collide.

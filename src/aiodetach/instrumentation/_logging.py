@@ -1,4 +1,4 @@
-"""The default hook: records become the structlog events aiodetach always logged.
+"""The default hook: records become the log events aiodetach always logged.
 
 Event names and fields are those of the log calls this hook replaced
 (``aiodetach.detach_sent``, ``aiodetach.attempt_timed_out``, …), so
@@ -9,17 +9,16 @@ log nothing here; hooks see them.
 
 from __future__ import annotations
 
-import structlog
-
+from .._log import get_log
 from ._records import ConnectionRecord, DetachRecord, Record, UnplugRecord
 
 __all__ = ["log_hook"]
 
-_log = structlog.get_logger("aiodetach")
+_log = get_log()
 
 
 def log_hook(record: Record) -> None:
-    """Log ``record`` as the library's structlog event of that step (if any)."""
+    """Log ``record`` as the library's event of that step (if any), see ``_log``."""
     if isinstance(record, UnplugRecord):
         _log_unplug(record)
     elif isinstance(record, DetachRecord):

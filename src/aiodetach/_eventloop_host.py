@@ -1,0 +1,227 @@
+"""Working with a libvirt event implementation the host registered first.
+
+libvirt takes one event implementation per process, for good: an agent that
+called ``libvirtaio.virEventRegisterAsyncIOImpl()``, or runs libvirt's
+default implementation in a thread of its own, keeps it, and aiodetach uses
+it instead of registering its own.
+
+* **The host's libvirtaio, on the service's loop.**  libvirtaio is not
+  thread-safe: libvirt calls its hooks from whatever thread calls into
+  libvirt, and aiodetach's blocking calls run in worker threads.  The hooks
+  libvirt holds are bound methods of the host's instance, so they cannot be
+  swapped; but everything in them that touches asyncio goes through the
+  instance's ``loop`` attribute (``add_reader``/``remove_reader``,
+  ``add_writer``/``remove_writer``, and ``create_task`` through
+  ``asyncio.ensure_future(…, loop=…)``).  `LoopGuard` replaces that one
+  attribute: it passes everything through to the loop, and applies those five
+  calls on the loop thread, in the order they were made, when they come from
+  another thread.  libvirtaio's own bookkeeping (plain dicts) stays where it
+  ran.
+* **Another implementation, run by a host thread** (libvirt's default one,
+  ``virEventRunDefaultImpl()`` in a loop): it is thread-safe; libvirt's
+  callbacks then run on that thread, and the service hands each to its loop
+  with ``call_soon_threadsafe`` (``_intake``).  Opening a service checks that
+  something runs it: a libvirt timer must fire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import libvirt
+import libvirtaio
+
+from .errors import EventLoopConflict
+
+__all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "registered_elsewhere"]
+
+# How long a registered implementation may take to run a due timer before
+# opening a service says that nothing runs it.
+RUNNING_CHECK = 10.0
+
+
+class _LaterTask:
+    """What ``create_task`` returns off the loop thread: the task is created
+    on the loop thread, and a ``cancel`` meanwhile reaches it there."""
+
+    __slots__ = ("_cancelled", "_guard", "task")
+
+    def __init__(self, guard: LoopGuard) -> None:
+        self._guard = guard
+        self._cancelled = False
+        self.task: asyncio.Task[Any] | None = None
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._cancelled:
+            coro.close()
+        else:
+            self.task = self._guard.loop.create_task(coro)
+
+    def cancel(self, msg: Any = None) -> bool:
+        def now() -> None:
+            self._cancelled = True
+            if self.task is not None:
+                self.task.cancel(msg)
+
+        self._guard.submit(now)
+        return True
+
+
+class LoopGuard:
+    """Stands in for ``impl.loop`` of the host's libvirtaio implementation."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread_id = threading.get_ident()
+        self._ops: deque[Callable[[], None]] = deque()
+        self._lock = threading.RLock()  # reentrant: see _ThreadSafeImpl
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+    def __repr__(self) -> str:
+        return f"aiodetach LoopGuard({self.loop!r})"
+
+    def submit(self, op: Callable[[], None]) -> None:
+        """Run ``op`` now on the loop thread (after what was queued), else queue it."""
+        if threading.get_ident() == self.thread_id:
+            self.flush()
+            op()
+            return
+        with self._lock:
+            self._ops.append(op)
+            first = len(self._ops) == 1
+        if first:
+            with contextlib.suppress(RuntimeError):  # loop closed: nothing to watch
+                self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ops:
+                    return
+                op = self._ops.popleft()
+            op()
+
+    def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self.submit(lambda: self.loop.add_reader(fd, callback, *args))
+
+    def add_writer(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self.submit(lambda: self.loop.add_writer(fd, callback, *args))
+
+    def remove_reader(self, fd: Any) -> bool:
+        self.submit(lambda: self._remove(self.loop.remove_reader, fd))
+        return True
+
+    def remove_writer(self, fd: Any) -> bool:
+        self.submit(lambda: self._remove(self.loop.remove_writer, fd))
+        return True
+
+    @staticmethod
+    def _remove(remove: Callable[[Any], bool], fd: Any) -> None:
+        # Applied late, the fd may have been closed meanwhile: nothing to unwatch.
+        with contextlib.suppress(ValueError, OSError):
+            remove(fd)
+
+    def create_task(self, coro: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        if threading.get_ident() == self.thread_id:
+            self.flush()
+            return self.loop.create_task(coro, **kwargs)
+        later = _LaterTask(self)
+        self.submit(lambda: later.start(coro))
+        return later
+
+
+class HostAsyncIO:
+    """The host's libvirtaio implementation, made safe for worker threads."""
+
+    def __init__(self, impl: libvirtaio.virEventAsyncIOImpl) -> None:
+        self.impl = impl
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> HostAsyncIO:
+        current = self.impl.loop
+        guard = current if isinstance(current, LoopGuard) else None
+        host_loop = guard.loop if guard is not None else current
+        if host_loop is not loop:
+            where = "is still running" if host_loop.is_running() else "is not running"
+            raise EventLoopConflict(
+                "libvirt's events run on the event loop your application gave "
+                f"libvirtaio.virEventRegisterAsyncIOImpl(), which {where}: open the service "
+                "on that loop (asyncio.run_coroutine_threadsafe from other threads), or let "
+                "aiodetach register the implementation (aiodetach.install_event_loop() "
+                "instead of libvirtaio's), which follows loops one after another"
+            )
+        if guard is None:
+            self.impl.loop = LoopGuard(loop)  # type: ignore[assignment]
+        return self
+
+    async def ready(self) -> None:
+        """Nothing to check: the implementation runs on this very loop."""
+
+    async def settle(self, max_iterations: int = 100) -> None:
+        """Let queued loop calls and libvirtaio's free-callbacks run."""
+        guard = self.impl.loop
+        for _ in range(max_iterations):
+            if isinstance(guard, LoopGuard):
+                guard.flush()
+            if not self.impl._pending:
+                return
+            await asyncio.sleep(0)
+
+
+class HostThread:
+    """An implementation that is not libvirtaio (libvirt's default one, run by
+    a host thread): used as it is; the service hands callbacks to its loop."""
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> HostThread:
+        return self
+
+    async def ready(self) -> None:
+        """Refuse a registered implementation that nothing runs: no event,
+        keepalive or close notification would ever arrive."""
+        loop = asyncio.get_running_loop()
+        fired = loop.create_future()
+
+        def done() -> None:
+            if not fired.done():
+                fired.set_result(None)
+
+        def tick(timer: int, _opaque: object) -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt.virEventRemoveTimeout(timer)
+            with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
+                loop.call_soon_threadsafe(done)
+
+        timer = libvirt.virEventAddTimeout(0, tick, None)
+        try:
+            await asyncio.wait_for(asyncio.shield(fired), RUNNING_CHECK)
+        except TimeoutError:
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt.virEventRemoveTimeout(timer)
+            raise EventLoopConflict(
+                "a libvirt event implementation is registered (libvirt.virEventRegister"
+                "DefaultImpl()?) but nothing runs it: run libvirt.virEventRunDefaultImpl() in "
+                "a loop in a thread of your application, or do not register one and let "
+                f"aiodetach register its own (a due timer did not fire in {RUNNING_CHECK:g} s)"
+            ) from None
+
+    async def settle(self, max_iterations: int = 100) -> None:
+        """Nothing queued here: the host's thread frees what libvirt closes."""
+
+
+def registered_elsewhere() -> bool:
+    """Whether some libvirt event implementation is registered (not by us):
+    ``virEventAddTimeout`` fails exactly when none is.  The probe timer is
+    disabled (-1) and removed at once."""
+    try:
+        timer = libvirt.virEventAddTimeout(-1, lambda _t, _o: None, None)
+    except libvirt.libvirtError:
+        return False
+    with contextlib.suppress(libvirt.libvirtError):
+        libvirt.virEventRemoveTimeout(timer)
+    return True

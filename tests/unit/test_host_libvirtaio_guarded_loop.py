@@ -1,0 +1,88 @@
+"""A host's libvirtaio instance with its ``loop`` guarded (what a service does
+to it) takes hook calls from worker threads: watches and timers added there
+run on the loop thread, in the order the calls were made, and a timer stopped
+from a worker thread before the loop got to it never fires.
+
+The instance is not registered with libvirt (registration is once per
+process): its hooks are called directly, as libvirt would from a worker
+thread.  In debug mode asyncio rejects loop calls from other threads, so an
+unguarded call fails these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import libvirt
+import libvirtaio
+
+from aiodetach._eventloop_host import HostAsyncIO
+
+READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
+
+
+async def test_a_watch_added_from_a_worker_thread_fires_on_the_loop_thread() -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)  # loop calls from another thread raise
+    impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
+    HostAsyncIO(impl).bind(loop)
+    left, right = socket.socketpair()
+    fired = asyncio.Event()
+    threads: list[int] = []
+
+    def on_readable(_watch: int, _fd: int, _events: int, _opaque: object) -> None:
+        threads.append(threading.get_ident())
+        left.recv(16)
+        fired.set()
+
+    try:
+        watch = await asyncio.to_thread(impl._add_handle, left.fileno(), READABLE, on_readable, 1)
+        right.send(b"x")
+        async with asyncio.timeout(10):
+            await fired.wait()
+        await asyncio.to_thread(impl._update_handle, watch, 0)  # stop watching, off-thread
+        await asyncio.to_thread(impl._update_handle, watch, READABLE)  # and again
+        right.send(b"y")
+        fired.clear()
+        async with asyncio.timeout(10):
+            await fired.wait()
+    finally:
+        impl.callbacks.clear()
+        impl.descriptors.clear()
+        loop.remove_reader(left.fileno())
+        left.close()
+        right.close()
+    assert threads == [threading.get_ident()] * 2
+
+
+async def test_a_timer_started_and_stopped_off_thread_before_the_loop_ran_never_fires() -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)  # loop calls from another thread raise
+    impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
+    HostAsyncIO(impl).bind(loop)
+    ticks: list[int] = []
+    late = asyncio.Event()
+
+    def stopped(_timer: int, _opaque: object) -> None:
+        ticks.append(0)
+
+    def other(timer: int, _opaque: object) -> None:
+        ticks.append(1)
+        impl._update_timeout(timer, -1)  # on the loop thread: at once
+        late.set()
+
+    def off_thread() -> None:
+        # Both before the loop applies anything: start, stop, start another.
+        first = impl._add_timeout(0, stopped, None)
+        impl._update_timeout(first, -1)
+        impl._add_timeout(0, other, None)
+
+    await asyncio.to_thread(off_thread)
+    async with asyncio.timeout(10):
+        await late.wait()
+    for _ in range(5):  # a wrongly started first timer would tick by now
+        await asyncio.sleep(0)
+    assert ticks == [1]
+    impl.callbacks.clear()
