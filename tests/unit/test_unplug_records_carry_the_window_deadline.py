@@ -30,8 +30,10 @@ async def test_request_sent_carries_the_window_end_and_later_steps_none() -> Non
         assert record.deadline is not None
         # The window starts when libvirt answered, just before the record.
         assert 0 < record.deadline - record.time <= 0.3
-    assert sent[1].deadline is not None and sent[0].deadline is not None
+    assert sent[1].deadline is not None
+    assert sent[0].deadline is not None
     assert sent[1].deadline > sent[0].deadline
     timed_out = [r for r in seen if r.kind == "attempt_timed_out"]
-    assert timed_out and all(r.deadline is None for r in timed_out)
+    assert timed_out
+    assert all(r.deadline is None for r in timed_out)
     assert all(r.deadline is None for r in seen if r.kind in ("started", "ended", "timed_out"))
