@@ -111,6 +111,10 @@ class LiveProgress:
         self.console.file.flush()
 
     def _print(self, line: str) -> None:
+        # rich redraws its last frame under a printed line: bring it up to date
+        # first (a frame from before this record would show a stale state).
+        if self._live.is_started:
+            self._live.refresh()
         # Long lines wrap (they are the log, whole), above the display.
         self.console.print(Text(line), soft_wrap=False)
 
