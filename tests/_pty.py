@@ -83,6 +83,19 @@ class Terminal:
             rows.pop()
         return top + rows
 
+    def unwrapped(self) -> list[str]:
+        """:meth:`scrolled` with each row the terminal wrapped (a full row
+        followed by its rest) joined again: the lines as written."""
+        out: list[str] = []
+        full = False
+        for row in self.scrolled():
+            if full and out:
+                out[-1] += row
+            else:
+                out.append(row)
+            full = len(row) == self.history.columns
+        return out
+
     def _pump(self, wait: float) -> None:
         if self._eof:
             time.sleep(min(wait, 0.05))

@@ -25,6 +25,7 @@ import structlog
 from pydantic import ValidationError
 
 from ._cli_args import build_parser, parse_batch, settings_from
+from ._completion import script as completion_script
 from ._interrupts import Interrupted, interruptible, report
 from ._progress import Display, ProgressLines, open_display
 from ._result import DetachResult
@@ -365,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     configure_logging(as_json=as_json, verbose=args.verbose)
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     tracker = Tracker()  # what happened per device: for the display and an interrupt
     try:
         if args.command == "detach":
