@@ -42,8 +42,8 @@ STATE_TEXT: dict[DeviceState, str] = {
 SHORT: dict[DeviceState, str] = {
     "removed": "removed",
     "failed": "failed",
-    "request_outstanding": "with a request outstanding",
-    "persistent_changed": "with only the persistent definition changed",
+    "request_outstanding": "request outstanding",
+    "persistent_changed": "persistent definition changed only",
     "unchanged": "unchanged",
     "not_started": "not started",
 }
@@ -177,8 +177,7 @@ def report(
     counts = _counts(tracker, pairs)
     summary = ", ".join(f"{n} {SHORT[state]}" for state, n in counts.items() if n)
     print(
-        f"interrupted by {signal.Signals(signum).name}: the connection was closed; "
-        f"{summary or 'nothing had started'}",
+        f"interrupted by {signal.Signals(signum).name}, closed: {summary or 'nothing started'}",
         file=sys.stderr,
     )
     sys.stdout.flush()

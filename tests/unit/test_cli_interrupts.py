@@ -41,9 +41,7 @@ def test_ctrl_c_during_a_detach_says_what_was_done() -> None:
         "vm/ua-never: request outstanding in the guest (it may still remove it); "
         "requests sent 1; persistent definition changed"
     ], shown
-    assert shown[-1] == (
-        "interrupted by SIGINT: the connection was closed; 1 with a request outstanding"
-    )
+    assert shown[-1] == ("interrupted by SIGINT, closed: 1 request outstanding")
     # The display's last frame stays above the report: no row of it left below.
     assert not any("s left" in row for row in shown[shown.index(report[0]) :])
 
@@ -63,8 +61,7 @@ def test_sigterm_during_a_batch_lists_every_device(tmp_path: Path) -> None:
     assert shown[start + 1].startswith("vm/ua-never: request outstanding in the guest")
     assert shown[start + 2] == "vm alias=ua-ok1: not started"
     assert shown[-1] == (
-        "interrupted by SIGTERM: the connection was closed; 1 removed, "
-        "1 with a request outstanding, 1 not started"
+        "interrupted by SIGTERM, closed: 1 removed, 1 request outstanding, 1 not started"
     )
 
 
