@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import signal
 import struct
@@ -95,6 +96,13 @@ class Terminal:
                 out.append(row)
             full = len(row) == self.history.columns
         return out
+
+    def written(self) -> list[str]:
+        """The lines written, control sequences left out: for plain lines
+        (a report printed after the display stopped) whose wrapping on the
+        screen would split them."""
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.raw.decode(errors="replace"))
+        return text.replace("\r\n", "\n").split("\n")
 
     def _pump(self, wait: float) -> None:
         if self._eof:
