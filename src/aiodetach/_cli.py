@@ -3,7 +3,9 @@
 The only place in the package that configures structlog.  Progress lines
 ("attempt 2 of 8…") on stderr are drawn from hook records
 (:mod:`aiodetach._progress`), not from log event names, so renaming a log
-call cannot break them; ``detach-many`` draws a progress bar on a terminal;
+call cannot break them; on a terminal a live display moves while a guest is
+waited for (:mod:`aiodetach._progress_live`), and SIGINT/SIGTERM end with a
+report per device (:mod:`aiodetach._interrupts`);
 with ``--json`` the library's log events go to stderr as JSON lines.
 Results go to stdout.  Each error class has its own exit status so scripts
 can branch on it.  ``--metrics-port`` serves Prometheus metrics while
