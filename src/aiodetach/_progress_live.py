@@ -115,8 +115,9 @@ class LiveProgress:
         # first (a frame from before this record would show a stale state).
         if self._live.is_started:
             self._live.refresh()
-        # Long lines wrap (they are the log, whole), above the display.
-        self.console.print(Text(line), soft_wrap=False)
+        # Whole, above the display: the terminal wraps a long line, rich must
+        # not cut it into lines (a JSON log line would no longer parse).
+        self.console.print(Text(line), soft_wrap=True)
 
     # -------------------------------------------------------------- render
     def render(self) -> RenderableType:
@@ -151,8 +152,8 @@ class LiveProgress:
         view = self._tracker.unplug_of(call)
         if call.finished:
             return f"{where} {'detached' if call.ok else 'failed'}"
-        if view is None:
-            return f"{where} · persistent definition" if not call.persistent_changed else where
+        if view is None:  # looking the device up, or its persistent half
+            return where + (" · persistent definition changed" if call.persistent_changed else "")
         text = f"{where} · attempt {view.attempt} of {view.attempts}"
         if view.deadline is not None:
             text += f" · {max(view.deadline - now, 0.0):.1f} s left"

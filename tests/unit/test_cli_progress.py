@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from _probes import child_env
-from _pty import Terminal, run_in_pty_cmd
+from _pty import Terminal
 from aiodetach._cli import configure_logging
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
@@ -25,11 +25,6 @@ BATCH = "\n".join(
     + ["vm alias=ua-lost persistent=false", "vm alias=ua-never persistent=false"]
 )
 FAST = ["--attempts", "2", "--timeout", "0.4"]
-
-
-def run_in_pty(*args: str, timeout: float = 60) -> tuple[int, str]:
-    """Run the helper with stdout and stderr on a pseudo-terminal; all it wrote."""
-    return run_in_pty_cmd([sys.executable, str(HELPER), *args], timeout=timeout, env=child_env())
 
 
 BAR = re.compile(r"^━+╺?━* (\d+)/(\d+) · ok (\d+) · failed (\d+) · pending (\d+)")
