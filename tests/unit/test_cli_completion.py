@@ -1,6 +1,6 @@
 """``aiodetach completion bash|zsh``: the bash script completes subcommands,
 options and domain names in a real bash (its completion function called the way
-bash calls it on Tab); the zsh script parses."""
+bash calls it on Tab); the zsh script parses and registers itself."""
 
 from __future__ import annotations
 
@@ -131,3 +131,17 @@ def test_zsh_script_parses(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     for name in _subcommands():
         assert f"'{name}:" in text  # every subcommand is offered, with its help
+    # Loaded (eval'ed or sourced) after compinit, it registers itself for aiodetach.
+    loaded = subprocess.run(
+        [
+            "zsh",
+            "-f",
+            "-c",
+            f"autoload -U compinit; compinit -u -D; source {path}; print -r -- $_comps[aiodetach]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert loaded.stdout.strip() == "_aiodetach", loaded.stderr
