@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import DetachError
+from .errors import DetachError, ServiceClosed
 from .instrumentation import DetachRecord, Record, UnplugRecord
 
 __all__ = ["Call", "DeviceState", "Tracker", "UnplugView"]
@@ -106,7 +106,9 @@ class Tracker:
                 call.live, call.persistent = r.result.live, r.result.persistent
                 call.attempts = r.result.attempts
                 call.persistent_changed = call.persistent_changed or r.result.persistent
-            elif isinstance(r.error, DetachError) and r.outcome != "cancelled":
+            elif isinstance(r.error, DetachError) and not isinstance(r.error, ServiceClosed):
+                # Cancelled (not a DetachError) or cut short by the close: it
+                # did not finish, and what it did is what state() says.
                 call.finished = True
                 call.error = r.error
 
