@@ -102,7 +102,8 @@ class Terminal:
         (a report printed after the display stopped) whose wrapping on the
         screen would split them."""
         text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.raw.decode(errors="replace"))
-        return text.replace("\r\n", "\n").split("\n")
+        # A lone "\r" returns to the row's start: what follows it is what shows.
+        return [line.rpartition("\r")[2] for line in text.replace("\r\n", "\n").split("\n")]
 
     def _pump(self, wait: float) -> None:
         if self._eof:
