@@ -17,7 +17,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PKGS=(libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev
-      pkg-config gcc busybox-static procps python3-venv gnutls-bin)
+      pkg-config gcc busybox-static procps python3-venv gnutls-bin
+      zsh)  # zsh: the CLI completion test checks that its zsh script parses
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,7 +3,9 @@
 The only place in the package that configures structlog.  Progress lines
 ("attempt 2 of 8…") on stderr are drawn from hook records
 (`aiodetach._progress`), not from log event names, so renaming a log
-call cannot break them; ``detach-many`` draws a progress bar on a terminal;
+call cannot break them; on a terminal a live display moves while a guest is
+waited for (`aiodetach._progress_live`), and SIGINT/SIGTERM end with a
+report per device (`aiodetach._interrupts`);
 with ``--json`` the library's log events go to stderr as JSON lines.
 Results go to stdout.  Each error class has its own exit status so scripts
 can branch on it.  ``--metrics-port`` serves Prometheus metrics while
@@ -14,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -25,9 +28,12 @@ import structlog
 from pydantic import ValidationError
 
 from ._cli_args import build_parser, parse_batch, settings_from
-from ._progress import ProgressBar, ProgressLines
+from ._completion import script as completion_script
+from ._interrupts import Interrupted, interruptible, report
+from ._progress import Display, ProgressLines, open_display
 from ._result import DetachResult
 from ._service import DetachService
+from ._tracking import Tracker
 from .errors import (
     AmbiguousDevice,
     ConnectionLost,
@@ -207,9 +213,25 @@ def _print_error(exc: DetachError, as_json: bool) -> None:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
-async def _detach(args: argparse.Namespace, xml: str | None) -> int:
-    hooks: list[Hook] = [] if args.json else [ProgressLines(sys.stderr)]
-    async with _service(args, hooks) as svc:
+@contextlib.asynccontextmanager
+async def _showing(display: Display | None, args: argparse.Namespace) -> AsyncIterator[None]:
+    """The progress display for the block, with the log lines drawn above it
+    (not through it); stderr again for what is printed after."""
+    if display is None:
+        yield
+        return
+    configure_logging(as_json=args.json, verbose=args.verbose, stream=display)
+    try:
+        async with display:
+            yield
+    finally:
+        configure_logging(as_json=args.json, verbose=args.verbose)
+
+
+async def _detach(args: argparse.Namespace, xml: str | None, tracker: Tracker) -> int:
+    display = None if args.json else open_display(tracker, sys.stderr, total=1, batch=False)
+    hooks: list[Hook] = [tracker] + ([display] if display is not None else [])
+    async with _service(args, hooks) as svc, _showing(display, args):
         result = await svc.detach(
             args.domain,
             alias=args.alias,
@@ -223,28 +245,19 @@ async def _detach(args: argparse.Namespace, xml: str | None) -> int:
     return 0
 
 
-async def _detach_many(args: argparse.Namespace, text: str) -> int:
+async def _detach_many(args: argparse.Namespace, text: str, tracker: Tracker) -> int:
     requests = parse_batch(text)
-    bar: ProgressBar | None = None
-    hooks: list[Hook] = []
-    if args.progress or (not args.json and sys.stderr.isatty()):
-        bar = ProgressBar(len(requests), sys.stderr)
-        hooks.append(bar)
-        # Log lines (--json, -v) go above the bar, not onto its line.
-        configure_logging(as_json=args.json, verbose=args.verbose, stream=bar)
-    elif not args.json:
-        hooks.append(ProgressLines(sys.stderr))
+    display = (
+        open_display(tracker, sys.stderr, total=len(requests), batch=True, force=args.progress)
+        if args.progress or not args.json
+        else None
+    )
+    hooks: list[Hook] = [tracker] + ([display] if display is not None else [])
     with _Metrics(args) as metrics:
-        try:
-            async with _service(args, hooks + metrics.hooks) as svc:
-                outcomes = await svc.detach_many(
-                    requests, concurrency=args.concurrency, per_domain=args.per_domain
-                )
-        finally:
-            if bar is not None:
-                bar.close()
-                # Log lines after the batch go to stderr again, not to a closed bar.
-                configure_logging(as_json=args.json, verbose=args.verbose)
+        async with _service(args, hooks + metrics.hooks) as svc, _showing(display, args):
+            outcomes = await svc.detach_many(
+                requests, concurrency=args.concurrency, per_domain=args.per_domain
+            )
     for outcome in outcomes:
         if args.json:
             payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
@@ -321,6 +334,29 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
     return 0
 
 
+def _run(
+    work: Coroutine[Any, Any, int],
+    tracker: Tracker,
+    requests: Sequence[Mapping[str, Any]],
+    as_json: bool,
+) -> int:
+    """Run a command; on SIGINT/SIGTERM, once it closed, say per device what
+    happened (`aiodetach._interrupts`) and exit 130/143."""
+    try:
+        return asyncio.run(interruptible(work, tracker))
+    except Interrupted as exc:
+        return report(tracker, requests, exc.signum, as_json=as_json)
+
+
+def _named(text: str) -> list[dict[str, Any]]:
+    """The batch's requests as written, for an interrupt's report (none if
+    the batch does not parse: it was refused before anything started)."""
+    try:
+        return parse_batch(text)
+    except DetachError:
+        return []
+
+
 DEMO_MOVED = (
     "the demo is part of aiodetach's development lab, not of the library: in a clone of\n"
     "aiodetach's repository run `bash examples/demo.sh` (it installs libvirt, QEMU and\n"
@@ -333,16 +369,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     configure_logging(as_json=as_json, verbose=args.verbose)
+    if args.command == "completion":
+        print(completion_script(parser, args.shell), end="")
+        return 0
     # The command line is the application: it owns libvirt's process-wide
     # error handler (the library never sets it), and reports errors itself.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    tracker = Tracker()  # what happened per device: for the display and an interrupt
     try:
         if args.command == "detach":
             xml = Path(args.xml_file).read_text() if args.xml_file else None
-            return asyncio.run(_detach(args, xml))
+            named = {
+                "domain": args.domain,
+                "alias": args.alias,
+                "target": args.target,
+                "mac": args.mac,
+                "xml_file": args.xml_file,
+            }
+            return _run(_detach(args, xml, tracker), tracker, [named], as_json)
         if args.command == "detach-many":
             text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-            return asyncio.run(_detach_many(args, text))
+            return _run(_detach_many(args, text, tracker), tracker, _named(text), as_json)
         if args.command == "watch":
             return asyncio.run(_watch(args))
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from ._completion import add_completion_command
 from ._settings import DetachSettings
 from ._version import __version__
 from .errors import InvalidRequest
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--uri", default="qemu:///system")
     watch.add_argument("--json", action="store_true")
     _metrics_options(watch)
+
+    add_completion_command(sub)
 
     demo = sub.add_parser("demo", help="how to run the demo (it lives in the repository's lab)")
     demo.add_argument("--uri", help=argparse.SUPPRESS)  # the options it had, still accepted

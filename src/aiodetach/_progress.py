@@ -3,24 +3,25 @@
 Two hooks:
 
 - `ProgressLines`: one line per step ("[vm-1/ua-disk1] attempt 2 of
-  8: no DEVICE_REMOVED within 20 s; re-reading the live XML"), for ``detach``
-  and for ``detach-many`` when stderr is not a terminal (a log file, a pipe).
-- `ProgressBar`: ``detach-many`` on a terminal: one line redrawn in
-  place with ``\\r`` (done/total, ok, failed, unplugs pending, requests sent),
-  and the steps worth an operator's eye (a timed-out attempt, a lost event, a
-  failure) printed above it.  No dependency: a terminal is all it needs.
+  8: no DEVICE_REMOVED within 20 s; re-reading the live XML"), when stderr
+  is not a terminal (a log file, a pipe) or rich is not installed.
+- `aiodetach._progress_live.LiveProgress`: on a terminal, a display
+  that moves while a guest is waited for (see that module), with the steps
+  worth an operator's eye printed above it.
 
 Both only format: the texts come from `describe()`, in one place.
 """
 
 from __future__ import annotations
 
-import time
-from typing import TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from .instrumentation import ConnectionRecord, DetachRecord, Record, UnplugRecord
 
-__all__ = ["ProgressBar", "ProgressLines", "describe"]
+if TYPE_CHECKING:
+    from ._tracking import Tracker
+
+__all__ = ["Display", "ProgressLines", "describe", "notable", "open_display"]
 
 
 def _where(domain: str, alias: str | None) -> str:
@@ -124,97 +125,57 @@ _NOTABLE = frozenset(
         "waiting_for_reconnect",
     }
 )
-"""Unplug steps printed above the bar (the routine ones only move it)."""
+"""Unplug steps of a batch printed above the live display (the routine ones
+only move it)."""
 
 
-class ProgressBar:
-    """A hook drawing ``detach-many``'s progress bar on a terminal.
-
-    ``[#########-----------] 37/100  ok 35  failed 2  pending 12  requests 40  3.2 s``
-
-    Redrawn at most every ``interval`` seconds (a thousand detaches finishing
-    together must not flood the terminal), and always when the last one ends.
-    """
-
-    WIDTH = 30
-
-    def __init__(self, total: int, stream: TextIO, *, interval: float = 0.1) -> None:
-        self.total = total
-        self.done = self.ok = self.failed = 0
-        self.pending = self.requests = 0
-        self._stream = stream
-        self._interval = interval
-        self._started = time.monotonic()
-        self._drawn = 0.0
-        self._closed = False
-        self._pending_text = ""
-
-    def __call__(self, record: Record) -> None:
-        above: str | None = None
-        last = False
-        if isinstance(record, DetachRecord):
-            if record.kind == "finished":
-                self.done += 1
-                last = self.done == self.total
-                if record.error is None:
-                    self.ok += 1
-                else:
-                    self.failed += 1
-        elif isinstance(record, UnplugRecord):
-            kind = record.kind
-            if kind == "started":
-                self.pending += 1
-            elif kind == "ended":
-                self.pending -= 1
-            elif kind == "request_sent":
-                self.requests += 1
-            if kind in _NOTABLE or (kind == "removed" and record.confirmed_by == "xml"):
-                above = describe(record)
-        else:
-            above = describe(record)
-        self._draw(above, force=last)
-
-    def line(self) -> str:
-        filled = self.WIDTH * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        took = time.monotonic() - self._started
-        return (
-            f"[{bar}] {self.done}/{self.total}  ok {self.ok}  failed {self.failed}  "
-            f"pending {self.pending}  requests {self.requests}  {took:.1f} s"
+def notable(record: Record) -> bool:
+    """A step of a batch worth its own line above the live display."""
+    if isinstance(record, UnplugRecord):
+        return record.kind in _NOTABLE or (
+            record.kind == "removed" and record.confirmed_by == "xml"
         )
+    return isinstance(record, ConnectionRecord)
 
-    def _draw(self, above: str | None, *, force: bool = False) -> None:
-        if self._closed:
-            return
-        now = time.monotonic()
-        if above is None and not force and now - self._drawn < self._interval:
-            return
-        self._drawn = now
-        out = "\r\x1b[K"  # back to the start of the line, and clear it
-        if above is not None:
-            out += above + "\n"
-        self._stream.write(out + self.line())
-        self._stream.flush()
+
+class Display(Protocol):
+    """What the CLI needs of a progress display: a hook, a stream for its log
+    lines (so they do not cut through the display), and a lifetime."""
+
+    def __call__(self, record: Record) -> None: ...
+    def write(self, text: str) -> int: ...
+    def flush(self) -> None: ...
+    async def __aenter__(self) -> Display: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+
+class _Plain(ProgressLines):
+    """Plain lines, as a `Display` (stderr is not a terminal, or rich
+    is not installed)."""
 
     def write(self, text: str) -> int:
-        """A stream for other stderr output (the CLI's log lines) while the bar
-        is drawn: each complete line goes above the bar, never glued to it."""
-        if self._closed:
-            self._stream.write(text)
-            return len(text)
-        self._pending_text += text
-        if "\n" in self._pending_text:
-            lines, _, self._pending_text = self._pending_text.rpartition("\n")
-            self._stream.write("\r\x1b[K" + lines + "\n" + self.line())
-        return len(text)
+        return self._stream.write(text)
 
     def flush(self) -> None:
         self._stream.flush()
 
-    def close(self) -> None:
-        """The final state, and the cursor on a fresh line."""
-        if not self._closed:
-            self._draw(None, force=True)
-            self._stream.write("\n")
-            self._stream.flush()
-            self._closed = True
+    async def __aenter__(self) -> _Plain:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+def open_display(
+    tracker: Tracker, stream: TextIO, *, total: int, batch: bool, force: bool = False
+) -> Display:
+    """The live display on a terminal (``force``: even if ``stream`` is not
+    one), else plain lines; plain lines too when rich is missing (it is the
+    ``aiodetach[cli]`` extra: the command works without it)."""
+    if force or stream.isatty():
+        try:
+            from ._progress_live import LiveProgress
+        except ImportError:
+            return _Plain(stream)
+        return LiveProgress(tracker, stream, total=total, batch=batch, force=force)
+    return _Plain(stream)

@@ -387,6 +387,12 @@ class Unplug(UnplugCalls):
             return
         now = time.monotonic()
         attempts = self._registry.settings.attempts
+        # The window's end on the records' clock (the loop's may differ, uvloop's).
+        deadline = (
+            now + (self.deadline - self._registry.loop.time())
+            if self.phase is Phase.WAITING
+            else None
+        )
         hooks.emit(
             UnplugRecord(
                 kind=kind,
@@ -401,6 +407,7 @@ class Unplug(UnplugCalls):
                 callers=self.callers,
                 busy_refusals=self.busy_refusals,
                 resumed=self.resumed,
+                deadline=deadline,
                 time=now,
                 elapsed=now - self.started,
                 **fields,

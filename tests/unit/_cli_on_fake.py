@@ -6,7 +6,10 @@ fake, not libvirt) holding domain ``vm``: ``ua-ok0`` … ``ua-ok5`` released
 after 0.05-0.3 s, ``ua-lost`` released without an event, ``ua-never`` never
 released, and domain ``other``.  With ``AIODETACH_FAKE_EVENTS=1`` the fake
 also reports, every 20 ms while connected, a DEVICE_REMOVED of ``ua-x`` on
-``other`` and then on ``vm`` (what ``watch`` has to filter).  The CLI itself
+``other`` and then on ``vm`` (what ``watch`` has to filter).  With
+``AIODETACH_FAKE_NO_RICH=1`` rich cannot be imported (the CLI without its
+``cli`` extra); with ``AIODETACH_FAKE_SLOW_CLOSE=1`` closing the connection
+hangs.  The CLI itself
 has no fake mode: this script swaps the service
 class it uses, so the tests drive the real command line, output and exit
 codes in a subprocess (and in a pseudo-terminal).
@@ -38,7 +41,11 @@ def build() -> FakeHypervisor:
 
 
 def main() -> int:
+    if os.environ.get("AIODETACH_FAKE_NO_RICH") == "1":
+        sys.modules["rich"] = None  # type: ignore[assignment]  # as if not installed
     fake = build()
+    if os.environ.get("AIODETACH_FAKE_SLOW_CLOSE") == "1":
+        _slow_close(fake)
 
     class OnFake(DetachService):
         def __init__(self, uri: str | None = "fake:///system", **kwargs: Any) -> None:
@@ -53,6 +60,20 @@ def main() -> int:
     finally:
         stop.set()
         fake.cancel_timers()
+
+
+def _slow_close(fake: FakeHypervisor) -> None:
+    """Closing the connection hangs (a libvirtd that does not answer): what a
+    second Ctrl-C is for."""
+    from aiodetach import _connection
+
+    _connection.CLOSE_GRACE = 600.0  # the close waits for it, not 2 s
+
+    def hang(name: str) -> None:
+        if name == "close":
+            threading.Event().wait(600)
+
+    fake.before_call = hang
 
 
 def _report_removals(fake: FakeHypervisor, stop: threading.Event) -> None:

@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from _probes import child_env
-from _pty import run_in_pty_cmd
+from _pty import Terminal
 from aiodetach._cli import configure_logging
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
@@ -27,33 +27,125 @@ BATCH = "\n".join(
 FAST = ["--attempts", "2", "--timeout", "0.4"]
 
 
-def run_in_pty(*args: str, timeout: float = 60) -> tuple[int, str]:
-    """Run the helper with stdout and stderr on a pseudo-terminal; all it wrote."""
-    return run_in_pty_cmd([sys.executable, str(HELPER), *args], timeout=timeout, env=child_env())
+BAR = re.compile(r"^━+╺?━* (\d+)/(\d+) · ok (\d+) · failed (\d+) · pending (\d+)")
+"""The bar's row on the screen (rich's bar, then the counts)."""
 
 
-def test_detach_many_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+def in_terminal(*args: str, columns: int = 80, **env: str) -> Terminal:
+    return Terminal([sys.executable, str(HELPER), *args], env=child_env() | env, columns=columns)
+
+
+def _waiting_row(term: Terminal) -> re.Match[str] | None:
+    for row in term.lines():
+        found = re.fullmatch(
+            r"\s*vm/ua-never · attempt (\d) of 2 · (\d+\.\d) s left · requests (\d)(?: · .*)?",
+            row,
+        )
+        if found:
+            return found
+    return None
+
+
+def test_detach_many_progress_moves_while_a_guest_is_waited_for(tmp_path: Path) -> None:
+    """Nothing happens for seconds while ua-never's window runs (no record
+    comes), and the screen still moves: the time left in the attempt counts
+    down; ua-never's row says which attempt of how many, the bar row the counts."""
     batch = tmp_path / "batch.txt"
     batch.write_text(BATCH)
-    code, out = run_in_pty("detach-many", str(batch), *FAST)
-    assert code == 12, out  # ua-never timed out
-    text = out.replace("\r\n", "\n")  # the terminal's newline translation
-    # The bar is redrawn in place, and ends full with the final counts.
-    assert "\r\x1b[K[" in text
-    final = re.findall(r"\[(#*)(-*)\] 8/8  ok 7  failed 1  pending 0  requests (\d+)", text)
-    assert final, text
-    assert final[-1][1] == ""  # no "-" left
-    assert int(final[-1][2]) == 9  # 8 first requests + ua-never's re-send
-    # Steps worth an eye are printed above the bar, each on its own line.
-    assert "[vm/ua-lost] the live XML shows the device gone (its event was lost)\n" in text
-    assert "[vm/ua-never] attempt 2 of 2: no DEVICE_REMOVED within 0.4 s" in text
-    assert "[vm/ua-never] gave up: the device is still attached after 2 request(s)\n" in text
-    # Routine steps only move the bar.
-    assert "live detach request sent" not in text
-    # The results, then the summary.
-    assert "ok     vm alias=ua-ok0: 1 request(s)" in text
-    assert "FAILED vm alias=ua-never: DetachTimeout" in text
-    assert "7 detached, 1 failed" in text
+    with in_terminal("detach-many", str(batch), "--attempts", "2", "--timeout", "3") as term:
+        term.until(lambda t: _waiting_row(t) is not None and _bar(t) is not None)
+        first = _waiting_row(term)
+        assert first is not None
+        term.until(
+            lambda t: (
+                (row := _waiting_row(t)) is not None
+                and row.group(1) == first.group(1)
+                and float(row.group(2)) < float(first.group(2))
+            )
+        )
+        bar = _bar(term)
+        assert bar is not None
+        assert bar.group(2) == "8"  # of 8 devices
+        code = term.wait()
+    assert code == 12
+    shown = term.scrolled()
+    # Redrawn in place: the final bar once, no earlier bar or waiting row left behind.
+    bars = [row for row in shown if BAR.match(row)]
+    assert len(bars) == 1, shown
+    assert BAR.match(bars[0]).groups()[:4] == ("8", "8", "7", "1")  # type: ignore[union-attr]
+    assert not any("s left" in row for row in shown), shown
+    # Steps worth an eye, above the display, once each; routine ones only move it.
+    joined = "\n".join(shown)
+    assert joined.count("[vm/ua-lost] the live XML shows the device gone") == 1
+    assert joined.count("[vm/ua-never] gave up: the device is still attached after 2") == 1
+    assert "live detach request sent" not in joined
+    assert "ok     vm alias=ua-ok0: 1 request(s)" in joined
+    assert "7 detached, 1 failed" in joined
+
+
+def _bar(term: Terminal) -> re.Match[str] | None:
+    return next((m for row in term.lines() if (m := BAR.match(row))), None)
+
+
+def test_progress_fits_a_narrow_terminal(tmp_path: Path) -> None:
+    """Every row is cut to the terminal's width (a wrapped row is what left the
+    old bar behind on each redraw): at 40 columns the bar's row ends in "…"
+    and is still drawn once."""
+    batch = tmp_path / "batch.txt"
+    batch.write_text(BATCH)
+    with in_terminal("detach-many", str(batch), *FAST, columns=40) as term:
+        code = term.wait()
+    assert code == 12
+    shown = term.scrolled()
+    bars = [row for row in shown if row.startswith("━")]
+    assert len(bars) == 1, shown
+    assert bars[0].endswith("…"), bars
+    assert len(bars[0]) == 40
+
+
+def test_detach_shows_attempt_and_time_left_on_a_terminal() -> None:
+    with in_terminal(
+        "detach",
+        "vm",
+        "--alias",
+        "ua-never",
+        "--no-persistent",
+        "--attempts",
+        "2",
+        "--timeout",
+        "3",
+    ) as term:
+        term.until(lambda t: (row := _waiting_row(t)) is not None and row.group(1) == "1")
+        term.until(lambda t: (row := _waiting_row(t)) is not None and row.group(1) == "2")
+        code = term.wait()
+    assert code == 7
+    shown = term.scrolled()
+    # Each step above the display once, in order; the display's row not left behind.
+    steps = [row for row in shown if row.startswith("[vm/ua-never]")]
+    assert steps == [
+        "[vm/ua-never] attempt 1 of 2: live detach request sent",
+        "[vm/ua-never] attempt 1 of 2: no DEVICE_REMOVED within 3 s; re-reading the live",
+        "[vm/ua-never] attempt 2 of 2: live detach request sent",
+        "[vm/ua-never] attempt 2 of 2: no DEVICE_REMOVED within 3 s; re-reading the live",
+        "[vm/ua-never] gave up: the device is still attached after 2 request(s)",
+    ], shown
+    assert [row for row in shown if "s left" in row] == [], shown
+    assert any(row.startswith("error: DetachTimeout") for row in shown), shown
+
+
+def test_without_rich_a_terminal_gets_plain_lines(tmp_path: Path) -> None:
+    """rich is the ``cli`` extra: without it the command still runs, and prints
+    plain lines (one per step) on a terminal too."""
+    batch = tmp_path / "batch.txt"
+    batch.write_text(BATCH)
+    with in_terminal("detach-many", str(batch), *FAST, AIODETACH_FAKE_NO_RICH="1") as term:
+        code = term.wait()
+    assert code == 12
+    assert "\x1b[" not in term.raw.decode()  # no cursor movement: lines only
+    shown = term.scrolled()
+    assert "[vm/ua-never] attempt 2 of 2: live detach request sent" in shown
+    assert "[vm/ua-lost] the live XML shows the device gone (its event was lost)" in shown
+    assert shown[-1] == "7 detached, 1 failed"
 
 
 def test_detach_many_prints_plain_lines_when_not_a_terminal(tmp_path: Path) -> None:
@@ -80,17 +172,6 @@ def test_detach_many_prints_plain_lines_when_not_a_terminal(tmp_path: Path) -> N
     )
     assert lines[-1] == "7 detached, 1 failed"
     assert len(proc.stdout.splitlines()) == 8
-
-
-def test_detach_prints_progress_lines(tmp_path: Path) -> None:
-    code, out = run_in_pty("detach", "vm", "--alias", "ua-never", "--no-persistent", *FAST)
-    assert code == 7, out
-    assert "[vm/ua-never] attempt 1 of 2: live detach request sent" in out
-    assert (
-        "[vm/ua-never] attempt 1 of 2: no DEVICE_REMOVED within 0.4 s; re-reading the live XML"
-        in out
-    )
-    assert "error: DetachTimeout" in out
 
 
 def test_detach_json_progress_is_the_log_events(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from _probes import child_env
-from _pty import run_in_pty_cmd
+from _pty import Terminal
 from aiodetach import DetachFleet, DetachOutcome, DetachResult, DetachService, DetachSettings
 from aiodetach.errors import BatchAborted, DetachError, DetachTimeout
 from aiodetach.instrumentation import (
@@ -458,12 +458,16 @@ def test_the_bar_counts_a_request_whose_domain_is_missing(tmp_path: Path) -> Non
     batch = tmp_path / "b.txt"
     batch.write_text("vm alias=ua-ok0 persistent=false\nnope alias=ua-ok1 persistent=false\n")
     cmd = _cli_cmd("detach-many", str(batch), "--attempts", "2", "--timeout", "0.4")
-    code, out = run_in_pty_cmd(cmd, env=child_env())
-    text = out.replace("\r\n", "\n")
-    bars = re.findall(r"\[[#-]+\] (\d+)/(\d+)  ok (\d+)  failed (\d+)", text)
-    assert code == 12, text[-600:]
-    assert bars, text[-600:]
-    assert bars[-1] == ("2", "2", "1", "1"), text[-600:]
+    with Terminal(cmd, env=child_env()) as term:
+        code = term.wait()
+    shown = term.scrolled()
+    bars = [
+        m.groups()
+        for row in shown
+        if (m := re.match(r"━+ (\d+)/(\d+) · ok (\d+) · failed (\d+)", row))
+    ]
+    assert code == 12, shown
+    assert bars == [("2", "2", "1", "1")], shown
 
 
 def test_a_missing_domain_through_a_pipe_exits_with_the_failure_code(tmp_path: Path) -> None:
@@ -491,13 +495,11 @@ def test_json_progress_through_a_pipe_never_glues_a_log_line_to_the_bar(tmp_path
         timeout=60,
         check=False,
     )
-    glued = [line for line in proc.stderr.split("\n") if "] " in line and '{"' in line]
+    # What a terminal would show, line by line: the display's control sequences left out.
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stderr).replace("\r", "\n").split("\n")
+    glued = [line for line in lines if "·" in line and '{"' in line]
     assert glued == [], glued[:2]
-    logged = [
-        line.removeprefix("\x1b[K")
-        for line in proc.stderr.split("\n")
-        if line.removeprefix("\x1b[K").startswith("{")
-    ]
+    logged = [line for line in lines if line.startswith("{")]
     assert logged, proc.stderr[-600:]
     for line in logged:
         assert isinstance(json.loads(line), dict), line
@@ -506,11 +508,12 @@ def test_json_progress_through_a_pipe_never_glues_a_log_line_to_the_bar(tmp_path
 def test_verbose_log_lines_on_a_terminal_are_never_glued_to_the_bar(tmp_path: Path) -> None:
     batch = tmp_path / "b.txt"
     batch.write_text("vm alias=ua-ok0 persistent=false\nvm alias=ua-never persistent=false\n")
-    _, out = run_in_pty_cmd(_cli_cmd("-v", "detach-many", str(batch), *SHORT), env=child_env())
-    text = out.replace("\r\n", "\n")
-    assert re.search(r"\] \d+/2  ok \d+", text), text[-600:]  # the bar is drawn
-    assert "aiodetach.detach_sent" in text, text[-600:]  # and -v log lines too
-    glued = re.findall(r"requests \d+  [\d.]+ s\S*\s*\d{4}-\d\d-\d\d", text)
+    with Terminal(_cli_cmd("-v", "detach-many", str(batch), *SHORT), env=child_env()) as term:
+        term.wait()
+    shown = term.scrolled()
+    assert any(re.match(r"━+ 2/2 · ok 1 · failed 1", row) for row in shown), shown  # the bar
+    assert any("aiodetach.detach_sent" in row for row in shown), shown  # and -v log lines too
+    glued = [row for row in shown if "·" in row and re.search(r"\d{4}-\d\d-\d\d", row)]
     assert glued == [], glued[:2]
 
 

@@ -156,6 +156,10 @@ class UnplugRecord:
     resumed: bool = False
     """The unplug was taken up from the journal after a restart of this
     process: its first request(s) were sent by the process before."""
+    deadline: float | None = None
+    """While the attempt's window runs (the request is in the guest and no
+    answer came yet): when it ends, on the ``time`` clock; None otherwise.
+    What a progress display needs to show the time left in this attempt."""
     outcome: UnplugOutcome | None = None
     """``ended``: how the unplug ended."""
     error: BaseException | None = None

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import libvirt
 import pytest
 
+from _pty import Terminal
 from aiodetach import DetachService
 from aiodetach_lab import domains as _lab
 
@@ -131,3 +135,119 @@ async def test_watch_streams_events(libvirtd: str, domain: _lab.LabDomain) -> No
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def _left(term: Terminal, name: str) -> tuple[int, float] | None:
+    """(attempt, seconds left) of the live display's row, if it is on the screen."""
+    for row in term.lines():
+        found = re.search(
+            rf"^{re.escape(name)}/ua-blk1 · attempt (\d) of \d · (\d+\.\d) s left", row
+        )
+        if found:
+            return int(found.group(1)), float(found.group(2))
+    return None
+
+
+def test_progress_moves_while_the_guest_is_waited_for(
+    libvirtd: str, domain: _lab.LabDomain
+) -> None:
+    """An OS-less guest never answers the PCI disk's unplug: on an 80-column
+    terminal the display counts the attempt's time down while no record comes,
+    moves on to attempt 2, and leaves no old frame behind."""
+    cmd = [sys.executable, "-m", "aiodetach", "detach", domain.name, "--target", "vdb"]
+    cmd += ["--no-persistent", "--attempts", "2", "--timeout", "4", "--uri", libvirtd]
+    with Terminal(cmd, columns=80) as term:
+        term.until(lambda t: _left(t, domain.name) is not None)
+        first = _left(term, domain.name)
+        assert first is not None
+        term.until(
+            lambda t: (
+                (now := _left(t, domain.name)) is not None
+                and now[0] == first[0]
+                and now[1] < first[1]
+            )
+        )
+        term.until(lambda t: (now := _left(t, domain.name)) is not None and now[0] == 2)
+        code = term.wait()
+    assert code == 7
+    shown = term.scrolled()
+    assert not any("s left" in row for row in shown), shown
+    sent = f"[{domain.name}/ua-blk1] attempt 2 of 2: live detach request sent"
+    assert sent in term.written(), shown  # the row may wrap: the domain's name varies
+    assert any(row.startswith("error: DetachTimeout") for row in shown), shown
+
+
+def test_ctrl_c_reports_the_changed_definition_and_the_pending_request(
+    libvirtd: str, domain: _lab.LabDomain
+) -> None:
+    """Ctrl-C while the guest is waited for: the persistent definition was
+    already changed and the request is pending in the guest; the report says
+    both, and the definition really is changed."""
+    cmd = [sys.executable, "-m", "aiodetach", "detach", domain.name, "--target", "vdb"]
+    cmd += ["--attempts", "3", "--timeout", "30", "--uri", libvirtd]
+    with Terminal(cmd, columns=80) as term:
+        term.until(lambda t: _left(t, domain.name) is not None)
+        term.interrupt(signal.SIGINT)
+        code = term.wait()
+    assert code == 130
+    shown = term.scrolled()
+    assert any(row.startswith(f"{domain.name}/ua-blk1: request outstanding") for row in shown)
+    assert (
+        f"{domain.name}/ua-blk1: request outstanding in the guest (it may still remove it); "
+        "requests sent 1; persistent definition changed"
+    ) in term.written(), shown
+    assert shown[-1] == "interrupted by SIGINT, closed: 1 request outstanding", shown
+    conn = libvirt.openReadOnly(libvirtd)
+    try:
+        dom = conn.lookupByName(domain.name)
+        assert "ua-blk1" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert "ua-blk1" in dom.XMLDesc(0)  # the guest still holds it
+    finally:
+        conn.close()
+
+
+async def test_sigterm_with_json_reports_each_device(libvirtd: str, domain: _lab.LabDomain) -> None:
+    batch = f"{domain.name} alias=ua-scsi1\n{domain.name} alias=ua-blk1\n"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aiodetach",
+        "detach-many",
+        "-",
+        "--concurrency",
+        "1",
+        "--attempts",
+        "2",
+        "--timeout",
+        "30",
+        "--json",
+        "--uri",
+        libvirtd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stderr is not None
+    try:
+        proc.stdin.write(batch.encode())
+        proc.stdin.close()
+        seen = ""
+        while not re.search(r'"alias": "ua-blk1".*"aiodetach.detach_sent"', seen):
+            line = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+            assert line, seen
+            seen += line
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 143
+    objects = [json.loads(line) for line in out.decode().splitlines()]
+    mine = [o for o in objects if o.get("type") in ("interrupted", "interrupted_summary")]
+    assert [(o["alias"], o["state"], o["persistent_changed"]) for o in mine[:-1]] == [
+        ("ua-scsi1", "removed", True),
+        ("ua-blk1", "request_outstanding", True),
+    ]
+    assert (mine[-1]["signal"], mine[-1]["exit_code"]) == ("SIGTERM", 143)

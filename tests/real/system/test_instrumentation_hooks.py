@@ -1,4 +1,4 @@
-"""The Prometheus and OpenTelemetry hooks, and the CLI's progress bar and
+"""The Prometheus and OpenTelemetry hooks, and the CLI's live progress and
 ``--metrics-port``, on a real libvirtd + QEMU (OS-less guests: a SCSI disk's
 unplug completes at once, a virtio-blk one never)."""
 
@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 
-from _pty import run_in_pty_cmd
+from _pty import Terminal
 from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import DetachTimeout, DeviceNotFound
 from aiodetach.instrumentation import otel_hook, prometheus_hook
@@ -103,10 +103,6 @@ async def test_prometheus_and_otel_hooks_on_real_detaches(
     assert len(by_alias["ua-scsi2"]) == 2
 
 
-def _cli_pty(*args: str, timeout: float = 120) -> tuple[int, str]:
-    return run_in_pty_cmd([sys.executable, "-m", "aiodetach", *args], timeout=timeout)
-
-
 def test_cli_detach_many_bar_and_metrics_on_real_qemu(
     libvirtd: str, domain: _lab.LabDomain, tmp_path: Path
 ) -> None:
@@ -115,25 +111,22 @@ def test_cli_detach_many_bar_and_metrics_on_real_qemu(
         f"{domain.name} alias=ua-scsi1\n{domain.name} alias=ua-scsi2\n"
         f"{domain.name} alias=ua-blk1 persistent=false\n"
     )
-    code, out = _cli_pty(
-        "detach-many",
-        str(batch),
-        "--uri",
-        libvirtd,
-        "--attempts",
-        "2",
-        "--timeout",
-        "1",
-        "--metrics-port",
-        "0",
-    )
-    text = out.replace("\r\n", "\n")
-    assert code == 12, text
-    assert re.search(r"serving Prometheus metrics on http://127\.0\.0\.1:\d+/metrics", text)
-    assert re.search(r"\[#{30}\] 3/3  ok 2  failed 1  pending 0  requests 4", text), text
-    assert (
-        f"[{domain.name}/ua-blk1] gave up: the device is still attached after 2 request(s)" in text
-    )
+    cmd = [sys.executable, "-m", "aiodetach", "detach-many", str(batch), "--uri", libvirtd]
+    cmd += ["--attempts", "2", "--timeout", "1", "--metrics-port", "0"]
+    with Terminal(cmd, columns=80) as term:
+        code = term.wait(120)
+    shown = term.scrolled()
+    assert code == 12, shown
+    assert any(
+        re.fullmatch(r"serving Prometheus metrics on http://127\.0\.0\.1:\d+/metrics", row)
+        for row in shown
+    ), shown
+    # The display's final frame, once (redrawn in place): the full bar and the counts.
+    bars = [row for row in shown if re.match(r"━+ \d+/3 ", row)]
+    assert len(bars) == 1, shown
+    assert re.fullmatch(r"━{20} 3/3 · ok 2 · failed 1 · pending 0 · not started 0 · .*", bars[0])
+    gave_up = f"[{domain.name}/ua-blk1] gave up: the device is still attached after 2 request(s)"
+    assert gave_up in term.written(), shown
 
 
 async def test_cli_metrics_scraped_while_detach_many_runs(
