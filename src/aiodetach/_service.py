@@ -71,17 +71,13 @@ class DetachService:
         result = await svc.detach("vm-1", alias="ua-disk1")
     ```
 
-    How it connects: ``uri`` (``None``, the default: libvirt's default URI,
-    as ``LIBVIRT_DEFAULT_URI`` or the client configuration name it), or
-    ``connect``, a callable returning a new ``libvirt.virConnect``
-    (``libvirt.openAuth`` with a credentials callback, a TLS URI with its
-    ``pkipath``…), called in a worker thread for every connection the
-    service opens (each of ``settings.connections``, and again on every
-    reconnect; the service closes what it returns), or ``connection``, an
-    open ``libvirt.virConnect`` of the caller's, used as the service's one
-    connection and never closed by it (if it dies, the service cannot
-    re-open it: pending and later detaches get
-    [`ConnectionLost`][aiodetach.errors.ConnectionLost]).  At most one of the three.
+    How it connects (docs: *Connecting*): ``uri`` (``None``, the default:
+    libvirt's default URI, as ``LIBVIRT_DEFAULT_URI`` or the client
+    configuration name it); or ``connect``, a callable returning a new
+    ``libvirt.virConnect``, called in a worker thread for every connection
+    the service opens and again on every reconnect (the service closes what
+    it returns); or ``connection``, the caller's open ``virConnect``, used as
+    the one connection and never closed nor re-opened by the service.
 
     ``backend`` replaces libvirt (see [`aiodetach.backend`][aiodetach.backend] and
     `aiodetach.testing.FakeHypervisor`).  ``read_only=True`` opens a
