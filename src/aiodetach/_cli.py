@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,30 @@ from typing import Any, TextIO, cast
 import structlog
 from pydantic import ValidationError
 
-from ._cli_args import build_parser, parse_batch, settings_from
+from ._cli_args import (
+    UsageError,
+    build_parser,
+    halves_asked,
+    parse_batch,
+    settings_from,
+    uri_of,
+    wants_json,
+)
+from ._cli_domain import current_halves, preview, resolve_domain
+from ._cli_json import (
+    BatchOutcome,
+    BatchSummary,
+    DetachFailure,
+    DetachSuccess,
+    DryRun,
+    WatchEvent,
+    error_info,
+    line,
+    result_info,
+)
+from ._cli_tally import Tally
+from ._fleet import DetachFleet
+from ._many import DetachOutcome
 from ._progress import ProgressBar, ProgressLines
 from ._result import DetachResult
 from ._service import DetachService
@@ -126,7 +150,8 @@ def _service(
         read_only=read_only,
         hooks=hooks,
         log=as_json or args.verbose,
-        **({"journal": journal} if journal is not None else {}),
+        # A dry run (read-only) must not lock nor take up a journal.
+        **({"journal": journal} if journal is not None and not read_only else {}),
     )
 
 
@@ -172,9 +197,9 @@ class _Metrics:
 # -- commands ------------------------------------------------------------------------
 
 
-def _print_result(result: DetachResult, as_json: bool) -> None:
+def _print_result(result: DetachResult, as_json: bool, uri: str) -> None:
     if as_json:
-        print(json.dumps({"ok": True, **result.model_dump()}))
+        print(line(DetachSuccess(uri=uri, **result_info(result).model_dump())))
         return
     parts = []
     if result.live:
@@ -188,44 +213,104 @@ def _print_result(result: DetachResult, as_json: bool) -> None:
     )
 
 
-def _print_error(exc: DetachError, as_json: bool) -> None:
+def _print_error(
+    exc: DetachError, as_json: bool, *, uri: str | None = None, tally: Tally | None = None
+) -> None:
+    code = exit_code_for(exc)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "ok": False,
-                    "error": type(exc).__name__,
-                    "message": exc.message,
-                    "domain": exc.domain,
-                    "alias": exc.alias,
-                    "libvirt_code": exc.libvirt_code,
-                }
-            )
-        )
+        attempts, elapsed = tally.of(exc) if tally is not None else (None, None)
+        info = error_info(exc, attempts=attempts, elapsed=elapsed)
+        print(line(DetachFailure(exit_code=code, uri=uri, **info.model_dump())))
     else:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if exc.persistent_done:
+            print(
+                "note: the device was already removed from the persistent definition",
+                file=sys.stderr,
+            )
 
 
-async def _detach(args: argparse.Namespace, xml: str | None) -> int:
-    hooks: list[Hook] = [] if args.json else [ProgressLines(sys.stderr)]
-    async with _service(args, hooks) as svc:
-        result = await svc.detach(
-            args.domain,
-            alias=args.alias,
-            target=args.target,
-            mac=args.mac,
-            xml=xml,
-            live=args.live,
-            persistent=args.persistent,
-        )
-    _print_result(result, args.json)
+def _print_dry_run(plan: DryRun, as_json: bool) -> None:
+    if as_json:
+        print(line(plan))
+        return
+    state = "running" if plan.running else "not running"
+    print(f"dry run: {plan.domain_name} ({plan.domain_uuid}) on {plan.uri}, {state}")
+    for name, half in (("live", plan.live), ("persistent", plan.persistent)):
+        if half is None:
+            print(f"  {name:<10}  not touched")
+            continue
+        print(f"  {name:<10}  {half.device}  alias {half.alias or '-'}  ({half.identity or '-'})")
+        print(f"  {'':<10}  would call {half.request}")
+    print("nothing was changed")
+
+
+async def _detach(args: argparse.Namespace, xml: str | None, tally: Tally) -> int:
+    live, persistent = args.halves
+    hooks: list[Hook] = [tally] if args.json else [ProgressLines(sys.stderr), tally]
+    async with _service(args, hooks, read_only=args.dry_run) as svc:
+        domain = await resolve_domain(svc, args.domain)
+        if args.current:
+            live, persistent = await current_halves(svc, domain)
+        selector = {"alias": args.alias, "target": args.target, "mac": args.mac, "xml": xml}
+        if args.dry_run:
+            plan = await preview(svc, domain, live=live, persistent=persistent, **selector)
+            _print_dry_run(plan, args.json)
+            return 0
+        result = await svc.detach(domain, live=live, persistent=persistent, **selector)
+    _print_result(result, args.json, args.uri)
     return 0
 
 
-async def _detach_many(args: argparse.Namespace, text: str) -> int:
+def _fleet(args: argparse.Namespace, hooks: list[Hook]) -> DetachFleet:
+    """``detach-many``'s hosts: every line goes to the host it names (its
+    ``uri``), the others to the command's (``-c``/``--uri``); each host gets
+    its own service, opened on its first line."""
+    journal = getattr(args, "journal", None)
+    return DetachFleet(
+        settings=settings_from(args),
+        default_uri=args.uri,
+        hooks=hooks,
+        log=args.json or args.verbose,
+        journal=journal,
+    )
+
+
+def _print_outcome(outcome: DetachOutcome, args: argparse.Namespace, tally: Tally) -> None:
+    uri = outcome.request.uri or args.uri
+    if args.json:
+        failure = None
+        if outcome.error is not None:
+            attempts, elapsed = tally.of(outcome.error)
+            failure = error_info(outcome.error, attempts=attempts, elapsed=elapsed)
+        payload = BatchOutcome(
+            index=outcome.index,
+            request=outcome.request.model_dump(exclude_none=True),
+            uri=uri,
+            ok=outcome.ok,
+            result=None if outcome.result is None else result_info(outcome.result),
+            failure=failure,
+        )
+        print(line(payload), flush=True)
+        return
+    where = "" if outcome.request.uri is None else f" on {uri}"
+    if outcome.result is not None:
+        r = outcome.result
+        print(
+            f"ok     {outcome.request.describe()}{where}: {r.attempts} request(s), "
+            f"{r.elapsed:.3f} s"
+        )
+    else:
+        print(
+            f"FAILED {outcome.request.describe()}{where}: {type(outcome.error).__name__}: "
+            f"{outcome.error}"
+        )
+
+
+async def _detach_many(args: argparse.Namespace, text: str, tally: Tally) -> int:
     requests = parse_batch(text)
     bar: ProgressBar | None = None
-    hooks: list[Hook] = []
+    hooks: list[Hook] = [tally]
     if args.progress or (not args.json and sys.stderr.isatty()):
         bar = ProgressBar(len(requests), sys.stderr)
         hooks.append(bar)
@@ -233,43 +318,41 @@ async def _detach_many(args: argparse.Namespace, text: str) -> int:
         configure_logging(as_json=args.json, verbose=args.verbose, stream=bar)
     elif not args.json:
         hooks.append(ProgressLines(sys.stderr))
+    outcomes: list[DetachOutcome] = []
     with _Metrics(args) as metrics:
         try:
-            async with _service(args, hooks + metrics.hooks) as svc:
-                outcomes = await svc.detach_many(
-                    requests, concurrency=args.concurrency, per_domain=args.per_domain
-                )
+            # JSON lines as each device ends (scripts follow a long batch);
+            # text lines once the bar is gone, in the batch's order.
+            async with (
+                _fleet(args, hooks + metrics.hooks) as fleet,
+                contextlib.aclosing(
+                    fleet.detach_iter(
+                        requests, concurrency=args.concurrency, per_domain=args.per_domain
+                    )
+                ) as stream,
+            ):
+                async for outcome in stream:
+                    outcomes.append(outcome)
+                    if args.json:
+                        _print_outcome(outcome, args, tally)
         finally:
             if bar is not None:
                 bar.close()
                 # Log lines after the batch go to stderr again, not to a closed bar.
                 configure_logging(as_json=args.json, verbose=args.verbose)
-    for outcome in outcomes:
-        if args.json:
-            payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
-            if outcome.result is not None:
-                payload |= {"ok": True, **outcome.result.model_dump()}
-            elif outcome.error is not None:
-                payload |= {
-                    "ok": False,
-                    "error": type(outcome.error).__name__,
-                    "message": outcome.error.message,
-                    "libvirt_code": outcome.error.libvirt_code,
-                }
-            print(json.dumps(payload))
-        elif outcome.result is not None:
-            r = outcome.result
-            print(
-                f"ok     {outcome.request.describe()}: {r.attempts} request(s), {r.elapsed:.3f} s"
-            )
-        else:
-            print(
-                f"FAILED {outcome.request.describe()}: {type(outcome.error).__name__}: "
-                f"{outcome.error}"
-            )
+    if not args.json:
+        for outcome in sorted(outcomes, key=lambda o: o.index):
+            _print_outcome(outcome, args, tally)
     failed = sum(not o.ok for o in outcomes)
-    print(f"{len(outcomes) - failed} detached, {failed} failed", file=sys.stderr)
-    return 0 if failed == 0 else 12
+    code = 0 if failed == 0 else 12
+    if args.json:
+        summary = BatchSummary(
+            total=len(outcomes), detached=len(outcomes) - failed, failed=failed, exit_code=code
+        )
+        print(line(summary), flush=True)
+    else:
+        print(f"{len(outcomes) - failed} detached, {failed} failed", file=sys.stderr)
+    return code
 
 
 async def _watch(args: argparse.Namespace) -> int:
@@ -298,19 +381,15 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
             if seen is not None:
                 seen.labels(event.kind).inc()
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "kind": event.kind,
-                            "domain_uuid": event.domain_uuid,
-                            "domain": event.domain_name,
-                            "alias": event.alias,
-                            "detail": event.detail,
-                            "timestamp": event.timestamp,
-                        }
-                    ),
-                    flush=True,
+                shown = WatchEvent(
+                    kind=event.kind,
+                    domain_uuid=event.domain_uuid,
+                    domain=event.domain_name,
+                    alias=event.alias,
+                    detail=event.detail,
+                    timestamp=event.timestamp,
                 )
+                print(line(shown), flush=True)
             else:
                 detail = f" ({event.detail})" if event.detail else ""
                 print(
@@ -328,32 +407,105 @@ DEMO_MOVED = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    as_json = wants_json(arguments)
+    try:
+        return _run(arguments)
+    except UsageError as exc:
+        _print_usage_error(exc, as_json)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`aiodetach watch --json | head -1`): what it
+        # wanted it has; say nothing, as cat and grep do.
+        _quiet_stdout()
+        return 0
+
+
+def _run(arguments: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exc:  # --help, --version: printed, and done
+        return exc.code if isinstance(exc.code, int) else 0
+    args.uri = uri_of(args, parser)
+    if args.command == "detach":
+        args.halves = halves_asked(args, parser)
     as_json = bool(getattr(args, "json", False))
     configure_logging(as_json=as_json, verbose=args.verbose)
+    tally = Tally()
     try:
         if args.command == "detach":
-            xml = Path(args.xml_file).read_text() if args.xml_file else None
-            return asyncio.run(_detach(args, xml))
+            xml = _read_text(parser, "--xml-file", args.xml_file) if args.xml_file else None
+            return asyncio.run(_detach(args, xml, tally))
         if args.command == "detach-many":
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-            return asyncio.run(_detach_many(args, text))
+            text = _read_text(parser, "FILE", args.file)
+            return asyncio.run(_detach_many(args, text, tally))
         if args.command == "watch":
             return asyncio.run(_watch(args))
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:
-        _print_error(exc, as_json)
+        _print_error(exc, as_json, uri=args.uri, tally=tally)
         return exit_code_for(exc)
     except ValidationError as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        _print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, uri=args.uri)
         return 2
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        # The metrics server's address, a file that cannot be read…
+        _print_error(InvalidRequest(str(exc)), as_json, uri=args.uri)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
+    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        else:
+            data = Path(path).read_bytes()
+        return data if isinstance(data, str) else data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        parser.error(
+            f"argument {option}: {path!r} is not UTF-8 text "
+            f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        )
+    except OSError as exc:
+        parser.error(f"argument {option}: cannot read {path!r}: {exc.strerror or exc}")
+
+
+def _print_usage_error(exc: UsageError, as_json: bool) -> None:
+    if as_json:
+        failure = DetachFailure(
+            exit_code=2,
+            uri=None,
+            error="UsageError",
+            message=exc.message,
+            domain=None,
+            alias=None,
+            libvirt_code=None,
+            persistent_done=False,
+            attempts=None,
+            elapsed=None,
+        )
+        print(line(failure), flush=True)
+    exc.parser.print_usage(sys.stderr)
+    print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the interpreter's last flush at exit must
+    not fail again on the closed pipe ("Exception ignored … BrokenPipeError")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file (a test's capture): nothing will flush into a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

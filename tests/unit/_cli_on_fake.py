@@ -4,7 +4,9 @@
 detach-many FILE …`` with every service on one :class:`FakeHypervisor` (a
 fake, not libvirt) holding domain ``vm``: ``ua-ok0`` … ``ua-ok5`` released
 after 0.05-0.3 s, ``ua-lost`` released without an event, ``ua-never`` never
-released, and domain ``other``.  With ``AIODETACH_FAKE_EVENTS=1`` the fake
+released, and domain ``other``.  ``detach-many`` lines naming a host (``uri``)
+whose URI contains ``other`` go to a second fake, ``OTHER_URI``'s, which
+holds a domain ``vm`` too (disks ``ua-ok0`` and ``ua-ok1``, released at once).  With ``AIODETACH_FAKE_EVENTS=1`` the fake
 also reports, every 20 ms while connected, a DEVICE_REMOVED of ``ua-x`` on
 ``other`` and then on ``vm`` (what ``watch`` has to filter).  The CLI itself
 has no fake mode: this script swaps the service
@@ -19,11 +21,12 @@ import sys
 import threading
 from typing import Any
 
-from aiodetach import DetachService, _cli
+from aiodetach import DetachFleet, DetachService, _cli
 from aiodetach.testing import FakeHypervisor, Unplug
 
 OK = [f"ua-ok{i}" for i in range(6)]
 VM_UUID = "3a1f7c52-0b6e-4d84-9e0f-5c2d1b7a9e61"
+OTHER_URI = "fake://other/system"
 
 
 def build() -> FakeHypervisor:
@@ -37,14 +40,37 @@ def build() -> FakeHypervisor:
     return fake
 
 
-def main() -> int:
-    fake = build()
+def build_other() -> FakeHypervisor:
+    """The second host: a domain ``vm`` of its own (not the first host's)."""
+    fake = FakeHypervisor(OTHER_URI)
+    vm = fake.add_domain("vm")
+    for i in range(2):
+        vm.add_disk(f"vd{chr(ord('b') + i)}", alias=f"ua-ok{i}", unplug=Unplug.now())
+    return fake
+
+
+def on_fakes(fake: FakeHypervisor, other: FakeHypervisor) -> None:
+    """Make the CLI's services and fleets use the fakes (``other``: the hosts
+    whose URI contains "other")."""
 
     class OnFake(DetachService):
         def __init__(self, uri: str = "fake:///system", **kwargs: Any) -> None:
-            super().__init__(uri, backend=fake, **kwargs)
+            super().__init__(uri, backend=other if "other" in uri else fake, **kwargs)
+
+    class FleetOnFakes(DetachFleet):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(
+                backend_factory=lambda uri: other if "other" in uri else fake, **kwargs
+            )
 
     _cli.DetachService = OnFake  # type: ignore[attr-defined]
+    _cli.DetachFleet = FleetOnFakes  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    fake = build()
+    other = build_other()
+    on_fakes(fake, other)
     stop = threading.Event()
     if os.environ.get("AIODETACH_FAKE_EVENTS") == "1":
         threading.Thread(target=_report_removals, args=(fake, stop), daemon=True).start()
@@ -53,6 +79,7 @@ def main() -> int:
     finally:
         stop.set()
         fake.cancel_timers()
+        other.cancel_timers()
 
 
 def _report_removals(fake: FakeHypervisor, stop: threading.Event) -> None:
