@@ -49,8 +49,8 @@ def build_other() -> FakeHypervisor:
     return fake
 
 
-def on_fakes(fake: FakeHypervisor, other: FakeHypervisor) -> None:
-    """Make the CLI's services and fleets use the fakes (``other``: the hosts
+def fake_classes(fake: FakeHypervisor, other: FakeHypervisor) -> tuple[type, type]:
+    """The CLI's service and fleet classes on the fakes (``other``: the hosts
     whose URI contains "other")."""
 
     class OnFake(DetachService):
@@ -63,14 +63,13 @@ def on_fakes(fake: FakeHypervisor, other: FakeHypervisor) -> None:
                 backend_factory=lambda uri: other if "other" in uri else fake, **kwargs
             )
 
-    _cli.DetachService = OnFake  # type: ignore[attr-defined]
-    _cli.DetachFleet = FleetOnFakes  # type: ignore[attr-defined]
+    return OnFake, FleetOnFakes
 
 
 def main() -> int:
     fake = build()
     other = build_other()
-    on_fakes(fake, other)
+    _cli.DetachService, _cli.DetachFleet = fake_classes(fake, other)  # type: ignore[misc]
     stop = threading.Event()
     if os.environ.get("AIODETACH_FAKE_EVENTS") == "1":
         threading.Thread(target=_report_removals, args=(fake, stop), daemon=True).start()
