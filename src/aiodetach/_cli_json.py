@@ -246,9 +246,12 @@ def schema_markdown() -> str:
     parts: list[str] = []
     for model in DOCUMENTED:
         doc = " ".join((model.__doc__ or "").split())
+        fields = model.model_fields
+        names: list[str] = [n for n in ("schema_version", "type") if n in fields]
+        names += [n for n in fields if n not in names]
         rows = [
-            f"| `{name}` | {_type_name(field.annotation)} | {field.description or ''} |"
-            for name, field in model.model_fields.items()
+            f"| `{name}` | {_type_name(fields[name].annotation)} | {fields[name].description} |"
+            for name in names
         ]
         parts.append(
             f"#### {model.__name__}\n\n{doc}\n\n| field | type | meaning |\n|---|---|---|\n"

@@ -49,7 +49,9 @@ def build_other() -> FakeHypervisor:
     return fake
 
 
-def fake_classes(fake: FakeHypervisor, other: FakeHypervisor) -> tuple[type, type]:
+def fake_classes(
+    fake: FakeHypervisor, other: FakeHypervisor
+) -> tuple[type[DetachService], type[DetachFleet]]:
     """The CLI's service and fleet classes on the fakes (``other``: the hosts
     whose URI contains "other")."""
 
@@ -69,7 +71,9 @@ def fake_classes(fake: FakeHypervisor, other: FakeHypervisor) -> tuple[type, typ
 def main() -> int:
     fake = build()
     other = build_other()
-    _cli.DetachService, _cli.DetachFleet = fake_classes(fake, other)  # type: ignore[misc]
+    service, fleet = fake_classes(fake, other)
+    _cli.DetachService = service  # type: ignore[attr-defined]
+    _cli.DetachFleet = fleet  # type: ignore[attr-defined]
     stop = threading.Event()
     if os.environ.get("AIODETACH_FAKE_EVENTS") == "1":
         threading.Thread(target=_report_removals, args=(fake, stop), daemon=True).start()

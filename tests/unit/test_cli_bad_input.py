@@ -66,7 +66,8 @@ def test_bad_option_values_are_usage_errors_naming_the_option(
     assert "Traceback" not in ran.err
     assert "usage: aiodetach" in ran.err
     assert option in ran.err.splitlines()[-1], ran.err
-    assert cli.fake.requests == [] and cli.fake.config_requests == []
+    assert cli.fake.requests == []
+    assert cli.fake.config_requests == []
 
 
 def test_a_batch_that_is_not_utf8_is_a_usage_error(cli: CliOnFakes, tmp_path: Path) -> None:

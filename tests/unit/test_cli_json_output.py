@@ -78,7 +78,8 @@ def test_a_failed_detach_says_what_was_done_and_what_it_cost(cli: CliOnFakes) ->
     ran = cli("detach", "vm", "--alias", "ua-never", *FAST, "--json")
     assert ran.code == 7, ran
     [obj] = objects(ran.out)
-    assert obj["type"] == "error" and obj["error"] == "DetachTimeout"
+    assert obj["type"] == "error"
+    assert obj["error"] == "DetachTimeout"
     assert obj["persistent_done"] is True
     assert obj["attempts"] == 1
     assert obj["elapsed"] >= 0.2
@@ -102,7 +103,8 @@ def test_a_batch_prints_one_object_per_device_then_a_summary(cli: CliOnFakes) ->
     *outcomes, summary = objects(ran.out)
     assert sorted(o["index"] for o in outcomes) == [0, 1, 2]
     by_index = {o["index"]: o for o in outcomes}
-    assert by_index[0]["ok"] and by_index[0]["result"]["alias"] == "ua-ok0"
+    assert by_index[0]["ok"]
+    assert by_index[0]["result"]["alias"] == "ua-ok0"
     assert by_index[1]["failure"]["error"] == "DetachTimeout"
     assert by_index[1]["failure"]["attempts"] == 1
     assert by_index[2]["failure"]["error"] == "DomainNotFound"
@@ -134,7 +136,8 @@ async def test_a_batch_streams_each_device_as_it_ends() -> None:
         stderr=asyncio.subprocess.DEVNULL,
         env=child_env(),
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.write(b"vm alias=ua-never persistent=false\nvm alias=ua-ok0\n")
     proc.stdin.close()
     try:
@@ -162,7 +165,8 @@ def test_watch_into_a_reader_that_leaves_exits_quietly(as_json: bool) -> None:
     head = subprocess.Popen(
         ["head", "-1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    assert head.stdin is not None and head.stdout is not None
+    assert head.stdin is not None
+    assert head.stdout is not None
     watch = subprocess.run(
         [sys.executable, str(HELPER), "watch", "vm", *(["--json"] if as_json else [])],
         stdout=head.stdin,
@@ -177,7 +181,8 @@ def test_watch_into_a_reader_that_leaves_exits_quietly(as_json: bool) -> None:
     head.stdout.close()
     head.wait(timeout=30)
     assert watch.returncode == 0, watch.stderr
-    assert "Broken pipe" not in watch.stderr and "Traceback" not in watch.stderr, watch.stderr
+    assert "Broken pipe" not in watch.stderr, watch.stderr
+    assert "Traceback" not in watch.stderr, watch.stderr
     if as_json:
         [obj] = objects(shown)
         assert (obj["type"], obj["domain"], obj["alias"]) == ("event", "vm", "ua-x")

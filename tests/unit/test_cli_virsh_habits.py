@@ -79,10 +79,13 @@ def test_help_shows_the_defaults_and_what_aiodetach_changes_by_default(
     top = cli("--help")
     assert top.code == 0
     text = " ".join(top.out.split())
-    assert "-c URI, --connect URI" in text and "now qemu+ssh://h/system" in text
+    assert "-c URI, --connect URI" in text
+    assert "now qemu+ssh://h/system" in text
     many = " ".join(cli("detach-many", "--help").out.split())
-    assert "(default: 16)" in many and "(default: 4)" in many
-    assert "default 8" in many and "default 20" in many
+    assert "(default: 16)" in many
+    assert "(default: 4)" in many
+    assert "default 8" in many
+    assert "default 20" in many
     detach = " ".join(cli("detach", "--help").out.split())
     assert "the saved definition changes too" in detach
     assert "virsh's default is --current" in detach
@@ -121,7 +124,8 @@ def test_on_a_shut_off_domain_only_the_persistent_definition(
     assert (shown["live"], shown["persistent"]) == (False, True)
     assert cli.fake.requests == []
     ran = cli("detach", "vm", "--target", "vdc", "--live")
-    assert ran.code == 5 and "DomainNotRunning" in ran.err
+    assert ran.code == 5
+    assert "DomainNotRunning" in ran.err
 
 
 def test_dry_run_shows_each_definitions_device_and_changes_nothing(cli: CliOnFakes) -> None:
@@ -139,6 +143,7 @@ def test_dry_run_shows_each_definitions_device_and_changes_nothing(cli: CliOnFak
     assert shown["live"]["identity"] == "disk vdc"
     assert shown["persistent"] is None
     missing = cli("detach", "vm", "--alias", "ua-nope", "--dry-run")
-    assert missing.code == 4 and "DeviceNotFound" in missing.err
+    assert missing.code == 4
+    assert "DeviceNotFound" in missing.err
     assert (cli.fake.requests, cli.fake.config_requests) == ([], [])
     assert (vm.xml(inactive=False), vm.xml(inactive=True)) == before
