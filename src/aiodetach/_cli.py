@@ -30,6 +30,7 @@ from ._cli_args import (
     halves_asked,
     parse_batch,
     settings_from,
+    subparser,
     uri_of,
     wants_json,
 )
@@ -181,9 +182,15 @@ class _Metrics:
         prometheus_client.PlatformCollector(registry=registry)
         prometheus_client.GCCollector(registry=registry)
         self.hooks.append(prometheus_hook(registry))
-        self._server, _thread = prometheus_client.start_http_server(
-            self._port, addr=self._addr, registry=registry
-        )
+        try:
+            self._server, _thread = prometheus_client.start_http_server(
+                self._port, addr=self._addr, registry=registry
+            )
+        except OSError as exc:  # a port in use, an address not of this host
+            raise InvalidRequest(
+                f"--metrics-addr/--metrics-port: cannot serve metrics on "
+                f"{self._addr}:{self._port}: {exc.strerror or exc}"
+            ) from None
         host, port = self._server.server_address[:2]
         print(f"serving Prometheus metrics on http://{host}:{port}/metrics", file=sys.stderr)
         return self
@@ -222,7 +229,7 @@ def _print_error(
         info = error_info(exc, attempts=attempts, elapsed=elapsed)
         print(line(DetachFailure(exit_code=code, uri=uri, **info.model_dump())))
     else:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(_printable(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         if exc.persistent_done:
             print(
                 "note: the device was already removed from the persistent definition",
@@ -377,7 +384,8 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
     async with _service(args, hooks + metrics.hooks, read_only=True) as svc:
         if not args.json:
             print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
-        async for event in svc.events(args.domain):
+        domain = None if args.domain is None else await resolve_domain(svc, args.domain)
+        async for event in svc.events(domain):
             if seen is not None:
                 seen.labels(event.kind).inc()
             if args.json:
@@ -435,10 +443,11 @@ def _run(arguments: list[str]) -> int:
     tally = Tally()
     try:
         if args.command == "detach":
-            xml = _read_text(parser, "--xml-file", args.xml_file) if args.xml_file else None
+            command = subparser(parser, args.command)
+            xml = _read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
             return asyncio.run(_detach(args, xml, tally))
         if args.command == "detach-many":
-            text = _read_text(parser, "FILE", args.file)
+            text = _read_text(subparser(parser, args.command), "FILE", args.file)
             return asyncio.run(_detach_many(args, text, tally))
         if args.command == "watch":
             return asyncio.run(_watch(args))
@@ -493,7 +502,14 @@ def _print_usage_error(exc: UsageError, as_json: bool) -> None:
         )
         print(line(failure), flush=True)
     exc.parser.print_usage(sys.stderr)
-    print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+    print(_printable(f"{exc.parser.prog}: error: {exc.message}"), file=sys.stderr)
+
+
+def _printable(text: str) -> str:
+    """``text`` as any stream can write it: an argument that was not valid in
+    the locale's encoding reaches Python as lone surrogates, which a strict
+    stream refuses (the message about it must not fail in turn)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _quiet_stdout() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "halves_asked",
     "parse_batch",
     "settings_from",
+    "subparser",
     "uri_of",
     "wants_json",
 ]
@@ -88,6 +89,15 @@ def uri_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     if connect is not None and uri is not None and connect != uri:
         parser.error(f"-c/--connect {connect!r} and --uri {uri!r} name different hosts")
     return uri or connect or default_uri()
+
+
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of a subcommand (its usage errors show its own usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
 
 
 def wants_json(argv: list[str]) -> bool:

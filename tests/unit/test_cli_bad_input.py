@@ -6,11 +6,13 @@ the command fail with a traceback (exit 1)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
@@ -68,6 +70,18 @@ def test_bad_option_values_are_usage_errors_naming_the_option(
     assert option in ran.err.splitlines()[-1], ran.err
     assert cli.fake.requests == []
     assert cli.fake.config_requests == []
+
+
+def test_a_metrics_port_in_use_is_a_usage_error(cli: CliOnFakes) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ran = cli("detach-many", "-", "--metrics-port", port, stdin=b"vm alias=ua-ok0\n")
+    assert ran.code == 2, ran
+    assert "--metrics-port" in ran.err
+    assert "Traceback" not in ran.err
+    assert cli.fake.requests == []
 
 
 def test_a_batch_that_is_not_utf8_is_a_usage_error(cli: CliOnFakes, tmp_path: Path) -> None:
@@ -129,9 +143,35 @@ def _fuzz_fake() -> FakeHypervisor:
     return fake
 
 
-_argv = st.lists(
-    st.one_of(st.sampled_from(WORDS), st.text(max_size=6)),
-    max_size=9,
+_word = st.one_of(st.sampled_from(WORDS), st.text(max_size=6))
+_unit = st.one_of(
+    st.lists(_word, min_size=1, max_size=2),
+    st.sampled_from(
+        [
+            ["vm"],
+            ["--alias", "ua-ok1"],
+            ["--target", "vdc"],
+            ["--mac", "52:54:00:00:00:01"],
+            ["--json"],
+            ["--dry-run"],
+            ["--live"],
+            ["--config"],
+            ["--persistent"],
+            ["--current"],
+            ["--attempts", "1"],
+            ["--timeout", "0.01"],
+            ["-c", "fake://other/system"],
+        ]
+    ),
+)
+_argv = st.one_of(
+    st.lists(_word, max_size=9),
+    st.builds(
+        lambda head, command, rest: [*head, command, *(w for unit in rest for w in unit)],
+        st.lists(st.sampled_from(["-v", "--json", "-c", "fake:///system"]), max_size=2),
+        st.sampled_from(["detach", "detach-many", "demo"]),
+        st.lists(_unit, max_size=6),
+    ),
 )
 _stdin = st.one_of(
     st.just(b""),
@@ -141,7 +181,7 @@ _stdin = st.one_of(
 
 
 @settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("AIODETACH_FUZZ_EXAMPLES", "300")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -162,6 +202,7 @@ def test_no_command_line_ends_in_a_traceback(
         ran = cli(*argv, stdin=stdin)
     finally:
         cli.close()
+    event(f"exit {ran.code}")
     assert "Traceback" not in ran.err, (argv, ran.err[-2000:])
     assert ran.code in TYPED_EXITS, (argv, ran)
     wants_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
