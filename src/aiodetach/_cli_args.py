@@ -134,8 +134,10 @@ def halves_asked(
     ``--current``: the running guest only, if it runs).
     """
     live_flag, config, persistent_flag = args.live, args.config, args.persistent
-    if args.current and (live_flag or config or persistent_flag):
-        parser.error("--current cannot be combined with --live, --config or --persistent")
+    if args.current and (
+        live_flag or config or persistent_flag or args.no_live or args.no_persistent
+    ):
+        parser.error("--current cannot be combined with another choice of definitions")
     if live_flag and args.no_live:
         parser.error("--live and --no-live contradict each other")
     if (config or persistent_flag) and args.no_persistent:

@@ -54,6 +54,7 @@ def cli(
         (["-c", "qemu:///\x00", "detach", "vm", "--alias", "ua-ok0"], "-c/--connect"),
         (["detach", "vm", "--alias", "ua-ok0", "--journal", "\x00"], "--journal"),
         (["detach", "vm", "--alias", "ua-ok0", "--current", "--live"], "--current"),
+        (["detach", "vm", "--alias", "ua-ok0", "--current", "--no-live"], "--current"),
         (["detach", "vm", "--alias", "ua-ok0", "--live", "--no-live"], "--live"),
         (["detach", "vm", "--alias", "ua-ok0", "--config", "--no-persistent"], "--config"),
         (["detach", "vm", "--alias", "ua-ok0", "--no-live", "--no-persistent"], "nothing"),
