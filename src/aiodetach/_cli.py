@@ -8,6 +8,13 @@ with ``--json`` the library's log events go to stderr as JSON lines.
 Results go to stdout.  Each error class has its own exit status so scripts
 can branch on it.  ``--metrics-port`` serves Prometheus metrics while
 ``detach-many`` or ``watch`` runs.
+
+The arguments, checked to the last value, are :mod:`aiodetach._cli_args`'s
+(a bad one is a usage error, never a traceback); what ``--json`` prints is
+:mod:`aiodetach._cli_json`'s models, documented from themselves;
+``--dry-run``, ``--current`` and domain IDs are :mod:`aiodetach._cli_domain`'s.
+``detach-many`` runs on a :class:`DetachFleet`, so a line naming a host goes
+to that host and to no other.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from ._cli_args import (
 )
 from ._cli_domain import current_halves, preview, resolve_domain
 from ._cli_json import (
-    BatchOutcome,
+    BatchDetached,
+    BatchFailed,
     BatchSummary,
     DetachFailure,
     DetachSuccess,
@@ -286,30 +294,30 @@ def _fleet(args: argparse.Namespace, hooks: list[Hook]) -> DetachFleet:
 def _print_outcome(outcome: DetachOutcome, args: argparse.Namespace, tally: Tally) -> None:
     uri = outcome.request.uri or args.uri
     if args.json:
-        failure = None
-        if outcome.error is not None:
+        where: dict[str, Any] = {
+            "index": outcome.index,
+            "request": outcome.request.model_dump(exclude_none=True),
+            "uri": uri,
+        }
+        payload: BatchDetached | BatchFailed
+        if outcome.result is not None:
+            payload = BatchDetached(**where, **result_info(outcome.result).model_dump())
+        else:
+            assert outcome.error is not None
             attempts, elapsed = tally.of(outcome.error)
             failure = error_info(outcome.error, attempts=attempts, elapsed=elapsed)
-        payload = BatchOutcome(
-            index=outcome.index,
-            request=outcome.request.model_dump(exclude_none=True),
-            uri=uri,
-            ok=outcome.ok,
-            result=None if outcome.result is None else result_info(outcome.result),
-            failure=failure,
-        )
+            payload = BatchFailed(**where, **failure.model_dump())
         print(line(payload), flush=True)
         return
-    where = "" if outcome.request.uri is None else f" on {uri}"
+    on = "" if outcome.request.uri is None else f" on {uri}"
     if outcome.result is not None:
         r = outcome.result
         print(
-            f"ok     {outcome.request.describe()}{where}: {r.attempts} request(s), "
-            f"{r.elapsed:.3f} s"
+            f"ok     {outcome.request.describe()}{on}: {r.attempts} request(s), {r.elapsed:.3f} s"
         )
     else:
         print(
-            f"FAILED {outcome.request.describe()}{where}: {type(outcome.error).__name__}: "
+            f"FAILED {outcome.request.describe()}{on}: {type(outcome.error).__name__}: "
             f"{outcome.error}"
         )
 

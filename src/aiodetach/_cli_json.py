@@ -16,14 +16,15 @@ import types
 import typing
 from typing import Annotated, Any, Final, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ._result import DetachResult
 from .errors import DetachError, DetachTimeout
 
 __all__ = [
     "SCHEMA_VERSION",
-    "BatchOutcome",
+    "BatchDetached",
+    "BatchFailed",
     "BatchSummary",
     "DetachFailure",
     "DetachSuccess",
@@ -53,7 +54,7 @@ class _Versioned(_Out):
 
 
 class ResultInfo(_Out):
-    """A detach that succeeded (the library's ``DetachResult``)."""
+    """The fields of a detach that succeeded (the library's ``DetachResult``)."""
 
     domain_uuid: str = Field(description="The domain's UUID.")
     domain_name: str = Field(description="The domain's name.")
@@ -72,7 +73,7 @@ class ResultInfo(_Out):
 
 
 class ErrorInfo(_Out):
-    """A detach that failed (a ``DetachError``)."""
+    """The fields of a detach that failed (a ``DetachError``)."""
 
     error: str = Field(description="The error class, e.g. DetachTimeout (see errors.md).")
     message: str = Field(description="What went wrong, for a person.")
@@ -107,18 +108,27 @@ class DetachFailure(_Versioned, ErrorInfo):
     uri: str | None = Field(description="The host's libvirt URI (null: not yet known).")
 
 
-class BatchOutcome(_Versioned):
-    """``detach-many``: one device of the batch ended (printed as it ends)."""
-
+class _InBatch(_Versioned):
     type: Literal["outcome"] = Field(default="outcome", description='"outcome"')
     index: int = Field(description="The request's position in the batch (0-based, its line).")
     request: dict[str, Any] = Field(
         description="The request as read (keys of DetachRequest, those given)."
     )
     uri: str = Field(description="The host it was sent to.")
-    ok: bool = Field(description="Whether the device was detached.")
-    result: ResultInfo | None = Field(description="When ok: the result object.")
-    failure: ErrorInfo | None = Field(description="When not ok: the error object.")
+
+
+class BatchDetached(_InBatch, ResultInfo):
+    """``detach-many``: a device of the batch was detached (printed as it
+    ends): the fields of a ``result``, with the request's."""
+
+    ok: Literal[True] = Field(default=True, description="true")
+
+
+class BatchFailed(_InBatch, ErrorInfo):
+    """``detach-many``: a device of the batch was not detached (printed as it
+    ends): the fields of an ``error``, with the request's."""
+
+    ok: Literal[False] = Field(default=False, description="false")
 
 
 class BatchSummary(_Versioned):
@@ -171,21 +181,36 @@ class DryRun(_Versioned):
     )
 
 
+def _tag(obj: Any) -> str:
+    """Which model an object is: its ``type``, and for a batch line ``ok`` too."""
+    kind = obj.get("type") if isinstance(obj, dict) else getattr(obj, "type", None)
+    ok = obj.get("ok") if isinstance(obj, dict) else getattr(obj, "ok", None)
+    return f"{kind}:{ok}" if kind == "outcome" else str(kind)
+
+
 Output = Annotated[
-    Union[DetachSuccess, DetachFailure, BatchOutcome, BatchSummary, WatchEvent, DryRun],  # noqa: UP007
-    Field(discriminator="type"),
+    Union[  # noqa: UP007
+        Annotated[DetachSuccess, Tag("result")],
+        Annotated[DetachFailure, Tag("error")],
+        Annotated[BatchDetached, Tag("outcome:True")],
+        Annotated[BatchFailed, Tag("outcome:False")],
+        Annotated[BatchSummary, Tag("summary")],
+        Annotated[WatchEvent, Tag("event")],
+        Annotated[DryRun, Tag("dry_run")],
+    ],
+    Discriminator(_tag),
 ]
-"""Every object ``--json`` prints, told apart by ``type``."""
+"""Every object ``--json`` prints, told apart by ``type`` (and, for a batch's
+lines, ``ok``)."""
 
 DOCUMENTED: tuple[type[BaseModel], ...] = (
     DetachSuccess,
     DetachFailure,
-    BatchOutcome,
+    BatchDetached,
+    BatchFailed,
     BatchSummary,
     WatchEvent,
     DryRun,
-    ResultInfo,
-    ErrorInfo,
     DryRunHalf,
 )
 
@@ -194,7 +219,7 @@ def line(obj: BaseModel) -> str:
     """One object as its JSON line (no newline), ``schema_version`` and
     ``type`` first (a person reading a log sees what each line is)."""
     fields = obj.model_dump(mode="json")
-    first = {key: fields.pop(key) for key in ("schema_version", "type") if key in fields}
+    first = {key: fields.pop(key) for key in ("schema_version", "type", "ok") if key in fields}
     return json.dumps(first | fields)
 
 
@@ -247,7 +272,7 @@ def schema_markdown() -> str:
     for model in DOCUMENTED:
         doc = " ".join((model.__doc__ or "").split())
         fields = model.model_fields
-        names: list[str] = [n for n in ("schema_version", "type") if n in fields]
+        names: list[str] = [n for n in ("schema_version", "type", "ok") if n in fields]
         names += [n for n in fields if n not in names]
         rows = [
             f"| `{name}` | {_type_name(fields[name].annotation)} | {fields[name].description} |"

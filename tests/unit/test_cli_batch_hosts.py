@@ -42,8 +42,8 @@ def test_a_mixed_host_batch_goes_to_the_hosts_its_lines_name(cli: CliOnFakes) ->
     }
     assert [r.alias for r in cli.fake.requests] == ["ua-ok0"]
     assert sorted(r.alias for r in cli.other.requests) == ["ua-ok0", "ua-ok1"]
-    assert cli.other.domain("vm").uuid == outcomes[1]["result"]["domain_uuid"]
-    assert cli.fake.domain("vm").uuid == outcomes[0]["result"]["domain_uuid"]
+    assert cli.other.domain("vm").uuid == outcomes[1]["domain_uuid"]
+    assert cli.fake.domain("vm").uuid == outcomes[0]["domain_uuid"]
 
 
 def test_text_output_names_the_host_of_a_line_that_named_one(cli: CliOnFakes) -> None:

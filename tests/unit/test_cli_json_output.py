@@ -104,10 +104,11 @@ def test_a_batch_prints_one_object_per_device_then_a_summary(cli: CliOnFakes) ->
     assert sorted(o["index"] for o in outcomes) == [0, 1, 2]
     by_index = {o["index"]: o for o in outcomes}
     assert by_index[0]["ok"]
-    assert by_index[0]["result"]["alias"] == "ua-ok0"
-    assert by_index[1]["failure"]["error"] == "DetachTimeout"
-    assert by_index[1]["failure"]["attempts"] == 1
-    assert by_index[2]["failure"]["error"] == "DomainNotFound"
+    assert by_index[0]["alias"] == "ua-ok0"
+    assert by_index[1]["error"] == "DetachTimeout"
+    assert by_index[1]["persistent_done"] is False
+    assert by_index[1]["attempts"] == 1
+    assert by_index[2]["error"] == "DomainNotFound"
     assert summary == {
         "schema_version": SCHEMA_VERSION,
         "type": "summary",

@@ -50,9 +50,9 @@ def test_each_line_goes_to_the_host_it_names(
         assert summary["detached"] == 2
         by_index = {o["index"]: o for o in outcomes}
         assert by_index[0]["uri"] == first.uri
-        assert by_index[0]["result"]["domain_uuid"] == first_uuid
+        assert by_index[0]["domain_uuid"] == first_uuid
         assert by_index[1]["uri"] == second.uri
-        assert by_index[1]["result"]["domain_uuid"] == second_uuid
+        assert by_index[1]["domain_uuid"] == second_uuid
         # Each host lost the one disk its line named, and only that one.
         assert live_aliases(first.uri, first_uuid) == {"ua-s1"}
         assert live_aliases(second.uri, second_uuid) == {"ua-s0"}
