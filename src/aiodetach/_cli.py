@@ -11,7 +11,8 @@ can branch on it.  ``--metrics-port`` serves Prometheus metrics while
 
 The arguments, checked to the last value, are :mod:`aiodetach._cli_args`'s
 (a bad one is a usage error, never a traceback); what ``--json`` prints is
-:mod:`aiodetach._cli_json`'s models, documented from themselves;
+:mod:`aiodetach._cli_json`'s models, documented from themselves, printed
+by :mod:`aiodetach._cli_print`;
 ``--dry-run``, ``--current`` and domain IDs are :mod:`aiodetach._cli_domain`'s.
 ``detach-many`` runs on a :class:`DetachFleet`, so a line naming a host goes
 to that host and to no other.
@@ -22,10 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO, cast
 
 import structlog
@@ -36,29 +35,26 @@ from ._cli_args import (
     build_parser,
     halves_asked,
     parse_batch,
+    read_text,
     settings_from,
     subparser,
     uri_of,
     wants_json,
 )
 from ._cli_domain import current_halves, preview, resolve_domain
-from ._cli_json import (
-    BatchDetached,
-    BatchFailed,
-    BatchSummary,
-    DetachFailure,
-    DetachSuccess,
-    DryRun,
-    WatchEvent,
-    error_info,
-    line,
-    result_info,
+from ._cli_json import BatchSummary, WatchEvent, line
+from ._cli_print import (
+    print_dry_run,
+    print_error,
+    print_outcome,
+    print_result,
+    print_usage_error,
+    quiet_stdout,
 )
 from ._cli_tally import Tally
 from ._fleet import DetachFleet
 from ._many import DetachOutcome
 from ._progress import ProgressBar, ProgressLines
-from ._result import DetachResult
 from ._service import DetachService
 from .errors import (
     AmbiguousDevice,
@@ -212,54 +208,6 @@ class _Metrics:
 # -- commands ------------------------------------------------------------------------
 
 
-def _print_result(result: DetachResult, as_json: bool, uri: str) -> None:
-    if as_json:
-        print(line(DetachSuccess(uri=uri, **result_info(result).model_dump())))
-        return
-    parts = []
-    if result.live:
-        parts.append(f"live (confirmed by {result.confirmed_by})")
-    if result.persistent:
-        parts.append("persistent")
-    print(
-        f"{result.domain_name}: {result.device} detached: {' + '.join(parts) or 'nothing'}; "
-        f"{result.attempts} request(s), {result.elapsed:.3f} s"
-        + ("; resumed from the journal" if result.resumed else "")
-    )
-
-
-def _print_error(
-    exc: DetachError, as_json: bool, *, uri: str | None = None, tally: Tally | None = None
-) -> None:
-    code = exit_code_for(exc)
-    if as_json:
-        attempts, elapsed = tally.of(exc) if tally is not None else (None, None)
-        info = error_info(exc, attempts=attempts, elapsed=elapsed)
-        print(line(DetachFailure(exit_code=code, uri=uri, **info.model_dump())))
-    else:
-        print(_printable(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
-        if exc.persistent_done:
-            print(
-                "note: the device was already removed from the persistent definition",
-                file=sys.stderr,
-            )
-
-
-def _print_dry_run(plan: DryRun, as_json: bool) -> None:
-    if as_json:
-        print(line(plan))
-        return
-    state = "running" if plan.running else "not running"
-    print(f"dry run: {plan.domain_name} ({plan.domain_uuid}) on {plan.uri}, {state}")
-    for name, half in (("live", plan.live), ("persistent", plan.persistent)):
-        if half is None:
-            print(f"  {name:<10}  not touched")
-            continue
-        print(f"  {name:<10}  {half.device}  alias {half.alias or '-'}  ({half.identity or '-'})")
-        print(f"  {'':<10}  would call {half.request}")
-    print("nothing was changed")
-
-
 async def _detach(args: argparse.Namespace, xml: str | None, tally: Tally) -> int:
     live, persistent = args.halves
     hooks: list[Hook] = [tally] if args.json else [ProgressLines(sys.stderr), tally]
@@ -270,10 +218,10 @@ async def _detach(args: argparse.Namespace, xml: str | None, tally: Tally) -> in
         selector = {"alias": args.alias, "target": args.target, "mac": args.mac, "xml": xml}
         if args.dry_run:
             plan = await preview(svc, domain, live=live, persistent=persistent, **selector)
-            _print_dry_run(plan, args.json)
+            print_dry_run(plan, args.json)
             return 0
         result = await svc.detach(domain, live=live, persistent=persistent, **selector)
-    _print_result(result, args.json, args.uri)
+    print_result(result, args.json, args.uri)
     return 0
 
 
@@ -289,37 +237,6 @@ def _fleet(args: argparse.Namespace, hooks: list[Hook]) -> DetachFleet:
         log=args.json or args.verbose,
         journal=journal,
     )
-
-
-def _print_outcome(outcome: DetachOutcome, args: argparse.Namespace, tally: Tally) -> None:
-    uri = outcome.request.uri or args.uri
-    if args.json:
-        where: dict[str, Any] = {
-            "index": outcome.index,
-            "request": outcome.request.model_dump(exclude_none=True),
-            "uri": uri,
-        }
-        payload: BatchDetached | BatchFailed
-        if outcome.result is not None:
-            payload = BatchDetached(**where, **result_info(outcome.result).model_dump())
-        else:
-            assert outcome.error is not None
-            attempts, elapsed = tally.of(outcome.error)
-            failure = error_info(outcome.error, attempts=attempts, elapsed=elapsed)
-            payload = BatchFailed(**where, **failure.model_dump())
-        print(line(payload), flush=True)
-        return
-    on = "" if outcome.request.uri is None else f" on {uri}"
-    if outcome.result is not None:
-        r = outcome.result
-        print(
-            f"ok     {outcome.request.describe()}{on}: {r.attempts} request(s), {r.elapsed:.3f} s"
-        )
-    else:
-        print(
-            f"FAILED {outcome.request.describe()}{on}: {type(outcome.error).__name__}: "
-            f"{outcome.error}"
-        )
 
 
 async def _detach_many(args: argparse.Namespace, text: str, tally: Tally) -> int:
@@ -349,7 +266,7 @@ async def _detach_many(args: argparse.Namespace, text: str, tally: Tally) -> int
                 async for outcome in stream:
                     outcomes.append(outcome)
                     if args.json:
-                        _print_outcome(outcome, args, tally)
+                        print_outcome(outcome, as_json=args.json, uri=args.uri, tally=tally)
         finally:
             if bar is not None:
                 bar.close()
@@ -357,7 +274,7 @@ async def _detach_many(args: argparse.Namespace, text: str, tally: Tally) -> int
                 configure_logging(as_json=args.json, verbose=args.verbose)
     if not args.json:
         for outcome in sorted(outcomes, key=lambda o: o.index):
-            _print_outcome(outcome, args, tally)
+            print_outcome(outcome, as_json=args.json, uri=args.uri, tally=tally)
     failed = sum(not o.ok for o in outcomes)
     code = 0 if failed == 0 else 12
     if args.json:
@@ -428,12 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(arguments)
     except UsageError as exc:
-        _print_usage_error(exc, as_json)
+        print_usage_error(exc, as_json)
         return 2
     except BrokenPipeError:
         # The reader went away (`aiodetach watch --json | head -1`): what it
         # wanted it has; say nothing, as cat and grep do.
-        _quiet_stdout()
+        quiet_stdout()
         return 0
 
 
@@ -452,84 +369,29 @@ def _run(arguments: list[str]) -> int:
     try:
         if args.command == "detach":
             command = subparser(parser, args.command)
-            xml = _read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
+            xml = read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
             return asyncio.run(_detach(args, xml, tally))
         if args.command == "detach-many":
-            text = _read_text(subparser(parser, args.command), "FILE", args.file)
+            text = read_text(subparser(parser, args.command), "FILE", args.file)
             return asyncio.run(_detach_many(args, text, tally))
         if args.command == "watch":
             return asyncio.run(_watch(args))
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:
-        _print_error(exc, as_json, uri=args.uri, tally=tally)
+        print_error(exc, as_json, code=exit_code_for(exc), uri=args.uri, tally=tally)
         return exit_code_for(exc)
     except ValidationError as exc:
-        _print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, uri=args.uri)
+        print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, code=2, uri=args.uri)
         return 2
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             raise
         # The metrics server's address, a file that cannot be read…
-        _print_error(InvalidRequest(str(exc)), as_json, uri=args.uri)
+        print_error(InvalidRequest(str(exc)), as_json, code=2, uri=args.uri)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def _read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
-    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error."""
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-        else:
-            data = Path(path).read_bytes()
-        return data if isinstance(data, str) else data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        parser.error(
-            f"argument {option}: {path!r} is not UTF-8 text "
-            f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})"
-        )
-    except OSError as exc:
-        parser.error(f"argument {option}: cannot read {path!r}: {exc.strerror or exc}")
-
-
-def _print_usage_error(exc: UsageError, as_json: bool) -> None:
-    if as_json:
-        failure = DetachFailure(
-            exit_code=2,
-            uri=None,
-            error="UsageError",
-            message=exc.message,
-            domain=None,
-            alias=None,
-            libvirt_code=None,
-            persistent_done=False,
-            attempts=None,
-            elapsed=None,
-        )
-        print(line(failure), flush=True)
-    exc.parser.print_usage(sys.stderr)
-    print(_printable(f"{exc.parser.prog}: error: {exc.message}"), file=sys.stderr)
-
-
-def _printable(text: str) -> str:
-    """``text`` as any stream can write it: an argument that was not valid in
-    the locale's encoding reaches Python as lone surrogates, which a strict
-    stream refuses (the message about it must not fail in turn)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null: the interpreter's last flush at exit must
-    not fail again on the closed pipe ("Exception ignored … BrokenPipeError")."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):
-        return  # not a file (a test's capture): nothing will flush into a pipe
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,9 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ._settings import DetachSettings
@@ -31,6 +33,7 @@ __all__ = [
     "default_uri",
     "halves_asked",
     "parse_batch",
+    "read_text",
     "settings_from",
     "subparser",
     "uri_of",
@@ -109,6 +112,23 @@ def wants_json(argv: list[str]) -> bool:
         if arg == "--json":
             return True
     return False
+
+
+def read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
+    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        else:
+            data = Path(path).read_bytes()
+        return data if isinstance(data, str) else data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        parser.error(
+            f"argument {option}: {path!r} is not UTF-8 text "
+            f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        )
+    except OSError as exc:
+        parser.error(f"argument {option}: cannot read {path!r}: {exc.strerror or exc}")
 
 
 def settings_from(args: argparse.Namespace) -> DetachSettings:

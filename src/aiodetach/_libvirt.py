@@ -301,7 +301,7 @@ class LibvirtBackend:
         try:
             return str(_wrap(lambda: conn.lookupByID(int(domain_id))).UUIDString())
         except BackendError as exc:
-            if exc.code == ErrorCode.NO_DOMAIN:
+            if is_domain_gone(exc):
                 return None
             raise
 
