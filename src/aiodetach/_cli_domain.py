@@ -84,7 +84,8 @@ async def preview(
     if plan.live is not None:
         if plan.live.alias is None:
             raise DetachRefused(
-                "the device has no alias in the live XML: libvirt could not unplug it",
+                "the device has no alias in the live XML, so libvirt cannot unplug it: "
+                "the detach would do the persistent half (if asked), then fail so",
                 domain=info.name,
             )
         live_half = _half(
