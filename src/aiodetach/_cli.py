@@ -10,6 +10,14 @@ with ``--json`` the library's log events go to stderr as JSON lines.
 Results go to stdout.  Each error class has its own exit status so scripts
 can branch on it.  ``--metrics-port`` serves Prometheus metrics while
 ``detach-many`` or ``watch`` runs.
+
+The arguments, checked to the last value, are `aiodetach._cli_args`'s
+(a bad one is a usage error, never a traceback); what ``--json`` prints is
+`aiodetach._cli_json`'s models, documented from themselves, printed
+by `aiodetach._cli_print`;
+``--dry-run``, ``--current`` and domain IDs are `aiodetach._cli_domain`'s.
+``detach-many`` runs on a `DetachFleet`, so a line naming a host goes
+to that host and to no other.
 """
 
 from __future__ import annotations
@@ -17,21 +25,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TextIO, cast
 
 import libvirt
 import structlog
 from pydantic import ValidationError
 
-from ._cli_args import build_parser, parse_batch, settings_from
+from ._cli_args import (
+    UsageError,
+    build_parser,
+    halves_asked,
+    parse_batch,
+    read_text,
+    settings_from,
+    subparser,
+    uri_of,
+    wants_json,
+)
+from ._cli_domain import current_halves, preview, resolve_domain
+from ._cli_json import BatchSummary, WatchEvent, line
+from ._cli_metrics import Metrics as _Metrics
+from ._cli_print import (
+    print_dry_run,
+    print_error,
+    print_outcome,
+    print_result,
+    print_usage_error,
+    quiet_stdout,
+)
+from ._cli_tally import Tally
 from ._completion import script as completion_script
+from ._fleet import DetachFleet
 from ._interrupts import Interrupted, interruptible, report
+from ._many import DetachOutcome
 from ._progress import Display, ProgressLines, open_display
-from ._result import DetachResult
 from ._service import DetachService
 from ._tracking import Tracker
 from .errors import (
@@ -133,84 +162,12 @@ def _service(
         read_only=read_only,
         hooks=hooks,
         log=as_json or args.verbose,
-        **({"journal": journal} if journal is not None else {}),
+        # A dry run (read-only) must not lock nor take up a journal.
+        **({"journal": journal} if journal is not None and not read_only else {}),
     )
-
-
-class _Metrics:
-    """``--metrics-port``: Prometheus metrics served over HTTP while a command runs."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.hooks: list[Hook] = []
-        self.registry: Any = None
-        self._server: Any = None
-        self._port: int | None = args.metrics_port
-        self._addr: str = args.metrics_addr
-
-    def __enter__(self) -> _Metrics:
-        if self._port is None:
-            return self
-        try:
-            import prometheus_client
-        except ImportError:
-            raise InvalidRequest(
-                "--metrics-port needs prometheus-client: pip install 'aiodetach[prometheus]'"
-            ) from None
-        from .instrumentation import prometheus_hook
-
-        self.registry = registry = prometheus_client.CollectorRegistry()
-        prometheus_client.ProcessCollector(registry=registry)
-        prometheus_client.PlatformCollector(registry=registry)
-        prometheus_client.GCCollector(registry=registry)
-        self.hooks.append(prometheus_hook(registry))
-        self._server, _thread = prometheus_client.start_http_server(
-            self._port, addr=self._addr, registry=registry
-        )
-        host, port = self._server.server_address[:2]
-        print(f"serving Prometheus metrics on http://{host}:{port}/metrics", file=sys.stderr)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 # -- commands ------------------------------------------------------------------------
-
-
-def _print_result(result: DetachResult, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"ok": True, **result.model_dump()}))
-        return
-    parts = []
-    if result.live:
-        parts.append(f"live (confirmed by {result.confirmed_by})")
-    if result.persistent:
-        parts.append("persistent")
-    print(
-        f"{result.domain_name}: {result.device} detached: {' + '.join(parts) or 'nothing'}; "
-        f"{result.attempts} request(s), {result.elapsed:.3f} s"
-        + ("; resumed from the journal" if result.resumed else "")
-    )
-
-
-def _print_error(exc: DetachError, as_json: bool) -> None:
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "ok": False,
-                    "error": type(exc).__name__,
-                    "message": exc.message,
-                    "domain": exc.domain,
-                    "alias": exc.alias,
-                    "libvirt_code": exc.libvirt_code,
-                }
-            )
-        )
-    else:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
@@ -228,62 +185,85 @@ async def _showing(display: Display | None, args: argparse.Namespace) -> AsyncIt
         configure_logging(as_json=args.json, verbose=args.verbose)
 
 
-async def _detach(args: argparse.Namespace, xml: str | None, tracker: Tracker) -> int:
-    display = None if args.json else open_display(tracker, sys.stderr, total=1, batch=False)
-    hooks: list[Hook] = [tracker] + ([display] if display is not None else [])
-    async with _service(args, hooks) as svc, _showing(display, args):
-        result = await svc.detach(
-            args.domain,
-            alias=args.alias,
-            target=args.target,
-            mac=args.mac,
-            xml=xml,
-            live=args.live,
-            persistent=args.persistent,
-        )
-    _print_result(result, args.json)
+async def _detach(args: argparse.Namespace, xml: str | None, tracker: Tracker, tally: Tally) -> int:
+    live, persistent = args.halves
+    display = (
+        None
+        if args.json or args.dry_run
+        else open_display(tracker, sys.stderr, total=1, batch=False)
+    )
+    hooks: list[Hook] = [tracker, tally]
+    if display is not None:
+        hooks.append(display)
+    async with _service(args, hooks, read_only=args.dry_run) as svc:
+        domain = await resolve_domain(svc, args.domain)
+        if args.current:
+            live, persistent = await current_halves(svc, domain)
+        selector = {"alias": args.alias, "target": args.target, "mac": args.mac, "xml": xml}
+        if args.dry_run:
+            plan = await preview(svc, domain, live=live, persistent=persistent, **selector)
+            print_dry_run(plan, args.json)
+            return 0
+        async with _showing(display, args):
+            result = await svc.detach(domain, live=live, persistent=persistent, **selector)
+    print_result(result, args.json, args.uri)
     return 0
 
 
-async def _detach_many(args: argparse.Namespace, text: str, tracker: Tracker) -> int:
+def _fleet(args: argparse.Namespace, hooks: list[Hook]) -> DetachFleet:
+    """``detach-many``'s hosts: every line goes to the host it names (its
+    ``uri``), the others to the command's (``-c``/``--uri``); each host gets
+    its own service, opened on its first line."""
+    journal = getattr(args, "journal", None)
+    return DetachFleet(
+        settings=settings_from(args),
+        default_uri=args.uri,
+        hooks=hooks,
+        log=args.json or args.verbose,
+        journal=journal,
+    )
+
+
+async def _detach_many(args: argparse.Namespace, text: str, tracker: Tracker, tally: Tally) -> int:
     requests = parse_batch(text)
     display = (
         open_display(tracker, sys.stderr, total=len(requests), batch=True, force=args.progress)
         if args.progress or not args.json
         else None
     )
-    hooks: list[Hook] = [tracker] + ([display] if display is not None else [])
+    hooks: list[Hook] = [tracker, tally]
+    if display is not None:
+        hooks.append(display)
+    outcomes: list[DetachOutcome] = []
     with _Metrics(args) as metrics:
-        async with _service(args, hooks + metrics.hooks) as svc, _showing(display, args):
-            outcomes = await svc.detach_many(
-                requests, concurrency=args.concurrency, per_domain=args.per_domain
-            )
-    for outcome in outcomes:
-        if args.json:
-            payload: dict[str, Any] = {"request": outcome.request.model_dump(exclude_none=True)}
-            if outcome.result is not None:
-                payload |= {"ok": True, **outcome.result.model_dump()}
-            elif outcome.error is not None:
-                payload |= {
-                    "ok": False,
-                    "error": type(outcome.error).__name__,
-                    "message": outcome.error.message,
-                    "libvirt_code": outcome.error.libvirt_code,
-                }
-            print(json.dumps(payload))
-        elif outcome.result is not None:
-            r = outcome.result
-            print(
-                f"ok     {outcome.request.describe()}: {r.attempts} request(s), {r.elapsed:.3f} s"
-            )
-        else:
-            print(
-                f"FAILED {outcome.request.describe()}: {type(outcome.error).__name__}: "
-                f"{outcome.error}"
-            )
+        # JSON lines as each device ends (scripts follow a long batch); text
+        # lines once the display is gone, in the batch's order.
+        async with (
+            _fleet(args, hooks + metrics.hooks) as fleet,
+            _showing(display, args),
+            contextlib.aclosing(
+                fleet.detach_iter(
+                    requests, concurrency=args.concurrency, per_domain=args.per_domain
+                )
+            ) as stream,
+        ):
+            async for outcome in stream:
+                outcomes.append(outcome)
+                if args.json:
+                    print_outcome(outcome, as_json=args.json, uri=args.uri, tally=tally)
+    if not args.json:
+        for outcome in sorted(outcomes, key=lambda o: o.index):
+            print_outcome(outcome, as_json=args.json, uri=args.uri, tally=tally)
     failed = sum(not o.ok for o in outcomes)
-    print(f"{len(outcomes) - failed} detached, {failed} failed", file=sys.stderr)
-    return 0 if failed == 0 else 12
+    code = 0 if failed == 0 else 12
+    if args.json:
+        summary = BatchSummary(
+            total=len(outcomes), detached=len(outcomes) - failed, failed=failed, exit_code=code
+        )
+        print(line(summary), flush=True)
+    else:
+        print(f"{len(outcomes) - failed} detached, {failed} failed", file=sys.stderr)
+    return code
 
 
 async def _watch(args: argparse.Namespace) -> int:
@@ -308,23 +288,20 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
     async with _service(args, hooks + metrics.hooks, read_only=True) as svc:
         if not args.json:
             print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
-        async for event in svc.events(args.domain):
+        domain = None if args.domain is None else await resolve_domain(svc, args.domain)
+        async for event in svc.events(domain):
             if seen is not None:
                 seen.labels(event.kind).inc()
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "kind": event.kind,
-                            "domain_uuid": event.domain_uuid,
-                            "domain": event.domain_name,
-                            "alias": event.alias,
-                            "detail": event.detail,
-                            "timestamp": event.timestamp,
-                        }
-                    ),
-                    flush=True,
+                shown = WatchEvent(
+                    kind=event.kind,
+                    domain_uuid=event.domain_uuid,
+                    domain=event.domain_name,
+                    alias=event.alias,
+                    detail=event.detail,
+                    timestamp=event.timestamp,
                 )
+                print(line(shown), flush=True)
             else:
                 detail = f" ({event.detail})" if event.detail else ""
                 print(
@@ -334,7 +311,7 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
     return 0
 
 
-def _run(
+def _interruptibly(
     work: Coroutine[Any, Any, int],
     tracker: Tracker,
     requests: Sequence[Mapping[str, Any]],
@@ -365,8 +342,29 @@ DEMO_MOVED = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    as_json = wants_json(arguments)
+    try:
+        return _run(arguments)
+    except UsageError as exc:
+        print_usage_error(exc, as_json)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`aiodetach watch --json | head -1`): what it
+        # wanted it has; say nothing, as cat and grep do.
+        quiet_stdout()
+        return 0
+
+
+def _run(arguments: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exc:  # --help, --version: printed, and done
+        return exc.code if isinstance(exc.code, int) else 0
+    args.uri = uri_of(args, parser)
+    if args.command == "detach":
+        args.halves = halves_asked(args, parser)
     as_json = bool(getattr(args, "json", False))
     configure_logging(as_json=as_json, verbose=args.verbose)
     if args.command == "completion":
@@ -375,10 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command line is the application: it owns libvirt's process-wide
     # error handler (the library never sets it), and reports errors itself.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    tally = Tally()
     tracker = Tracker()  # what happened per device: for the display and an interrupt
     try:
         if args.command == "detach":
-            xml = Path(args.xml_file).read_text() if args.xml_file else None
+            command = subparser(parser, args.command)
+            xml = read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
             named = {
                 "domain": args.domain,
                 "alias": args.alias,
@@ -386,22 +386,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "mac": args.mac,
                 "xml_file": args.xml_file,
             }
-            return _run(_detach(args, xml, tracker), tracker, [named], as_json)
+            work = _detach(args, xml, tracker, tally)
+            return _interruptibly(work, tracker, [named], as_json)
         if args.command == "detach-many":
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-            return _run(_detach_many(args, text, tracker), tracker, _named(text), as_json)
+            text = read_text(subparser(parser, args.command), "FILE", args.file)
+            work = _detach_many(args, text, tracker, tally)
+            return _interruptibly(work, tracker, _named(text), as_json)
         if args.command == "watch":
             return asyncio.run(_watch(args))
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:
-        _print_error(exc, as_json)
+        print_error(exc, as_json, code=exit_code_for(exc), uri=args.uri, tally=tally)
         return exit_code_for(exc)
     except ValidationError as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, code=2, uri=args.uri)
         return 2
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        # The metrics server's address, a file that cannot be read…
+        print_error(InvalidRequest(str(exc)), as_json, code=2, uri=args.uri)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["add_completion_command", "script"]
 
@@ -26,7 +27,7 @@ URI_OPTIONS = ("--uri", "-c", "--connect")
 FILE_DESTS = ("file", "xml_file", "journal")
 
 
-def add_completion_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_completion_command(sub: argparse._SubParsersAction[Any]) -> None:
     """The ``completion`` subcommand, on the parser's subcommands."""
     completion = sub.add_parser(
         "completion",

@@ -205,7 +205,7 @@ def interrupted_json(
     out: list[dict[str, Any]] = []
     for request, call in pairs:
         obj: dict[str, Any] = {
-            "schema": 1,
+            "schema_version": 1,
             "type": "interrupted",
             "request": dict(request) if request is not None else None,
             "domain": call.domain if call is not None else (request or {}).get("domain"),
@@ -228,7 +228,7 @@ def interrupted_json(
     counts = _counts(tracker, pairs)
     out.append(
         {
-            "schema": 1,
+            "schema_version": 1,
             "type": "interrupted_summary",
             "signal": signal.Signals(signum).name,
             "exit_code": code,

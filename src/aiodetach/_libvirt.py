@@ -378,6 +378,18 @@ class LibvirtBackend:
         )
 
     @_on_a_lane
+    def uuid_of_id(self, lane: _Lane, domain_id: str) -> str | None:
+        """The UUID of the running domain with this ID, or None if none has it:
+        the command line reads a number as virsh does, as an ID first."""
+        conn = lane.connection()
+        try:
+            return str(_wrap(lambda: conn.lookupByID(int(domain_id))).UUIDString())
+        except BackendError as exc:
+            if is_domain_gone(exc):
+                return None
+            raise
+
+    @_on_a_lane
     def domain_xml(self, lane: _Lane, uuid: str, *, inactive: bool) -> str:
         dom = lane.domain(uuid)
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0

@@ -4,7 +4,9 @@
 detach-many FILE …`` with every service on one :class:`FakeHypervisor` (a
 fake, not libvirt) holding domain ``vm``: ``ua-ok0`` … ``ua-ok5`` released
 after 0.05-0.3 s, ``ua-lost`` released without an event, ``ua-never`` never
-released, and domain ``other``.  With ``AIODETACH_FAKE_EVENTS=1`` the fake
+released, and domain ``other``.  ``detach-many`` lines naming a host (``uri``)
+whose URI contains ``other`` go to a second fake, ``OTHER_URI``'s, which
+holds a domain ``vm`` too (disks ``ua-ok0`` and ``ua-ok1``, released at once).  With ``AIODETACH_FAKE_EVENTS=1`` the fake
 also reports, every 20 ms while connected, a DEVICE_REMOVED of ``ua-x`` on
 ``other`` and then on ``vm`` (what ``watch`` has to filter).  With
 ``AIODETACH_FAKE_NO_RICH=1`` rich cannot be imported (the CLI without its
@@ -22,11 +24,12 @@ import sys
 import threading
 from typing import Any
 
-from aiodetach import DetachService, _cli
+from aiodetach import DetachFleet, DetachService, _cli
 from aiodetach.testing import FakeHypervisor, Unplug
 
 OK = [f"ua-ok{i}" for i in range(6)]
 VM_UUID = "3a1f7c52-0b6e-4d84-9e0f-5c2d1b7a9e61"
+OTHER_URI = "fake://other/system"
 
 
 def build() -> FakeHypervisor:
@@ -40,18 +43,45 @@ def build() -> FakeHypervisor:
     return fake
 
 
+def build_other() -> FakeHypervisor:
+    """The second host: a domain ``vm`` of its own (not the first host's)."""
+    fake = FakeHypervisor(OTHER_URI)
+    vm = fake.add_domain("vm")
+    for i in range(2):
+        vm.add_disk(f"vd{chr(ord('b') + i)}", alias=f"ua-ok{i}", unplug=Unplug.now())
+    return fake
+
+
+def fake_classes(
+    fake: FakeHypervisor, other: FakeHypervisor
+) -> tuple[type[DetachService], type[DetachFleet]]:
+    """The CLI's service and fleet classes on the fakes (``other``: the hosts
+    whose URI contains "other")."""
+
+    class OnFake(DetachService):
+        def __init__(self, uri: str | None = "fake:///system", **kwargs: Any) -> None:
+            backend = other if uri is not None and "other" in uri else fake
+            super().__init__(uri, backend=backend, **kwargs)
+
+    class FleetOnFakes(DetachFleet):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(
+                backend_factory=lambda uri: other if "other" in uri else fake, **kwargs
+            )
+
+    return OnFake, FleetOnFakes
+
+
 def main() -> int:
     if os.environ.get("AIODETACH_FAKE_NO_RICH") == "1":
         sys.modules["rich"] = None  # type: ignore[assignment]  # as if not installed
     fake = build()
+    other = build_other()
     if os.environ.get("AIODETACH_FAKE_SLOW_CLOSE") == "1":
         _slow_close(fake)
-
-    class OnFake(DetachService):
-        def __init__(self, uri: str | None = "fake:///system", **kwargs: Any) -> None:
-            super().__init__(uri, backend=fake, **kwargs)
-
-    _cli.DetachService = OnFake  # type: ignore[attr-defined]
+    service, fleet = fake_classes(fake, other)
+    _cli.DetachService = service  # type: ignore[attr-defined]
+    _cli.DetachFleet = fleet  # type: ignore[attr-defined]
     stop = threading.Event()
     if os.environ.get("AIODETACH_FAKE_EVENTS") == "1":
         threading.Thread(target=_report_removals, args=(fake, stop), daemon=True).start()
@@ -60,6 +90,7 @@ def main() -> int:
     finally:
         stop.set()
         fake.cancel_timers()
+        other.cancel_timers()
 
 
 def _slow_close(fake: FakeHypervisor) -> None:

@@ -101,7 +101,7 @@ async def test_ctrl_c_during_a_batch_with_json_reports_each_device(tmp_path: Pat
     assert proc.returncode == 130
     objects = [json.loads(line) for line in out.decode().splitlines()]
     mine = [o for o in objects if o.get("type") in ("interrupted", "interrupted_summary")]
-    assert [o["schema"] for o in mine] == [1, 1, 1, 1]
+    assert [o["schema_version"] for o in mine] == [1, 1, 1, 1]
     devices, summary = mine[:-1], mine[-1]
     assert [(o["domain"], o["alias"], o["state"]) for o in devices] == [
         ("vm", "ua-ok0", "removed"),

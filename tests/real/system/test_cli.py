@@ -137,6 +137,77 @@ async def test_watch_streams_events(libvirtd: str, domain: _lab.LabDomain) -> No
         await proc.wait()
 
 
+# A CLI run in which any detach call made to libvirt ends the process, loudly.
+NO_DETACH = """
+import sys
+from aiodetach._libvirt import LibvirtBackend
+from aiodetach._cli import main
+
+def refuse(*args, **kwargs):
+    print("DETACH CALLED", args[1:], file=sys.stderr, flush=True)
+    raise SystemExit(99)
+
+LibvirtBackend.detach_live = refuse
+LibvirtBackend.detach_config = refuse
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def definitions(uri: str, uuid: str) -> tuple[str, str]:
+    conn = libvirt.open(uri)
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        return dom.XMLDesc(0), dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        conn.close()
+
+
+def test_dry_run_shows_the_plan_and_changes_nothing(libvirtd: str, domain: _lab.LabDomain) -> None:
+    before = definitions(libvirtd, domain.uuid)
+    runs = [
+        ["--alias", "ua-scsi1", "--json"],
+        ["--target", "vdb", "--live", "--json"],
+        ["--target", "sdb"],
+    ]
+    shown = []
+    for args in runs:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                NO_DETACH,
+                "-c",
+                libvirtd,
+                "detach",
+                domain.name,
+                *args,
+                "--dry-run",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:])
+        assert "DETACH CALLED" not in proc.stderr
+        shown.append(proc.stdout)
+    scsi1, blk1 = json.loads(shown[0]), json.loads(shown[1])
+    assert (scsi1["type"], scsi1["domain_uuid"], scsi1["running"]) == ("dry_run", domain.uuid, True)
+    assert scsi1["live"]["alias"] == "ua-scsi1"
+    assert "virDomainDetachDeviceAlias('ua-scsi1'" in scsi1["live"]["request"]
+    assert "target dev='sda'" in scsi1["persistent"]["xml"].replace('"', "'")
+    assert scsi1["live"]["identity"] == scsi1["persistent"]["identity"]
+    assert blk1["live"]["alias"] == "ua-blk1"
+    assert blk1["persistent"] is None
+    assert "ua-scsi2" in shown[2]
+    assert "nothing was changed" in shown[2]
+    assert definitions(libvirtd, domain.uuid) == before
+    # The detach then does what the dry run said.
+    done = cli("detach", domain.name, "--alias", "ua-scsi1", "--uri", libvirtd, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["device"] == scsi1["live"]["device"]
+
+
 def _left(term: Terminal, name: str) -> tuple[int, float] | None:
     """(attempt, seconds left) of the live display's row, if it is on the screen."""
     for row in term.lines():
