@@ -83,6 +83,9 @@ from typing import Literal, Protocol
 
 from ._machine_io import (
     BUSY_BACKOFF_MAX,
+    RESET_HOLD,
+    RESET_HOLD_LIMIT,
+    RESET_SETTLE,
     Abort,
     Action,
     Answered,
@@ -99,6 +102,7 @@ from ._machine_io import (
     ReadFailed,
     ReadState,
     ReadXml,
+    Rebooted,
     Reconnected,
     ReconnectFailed,
     Report,
@@ -155,11 +159,14 @@ class UnplugMachine:
         "early",
         "failure",
         "handed",
+        "held_from",
         "limits",
         "phase",
         "reading",
+        "rebooted",
         "resume",
         "sent",
+        "taken_at",
         "token",
         "used",
         "verdict",
@@ -179,6 +186,9 @@ class UnplugMachine:
         self.sent = 0  # requests that counted (busy refusals and unsent ones do not)
         self.used = 0  # attempts used up
         self.busy_refusals = 0
+        self.rebooted = False  # the guest was reset while our request was pending
+        self.taken_at = 0.0  # when libvirt accepted our latest request
+        self.held_from: float | None = None  # a reset voided the request taken then
         self.busy_since: float | None = None
         self.callers = 0
         self.deadline = 0.0  # when the window, the back-off or the linger ends
@@ -259,6 +269,8 @@ class UnplugMachine:
                 self._end(out, End(Ending.STOPPED, reason=event.reason))
         elif isinstance(event, Resumed | ConnectionDown):
             self._woken(out, event, now)
+        elif isinstance(event, Rebooted):
+            self._reset(out, now)
         elif isinstance(event, Reconnected):
             if self.phase is Phase.RECONNECTING and not self.reading:
                 self._look(out)
@@ -349,12 +361,17 @@ class UnplugMachine:
         if self.phase is not Phase.SENDING:
             return
         outcome = answer.outcome
-        busy = outcome is Outcome.BUSY and not self.accepted
+        held = (
+            self.held_from is not None
+            and outcome in (Outcome.BUSY, Outcome.IN_PROGRESS)
+            and now - self.held_from < RESET_HOLD_LIMIT
+        )
+        busy = (outcome is Outcome.BUSY and not self.accepted) or held
         if outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy:
             self.sent -= 1  # not taken: it does not count
         if outcome not in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED):
             out.append(Report("request_sent"))
-            self.handed = not busy
+            self.handed = self.handed or not busy  # a voided request did reach it
         if outcome is Outcome.JOURNAL_FAILED:
             self._end(out, End(Ending.ERROR, error=answer.error))
             return
@@ -365,7 +382,8 @@ class UnplugMachine:
             self._queue(out, now)
         elif outcome is Outcome.SENT:
             self.accepted = True
-            self.busy_since = None
+            self.busy_since = self.held_from = None
+            self.taken_at, self.rebooted = now, False
             self._window(out, now, answer.reconnected)
         elif busy:
             self._back_off(out, now)
@@ -417,9 +435,10 @@ class UnplugMachine:
     def _back_off(self, out: list[Action], now: float) -> None:
         """QEMU refused with "guest is busy" and nothing of ours is pending."""
         limits = self.limits
+        held_from = self.held_from
         if self.busy_since is None:
             self.busy_since = now
-        elif now - self.busy_since >= limits.timeout:
+        elif held_from is None and now - self.busy_since >= limits.timeout:
             # A slot busy for a whole attempt's time costs an attempt, so a
             # slot that never settles still ends in DetachTimeout.
             self.used += 1
@@ -429,6 +448,8 @@ class UnplugMachine:
                 return
         base = min(1.0, limits.timeout / 4)
         delay = min(base * 1.5**self.busy_refusals, BUSY_BACKOFF_MAX, limits.timeout)
+        if held_from is not None and 0 < held_from + RESET_HOLD - now < delay:
+            delay = held_from + RESET_HOLD - now  # QEMU takes it again from then on
         self.busy_refusals += 1
         out.append(Report("busy_backoff", "delay", delay))
         if self.callers == 0:
@@ -438,6 +459,35 @@ class UnplugMachine:
         self._enter(out, Phase.BACKING_OFF, now)
         if self.verdict is not None:
             self._settle(out, now)
+
+    # --------------------------------------------------------------- resets
+    def _reset(self, out: list[Action], now: float) -> None:
+        """The guest was reset.  Only a request libvirt accepted and whose
+        window runs is concerned (one still in its thread may have reached
+        QEMU after the reset: it is waited out as usual).  Wait a moment for
+        the ``DEVICE_REMOVED`` an ACPI reset brings, then look (RECHECKING)."""
+        if self.phase is Phase.RECHECKING:
+            self.rebooted = True  # the look under way decides
+        if self.phase is not Phase.WAITING:
+            return
+        self.rebooted = True
+        out.append(Report("guest_reset"))
+        self.deadline = min(self.deadline, now + min(RESET_SETTLE, self.limits.timeout / 4))
+        self.token += 1
+        out.append(WaitUntil(self.deadline, self.token))
+
+    def _voided(self, out: list[Action], now: float) -> None:
+        """The device is still there after the reset: our request is void (the
+        guest could not act on it, like one sent to a paused guest).  It uses
+        no attempt; the request goes out again as soon as QEMU takes it, its
+        refusals meanwhile spaced and not counted (see _answered)."""
+        self.rebooted = False
+        self.sent -= 1
+        self.accepted = False  # nothing of ours is pending in the guest any more
+        self.held_from = self.taken_at
+        self.busy_since = None
+        out.append(Report("request_voided"))
+        self._queue(out, now)
 
     # ---------------------------------------------------------------- waits
     def _enter(self, out: list[Action], phase: Phase, now: float) -> None:
@@ -572,7 +622,8 @@ class UnplugMachine:
                 out.append(Report("paused"))
                 self._enter(out, Phase.PAUSED, now)
                 return
-            out.append(Report("attempt_timed_out", "timeout", self.limits.timeout))
+            if not self.rebooted:
+                out.append(Report("attempt_timed_out", "timeout", self.limits.timeout))
         self.reading = True
         out.append(_READ_XML)
 
@@ -586,7 +637,9 @@ class UnplugMachine:
         if not read.present:
             self._conclude(out, Verdict.GONE)  # its event was lost, or it was early
             return
-        if phase is Phase.RECHECKING:
+        if phase is Phase.RECHECKING and self.rebooted:
+            self._voided(out, now)
+        elif phase is Phase.RECHECKING:
             self.used += 1
             if self.used < self.limits.attempts:
                 self._queue(out, now)

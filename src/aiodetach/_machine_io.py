@@ -13,6 +13,9 @@ from typing import Literal
 
 __all__ = [
     "BUSY_BACKOFF_MAX",
+    "RESET_HOLD",
+    "RESET_HOLD_LIMIT",
+    "RESET_SETTLE",
     "Abort",
     "Action",
     "Answered",
@@ -45,6 +48,21 @@ __all__ = [
 
 BUSY_BACKOFF_MAX = 5.0
 """Cap of the "guest is busy" back-off, in seconds (the blink lasts ~5 s)."""
+
+RESET_SETTLE = 1.0
+"""After a guest reset, how long to wait for a ``DEVICE_REMOVED`` before
+looking at the live XML (at most a quarter of ``timeout``): on ACPI hotplug
+a reset completes a pending unplug and the event follows it (measured
+0.13 s); on native PCIe it voids the unplug and no event ever comes."""
+
+RESET_HOLD = 5.0
+"""QEMU refuses ``device_del`` on a native-PCIe slot for 5 s after it took
+one ("already in the process of unplug"), even once a reset voided it: a
+re-send is tried no later than that."""
+
+RESET_HOLD_LIMIT = 2 * RESET_HOLD
+"""How long after the voided request such refusals still mean "not taken"
+(QEMU's own clock may lag ours); later ones are an unplug in progress again."""
 
 
 class Phase(enum.Enum):
@@ -126,6 +144,13 @@ class Resumed:
 
 
 @dataclass(frozen=True, slots=True)
+class Rebooted:
+    """libvirt's REBOOT for the domain: the guest was reset (``virDomainReset``,
+    or the guest rebooted itself).  A pending native-PCIe unplug is void after
+    it; on ACPI hotplug the reset completes it."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionDown:
     """The connection to libvirtd was lost (events from now on may be lost)."""
 
@@ -196,6 +221,7 @@ Input = (
     | Event
     | Stopped
     | Resumed
+    | Rebooted
     | ConnectionDown
     | Reconnected
     | ReconnectFailed

@@ -53,6 +53,10 @@ def _log_unplug(r: UnplugRecord) -> None:
         )
     elif kind == "paused":
         _log.info("aiodetach.waiting_while_paused", **where)
+    elif kind == "guest_reset":
+        _log.info("aiodetach.guest_reset", **where)
+    elif kind == "request_voided":
+        _log.info("aiodetach.request_voided_by_reset", **where)
     elif kind == "waiting_for_reconnect":
         _log.info("aiodetach.waiting_for_reconnect", **where)
     elif kind == "removed":

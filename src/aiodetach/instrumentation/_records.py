@@ -63,6 +63,8 @@ UnplugStep = Literal[
     "attempt_timed_out",  # no DEVICE_REMOVED within timeout: re-reading the live XML
     "paused",  # the window ran out on a paused domain: waiting for it to run again
     "resumed",  # the domain runs again: the guest gets a full timeout
+    "guest_reset",  # libvirt's REBOOT while our request was pending: looking shortly
+    "request_voided",  # the reset voided it (still attached): sent again, no attempt used
     "waiting_for_reconnect",  # libvirtd went away while waiting
     "removed",  # the device is gone (confirmed_by "event" or "xml")
     "removal_failed",  # DEVICE_REMOVAL_FAILED: the guest said no
