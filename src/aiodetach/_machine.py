@@ -470,8 +470,9 @@ class UnplugMachine:
             self.rebooted = True  # the look under way decides
         if self.phase is not Phase.WAITING:
             return
+        if not self.rebooted:  # QEMU resets more than once per reboot (firmware)
+            out.append(Report("guest_reset"))
         self.rebooted = True
-        out.append(Report("guest_reset"))
         self.deadline = min(self.deadline, now + min(RESET_SETTLE, self.limits.timeout / 4))
         self.token += 1
         out.append(WaitUntil(self.deadline, self.token))

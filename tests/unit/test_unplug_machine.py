@@ -1270,6 +1270,15 @@ ROWS = [
         {"rebooted": True, "sent": 1, "used": 0},
     ),
     Row(
+        "r2-reset-again-during-the-settle-reports-once",
+        RESET,
+        Rebooted(),
+        3.5,
+        [WaitUntil(4.0, 0)],
+        Phase.WAITING,
+        {"rebooted": True},
+    ),
+    Row(
         "r2-reset-settle-never-beyond-the-window",
         WAITING,
         Rebooted(),
