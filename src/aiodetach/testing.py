@@ -239,6 +239,14 @@ class FakeDomain:
     run: int = 1
     """This run of the domain (its ``DomainInfo.run_id``); bump it to model a
     domain re-started since."""
+    machine: str = ""
+    """``<os><type machine=…>`` (e.g. ``"pc-q35-7.2"``), written when set."""
+    acpi: bool = True
+    """``<features><acpi/>``, written with :attr:`machine`."""
+    qemu_args: tuple[str, ...] = ()
+    """Arguments passed through to QEMU (``<qemu:commandline>``), e.g.
+    ``("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")`` for
+    native PCIe hotplug on q35."""
 
     def _add(
         self,
@@ -337,11 +345,21 @@ class FakeDomain:
         root = ET.Element("domain", type="qemu")
         ET.SubElement(root, "name").text = self.name
         ET.SubElement(root, "uuid").text = self.uuid
+        if self.machine:
+            os_elem = ET.SubElement(root, "os")
+            ET.SubElement(os_elem, "type", machine=self.machine).text = "hvm"
+            if self.acpi:
+                ET.SubElement(ET.SubElement(root, "features"), "acpi")
         devices = ET.SubElement(root, "devices")
         live = self.state.is_active and not inactive
         for dev in self.devices:
             if (live and dev.live) or (not live and dev.config):
                 devices.append(dev.element(live=live))
+        if self.qemu_args:
+            qemu = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+            commandline = ET.SubElement(root, qemu + "commandline")
+            for arg in self.qemu_args:
+                ET.SubElement(commandline, qemu + "arg", value=arg)
         return ET.tostring(root, encoding="unicode")
 
 

@@ -74,6 +74,15 @@ def _log_detach(r: DetachRecord) -> None:
     kind = r.kind
     if kind == "unplug_joined":
         _log.info("aiodetach.detach_joined", domain=r.domain, alias=r.alias)
+    elif kind == "timeout_below_slot_minimum":
+        _log.warning(
+            "aiodetach.timeout_below_slot_minimum",
+            domain=r.domain,
+            alias=r.alias,
+            slot=r.slot,
+            minimum=r.minimum,
+            timeout=r.timeout,
+        )
     elif kind in ("persistent_detached", "persistent_joined", "persistent_missing_ignored"):
         _log.info("aiodetach." + kind, domain=r.domain, alias=r.alias)
     elif kind == "finished" and r.result is not None:

@@ -47,6 +47,7 @@ DetachStep = Literal[
     "persistent_detached",  # removed from the persistent definition
     "persistent_joined",  # another caller's config detach of this device counts as ours
     "persistent_missing_ignored",  # not in the persistent definition; a live detach follows
+    "timeout_below_slot_minimum",  # timeout shorter than the device's slot can release in (slot)
     "unplug_started",  # this call started the device's live unplug (unplug_id)
     "unplug_joined",  # this call joined the device's live unplug in flight (unplug_id)
     "finished",  # result or error (outcome)
@@ -120,6 +121,12 @@ class DetachRecord:
     resumed: bool = False
     """``unplug_joined``: the unplug joined was taken up from the journal (a
     request sent by an earlier run of this process)."""
+    slot: str | None = None
+    """``timeout_below_slot_minimum``: the device's slot kind (``"native-pcie"``)."""
+    minimum: float | None = None
+    """``timeout_below_slot_minimum``: seconds such a slot cannot release in."""
+    timeout: float | None = None
+    """``timeout_below_slot_minimum``: the ``timeout`` in force."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
