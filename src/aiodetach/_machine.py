@@ -26,6 +26,8 @@ Phases and what moves them::
 
     an early verdict ──▶ CONFIRMING ──device still there──▶ the phase it left
     "no such alias" ──▶ VERIFYING ──device gone──▶ removed (by XML)
+    a guest reset ──▶ WAITING (a short settle) ──▶ RECHECKING ──still there──▶ QUEUED
+                                                 (the request was void: no attempt used)
     a step due with no caller ──▶ IDLE ──a caller joins──▶ that step
                                    └──── ``timeout`` later, nobody came: ABANDONED
 
@@ -57,6 +59,17 @@ The rules, each where the code below applies it:
   progress"**: the request was not taken.  Back off (1 s growing by half, at
   most 5 s, a quarter of ``timeout`` if less) and send again using no
   attempt; each ``timeout`` of uninterrupted refusals costs one attempt.
+- **A guest reset voids a pending native-PCIe unplug.**  On ``REBOOT`` while
+  a request of ours is accepted and its window runs, wait a moment for the
+  ``DEVICE_REMOVED`` an ACPI reset brings, then look: gone is success; still
+  there, the request was void (the guest could not act on it, like one sent
+  to a paused guest): it uses no attempt and is sent again.  QEMU refuses a
+  new request for ~5 s after the one it took, reset or not: those refusals
+  are not taken (spaced as a back-off, the last no later than QEMU's hold,
+  never counted) until QEMU takes it; then its window runs as usual, so
+  nothing is sent into the unplug that follows.  A ``REBOOT`` while the
+  request is in its thread is not acted on (it may have reached QEMU after
+  the reset).
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
   socket already closed) is not counted: the connection is re-made and the
