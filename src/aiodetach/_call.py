@@ -45,7 +45,7 @@ from ._rules import (
     halves,
     plan_devices,
 )
-from ._slots import NATIVE_PCIE_MINIMUM, slot_of
+from ._slots import slot_below
 from ._takeup import fingerprint
 from ._unplug import LiveDone, Unplug
 from ._xml import Definition, Selector, describe, selector_from
@@ -236,7 +236,7 @@ class Calls:
                     info, selector, live, persistent, live_xml, pers_xml, ticket, unplug_ticket
                 )
                 if plan.live is not None and live_xml is not None:
-                    self._check_slot(progress, live_xml, plan.live.alias)
+                    self._say_slot(progress, live_xml, plan.live.alias, unplugs.settings.timeout)
                 del live_xml, pers_xml
                 shown = plan.found.alias or progress.alias
                 progress.alias = (plan.live.alias if plan.live else None) or shown
@@ -287,23 +287,13 @@ class Calls:
             found = found.config_removed(removed)
         return plan_devices(info, selector, live, persistent, found)
 
-    def _check_slot(self, progress: Progress, live_xml: Definition, alias: str | None) -> None:
-        """Say so when ``timeout`` is shorter than the device's slot can ever
-        release it in (a native-PCIe slot: ~5 s): every window would run out
-        on an unplug still under way (see :mod:`aiodetach._slots`)."""
-        assert self.unplugs is not None
-        timeout = self.unplugs.settings.timeout
-        if alias is None or timeout >= NATIVE_PCIE_MINIMUM:
-            return  # no slot needs longer: the XML is not searched
-        slot = slot_of(live_xml, alias)
-        if timeout < slot.minimum:
-            self.record(
-                progress,
-                "timeout_below_slot_minimum",
-                slot=slot.kind,
-                minimum=slot.minimum,
-                timeout=timeout,
-            )
+    def _say_slot(self, call: Progress, live: Definition, alias: str | None, limit: float) -> None:
+        """A ``timeout`` below what the device's slot can release in is said at
+        the call: every window would run out on an unplug under way."""
+        slot = slot_below(live, alias, limit)
+        if slot is not None:
+            fields = {"slot": slot.kind, "minimum": slot.minimum, "timeout": limit}
+            self.record(call, "timeout_below_slot_minimum", **fields)
 
     def _join(
         self,

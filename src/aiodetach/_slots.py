@@ -27,7 +27,7 @@ from typing import Literal
 
 from ._xml import Definition
 
-__all__ = ["NATIVE_PCIE_MINIMUM", "Slot", "SlotKind", "slot_of"]
+__all__ = ["NATIVE_PCIE_MINIMUM", "Slot", "SlotKind", "slot_below", "slot_of"]
 
 SlotKind = Literal["native-pcie", "acpi-pci", "scsi", "unknown"]
 
@@ -49,6 +49,15 @@ class Slot:
 
 
 _UNKNOWN = Slot("unknown")
+
+
+def slot_below(definition: Definition, alias: str | None, timeout: float) -> Slot | None:
+    """The device's slot if it cannot release the device within ``timeout``
+    (else None; the XML is not searched when no slot needs that long)."""
+    if alias is None or timeout >= NATIVE_PCIE_MINIMUM:
+        return None
+    slot = slot_of(definition, alias)
+    return slot if timeout < slot.minimum else None
 
 
 def slot_of(definition: Definition, alias: str) -> Slot:

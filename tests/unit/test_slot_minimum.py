@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from aiodetach import DetachService, DetachSettings
-from aiodetach._slots import NATIVE_PCIE_MINIMUM, Slot, slot_of
+from aiodetach._slots import NATIVE_PCIE_MINIMUM, Slot, slot_below, slot_of
 from aiodetach._xml import parse_definition
 from aiodetach.instrumentation import DetachRecord, Record
 from aiodetach.testing import FakeDomain, FakeHypervisor, GuestUnplug
@@ -113,6 +113,18 @@ def test_slot_of(xml: str, slot: Slot) -> None:
 def test_an_alias_not_in_the_definition_is_unknown() -> None:
     xml = _domain("pc-q35-7.2", Q35_PORTS, ON_PORT, qemu_args=NATIVE_OFF)
     assert slot_of(parse_definition(xml), "ua-other") == Slot("unknown")
+
+
+@pytest.mark.parametrize(
+    ("native", "timeout", "below"),
+    [(True, 4.9, True), (True, NATIVE_PCIE_MINIMUM, False), (False, 0.1, False)],
+)
+def test_slot_below(native: bool, timeout: float, below: bool) -> None:
+    args = NATIVE_OFF if native else ()
+    definition = parse_definition(_domain("pc-q35-7.2", Q35_PORTS, ON_PORT, qemu_args=args))
+    expected = NATIVE if below else None
+    assert slot_below(definition, "ua-disk1", timeout) == expected
+    assert slot_below(definition, None, timeout) is None
 
 
 # ------------------------------------------------------------ through the service
