@@ -410,6 +410,7 @@ class UnplugMachine:
             # out the reconnect), never re-send at once.
             out.append(LoseConnection("call failed: " + answer.reason))
             self.accepted = True
+            self.taken_at = now  # if it reached QEMU, QEMU's hold began about now
             self._window(out, now, reconnected=True)
         elif outcome is Outcome.NOT_SENT:
             # Failed inside the client: libvirtd never heard of it.  Send it
