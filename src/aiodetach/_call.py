@@ -45,6 +45,7 @@ from ._rules import (
     halves,
     plan_devices,
 )
+from ._slots import slot_below
 from ._takeup import fingerprint
 from ._unplug import LiveDone, Unplug
 from ._xml import Definition, Selector, describe, selector_from
@@ -234,6 +235,8 @@ class Calls:
                 plan = self._plan(
                     info, selector, live, persistent, live_xml, pers_xml, ticket, unplug_ticket
                 )
+                if plan.live is not None and live_xml is not None:
+                    self._say_slot(progress, live_xml, plan.live.alias, unplugs.settings.timeout)
                 del live_xml, pers_xml
                 shown = plan.found.alias or progress.alias
                 progress.alias = (plan.live.alias if plan.live else None) or shown
@@ -283,6 +286,14 @@ class Calls:
             removed = self.persistent.removed_since(info.uuid, ticket, selector, found.live)
             found = found.config_removed(removed)
         return plan_devices(info, selector, live, persistent, found)
+
+    def _say_slot(self, call: Progress, live: Definition, alias: str | None, limit: float) -> None:
+        """A ``timeout`` below what the device's slot can release in is said at
+        the call: every window would run out on an unplug under way."""
+        slot = slot_below(live, alias, limit)
+        if slot is not None:
+            fields = {"slot": slot.kind, "minimum": slot.minimum, "timeout": limit}
+            self.record(call, "timeout_below_slot_minimum", **fields)
 
     def _join(
         self,

@@ -87,6 +87,9 @@ class EventIntake:
     def domain_resumed(self, uuid: str, name: str) -> None:
         self._to_loop(self._domain_resumed, uuid)
 
+    def domain_rebooted(self, uuid: str, name: str) -> None:
+        self._to_loop(self._domain_rebooted, uuid)
+
     def connection_closed(self, reason: str) -> None:
         self._to_loop(self._registry.connection_lost, reason)
 
@@ -115,6 +118,13 @@ class EventIntake:
         for (domain_uuid, _alias), unplug in list(self._unplugs.items()):
             if domain_uuid == uuid:
                 unplug.wake()
+
+    def _domain_rebooted(self, uuid: str) -> None:
+        # A reset voids a pending native-PCIe unplug: each unplug of the
+        # domain looks again shortly (and sends again if the device stayed).
+        for (domain_uuid, _alias), unplug in list(self._unplugs.items()):
+            if domain_uuid == uuid:
+                unplug.guest_reset()
 
     def publish(self, event: DeviceEvent) -> None:
         for queue in self.watchers:

@@ -264,6 +264,9 @@ class LibvirtBackend:
                 # running: only an inactive one is really gone.
                 pass
 
+        def rebooted(_c: Any, dom: libvirt.virDomain, _o: Any) -> None:
+            sink.domain_rebooted(dom.UUIDString(), dom.name())
+
         def closed(_c: Any, reason: int, _o: Any) -> None:
             sink.connection_closed(_CLOSE_REASONS.get(reason, str(reason)))
 
@@ -273,6 +276,7 @@ class LibvirtBackend:
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed),
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, removal_failed),
                 (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle),
+                (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, rebooted),
             ):
                 register = functools.partial(
                     conn.domainEventRegisterAny, None, event_id, callback, None

@@ -28,6 +28,9 @@ Phases and what moves them::
     "no such alias" ──▶ VERIFYING ──device gone──▶ removed (by XML)
     "not running" ──▶ STOPPING ──shutoff reason, or the STOPPED event──▶ DomainStopped
     another job held the domain (code 68) ──▶ QUEUED (sent again, no attempt used)
+    a guest reset ──▶ WAITING (a short settle) ──▶ RECHECKING ──still there──▶ QUEUED
+                                                 (the request was void: no attempt used)
+
     a step due with no caller ──▶ IDLE ──a caller joins──▶ that step
                                    └──── ``timeout`` later, nobody came: ABANDONED
 
@@ -65,6 +68,18 @@ The rules, each where the code below applies it:
 - **"Not running" learns why.**  libvirt fails a call at the moment it emits
   STOPPED, and the answer may come first: the domain's shutoff reason (a
   state read), else its STOPPED event (STOPPING), says why it stopped.
+- **A guest reset voids a pending native-PCIe unplug.**  On ``REBOOT`` while
+  a request of ours is accepted and its window runs, wait a moment for the
+  ``DEVICE_REMOVED`` an ACPI reset brings, then look: gone is success; still
+  there, the request was void (the guest could not act on it, like one sent
+  to a paused guest): it uses no attempt and is sent again.  QEMU refuses a
+  new request for ~5 s after the one it took, reset or not: those refusals
+  are not taken (spaced as a back-off, the last no later than QEMU's hold,
+  never counted) until QEMU takes it; then its window runs as usual, so
+  nothing is sent into the unplug that follows.  A ``REBOOT`` while the
+  request is in its thread is not acted on (it may have reached QEMU after
+  the reset).
+
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
   socket already closed) is not counted: the connection is re-made and the
@@ -92,6 +107,9 @@ from typing import Literal, Protocol
 from ._machine_io import (
     BUSY_BACKOFF_MAX,
     JOB_RETRY_GAP,
+    RESET_HOLD,
+    RESET_HOLD_LIMIT,
+    RESET_SETTLE,
     STOP_EVENT_WAIT,
     Abort,
     Action,
@@ -109,6 +127,7 @@ from ._machine_io import (
     ReadFailed,
     ReadState,
     ReadXml,
+    Rebooted,
     Reconnected,
     ReconnectFailed,
     Report,
@@ -165,12 +184,15 @@ class UnplugMachine:
         "early",
         "failure",
         "handed",
+        "held_from",
         "limits",
         "phase",
         "reading",
+        "rebooted",
         "resume",
         "sent",
         "sent_at",
+        "taken_at",
         "token",
         "used",
         "verdict",
@@ -192,6 +214,9 @@ class UnplugMachine:
         self.sent_at = 0.0  # when the latest request was handed to its worker thread
         self.used = 0  # attempts used up
         self.busy_refusals = 0
+        self.rebooted = False  # the guest was reset while our request was pending
+        self.taken_at = 0.0  # when libvirt accepted our latest request
+        self.held_from: float | None = None  # a reset voided the request taken then
         self.busy_since: float | None = None
         self.callers = 0
         self.deadline = 0.0  # when the window, the back-off or the linger ends
@@ -272,6 +297,8 @@ class UnplugMachine:
                 self._end(out, End(Ending.STOPPED, reason=event.reason))
         elif isinstance(event, Resumed | ConnectionDown):
             self._woken(out, event, now)
+        elif isinstance(event, Rebooted):
+            self._reset(out, now)
         elif isinstance(event, Reconnected):
             if self.phase is Phase.RECONNECTING and not self.reading:
                 self._look(out)
@@ -367,14 +394,21 @@ class UnplugMachine:
         if self.phase is not Phase.SENDING:
             return
         outcome = answer.outcome
-        busy = outcome is Outcome.BUSY and not self.accepted
-        held = outcome is Outcome.JOB_HELD
-        if outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy or held:
+        job_held = outcome is Outcome.JOB_HELD  # another job held the domain: not taken
+        reset_held = (  # QEMU still holds the slot for a request a reset voided
+            self.held_from is not None
+            and outcome in (Outcome.BUSY, Outcome.IN_PROGRESS)
+            and now - self.held_from < RESET_HOLD_LIMIT
+        )
+        busy = (outcome is Outcome.BUSY and not self.accepted) or reset_held
+        unsent = outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED)
+        if unsent or busy or job_held:
             self.sent -= 1  # not taken: it does not count
-        if outcome not in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED):
+        if not unsent:
             out.append(Report("request_sent"))
-            if not held:  # it never reached the guest: events are as before it
-                self.handed = not busy
+            if not job_held:  # it never reached the guest: events are as before it
+                self.handed = self.handed or not busy  # a voided request did reach it
+
         if outcome is Outcome.JOURNAL_FAILED:
             self._end(out, End(Ending.ERROR, error=answer.error))
             return
@@ -385,7 +419,8 @@ class UnplugMachine:
             self._queue(out, now)
         elif outcome is Outcome.SENT:
             self.accepted = True
-            self.busy_since = None
+            self.busy_since = self.held_from = None
+            self.taken_at, self.rebooted = now, False
             self._window(out, now, answer.reconnected)
         elif busy:
             self._back_off(out, now)
@@ -399,6 +434,7 @@ class UnplugMachine:
             # out the reconnect), never re-send at once.
             out.append(LoseConnection("call failed: " + answer.reason))
             self.accepted = True
+            self.taken_at = now  # if it reached QEMU, QEMU's hold began about now
             self._window(out, now, reconnected=True)
         elif outcome is Outcome.NOT_SENT:
             # Failed inside the client: libvirtd never heard of it.  Send it
@@ -411,7 +447,7 @@ class UnplugMachine:
             self.failure = answer.error
             self.phase = Phase.VERIFYING
             self._look(out)
-        elif held:
+        elif job_held:
             self._job_held(out, answer, now)
         elif outcome in (Outcome.NOT_RUNNING, Outcome.NO_DOMAIN):
             # libvirt fails the call at the moment it emits STOPPED, and the
@@ -456,9 +492,10 @@ class UnplugMachine:
     def _back_off(self, out: list[Action], now: float) -> None:
         """QEMU refused with "guest is busy" and nothing of ours is pending."""
         limits = self.limits
+        held_from = self.held_from
         if self.busy_since is None:
             self.busy_since = now
-        elif now - self.busy_since >= limits.timeout:
+        elif held_from is None and now - self.busy_since >= limits.timeout:
             # A slot busy for a whole attempt's time costs an attempt, so a
             # slot that never settles still ends in DetachTimeout.
             self.used += 1
@@ -468,6 +505,8 @@ class UnplugMachine:
                 return
         base = min(1.0, limits.timeout / 4)
         delay = min(base * 1.5**self.busy_refusals, BUSY_BACKOFF_MAX, limits.timeout)
+        if held_from is not None and 0 < held_from + RESET_HOLD - now < delay:
+            delay = held_from + RESET_HOLD - now  # QEMU takes it again from then on
         self.busy_refusals += 1
         out.append(Report("busy_backoff", "delay", delay))
         if self.callers == 0:
@@ -477,6 +516,36 @@ class UnplugMachine:
         self._enter(out, Phase.BACKING_OFF, now)
         if self.verdict is not None:
             self._settle(out, now)
+
+    # --------------------------------------------------------------- resets
+    def _reset(self, out: list[Action], now: float) -> None:
+        """The guest was reset.  Only a request libvirt accepted and whose
+        window runs is concerned (one still in its thread may have reached
+        QEMU after the reset: it is waited out as usual).  Wait a moment for
+        the ``DEVICE_REMOVED`` an ACPI reset brings, then look (RECHECKING)."""
+        if self.phase is Phase.RECHECKING:
+            self.rebooted = True  # the look under way decides
+        if self.phase is not Phase.WAITING:
+            return
+        if not self.rebooted:  # QEMU resets more than once per reboot (firmware)
+            out.append(Report("guest_reset"))
+        self.rebooted = True
+        self.deadline = min(self.deadline, now + min(RESET_SETTLE, self.limits.timeout / 4))
+        self.token += 1
+        out.append(WaitUntil(self.deadline, self.token))
+
+    def _voided(self, out: list[Action], now: float) -> None:
+        """The device is still there after the reset: our request is void (the
+        guest could not act on it, like one sent to a paused guest).  It uses
+        no attempt; the request goes out again as soon as QEMU takes it, its
+        refusals meanwhile spaced and not counted (see _answered)."""
+        self.rebooted = False
+        self.sent -= 1
+        self.accepted = False  # nothing of ours is pending in the guest any more
+        self.held_from = self.taken_at
+        self.busy_since = None
+        out.append(Report("request_voided"))
+        self._queue(out, now)
 
     # ---------------------------------------------------------------- waits
     def _enter(self, out: list[Action], phase: Phase, now: float) -> None:
@@ -617,7 +686,8 @@ class UnplugMachine:
                 out.append(Report("paused"))
                 self._enter(out, Phase.PAUSED, now)
                 return
-            out.append(Report("attempt_timed_out", "timeout", self.limits.timeout))
+            if not self.rebooted:
+                out.append(Report("attempt_timed_out", "timeout", self.limits.timeout))
         self.reading = True
         out.append(_READ_XML)
 
@@ -646,7 +716,9 @@ class UnplugMachine:
         if not read.present:
             self._conclude(out, Verdict.GONE)  # its event was lost, or it was early
             return
-        if phase is Phase.RECHECKING:
+        if phase is Phase.RECHECKING and self.rebooted:
+            self._voided(out, now)
+        elif phase is Phase.RECHECKING:
             self.used += 1
             if self.used < self.limits.attempts:
                 self._queue(out, now)

@@ -14,6 +14,9 @@ from typing import Literal
 __all__ = [
     "BUSY_BACKOFF_MAX",
     "JOB_RETRY_GAP",
+    "RESET_HOLD",
+    "RESET_HOLD_LIMIT",
+    "RESET_SETTLE",
     "STOP_EVENT_WAIT",
     "Abort",
     "Action",
@@ -55,6 +58,21 @@ JOB_RETRY_GAP = 1.0
 """A request refused because another job holds the domain is sent again at
 once (libvirt's own wait for the job, 30 s, is the wait); one refused sooner
 than this is sent again this long after (a backend that does not wait)."""
+
+RESET_SETTLE = 1.0
+"""After a guest reset, how long to wait for a ``DEVICE_REMOVED`` before
+looking at the live XML (at most a quarter of ``timeout``): on ACPI hotplug
+a reset completes a pending unplug and the event follows it (measured
+0.13 s); on native PCIe it voids the unplug and no event ever comes."""
+
+RESET_HOLD = 5.0
+"""QEMU refuses ``device_del`` on a native-PCIe slot for 5 s after it took
+one ("already in the process of unplug"), even once a reset voided it: a
+re-send is tried no later than that."""
+
+RESET_HOLD_LIMIT = 2 * RESET_HOLD
+"""How long after the voided request such refusals still mean "not taken"
+(QEMU's own clock may lag ours); later ones are an unplug in progress again."""
 
 
 class Phase(enum.Enum):
@@ -138,6 +156,13 @@ class Resumed:
 
 
 @dataclass(frozen=True, slots=True)
+class Rebooted:
+    """libvirt's REBOOT for the domain: the guest was reset (``virDomainReset``,
+    or the guest rebooted itself).  A pending native-PCIe unplug is void after
+    it; on ACPI hotplug the reset completes it."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionDown:
     """The connection to libvirtd was lost (events from now on may be lost)."""
 
@@ -211,6 +236,7 @@ Input = (
     | Event
     | Stopped
     | Resumed
+    | Rebooted
     | ConnectionDown
     | Reconnected
     | ReconnectFailed

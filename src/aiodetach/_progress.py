@@ -60,6 +60,8 @@ def _unplug_text(r: UnplugRecord) -> str | None:
         return "the domain is paused: waiting for it to run again"
     if kind == "resumed":
         return "the domain runs again: waiting a full timeout"
+    if kind == "request_voided":
+        return "the guest was reset: the request is void, sending it again (no attempt used)"
     if kind == "waiting_for_reconnect":
         return "waiting for libvirtd to come back"
     if kind == "removed" and r.confirmed_by == "xml":

@@ -53,6 +53,7 @@ from ._machine_io import (
     Phase,
     ReadState,
     ReadXml,
+    Rebooted,
     Report,
     Resumed,
     Send,
@@ -76,6 +77,7 @@ __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "r
 Key = tuple[str, str]
 
 _JOINED, _LEFT, _ABORT, _RESUMED, _DOWN = Joined(), Left(), Abort(), Resumed(), ConnectionDown()
+_REBOOTED = Rebooted()
 _REMOVED, _SENDING, _GONE = Verdict.REMOVED, Phase.SENDING, Verdict.GONE
 _REMOVED_IN, _REMOVED_OUT = Event(_REMOVED, in_libvirt=True), Event(_REMOVED, in_libvirt=False)
 
@@ -170,6 +172,10 @@ class Unplug(UnplugCalls):
     def wake(self) -> None:
         """libvirt's RESUMED for the domain (handled in a step of its own)."""
         self._registry.loop.call_soon(self._feed, _RESUMED)
+
+    def guest_reset(self) -> None:
+        """libvirt's REBOOT for the domain (handled in a step of its own)."""
+        self._registry.loop.call_soon(self._feed, _REBOOTED)
 
     def connection_down(self) -> None:
         self._feed(_DOWN)

@@ -122,6 +122,10 @@ class Definition:
     devices: tuple[ET.Element, ...]
     shared: frozenset[Identity] = frozenset()
     """The identities that more than one device of the definition has (see `At`)."""
+    platform: tuple[str, bool, tuple[str, ...]] = ("", False, ())
+    """What decides how a PCIe slot hot-plugs (see `aiodetach._slots`):
+    the machine type, whether ``<features><acpi/>`` is on, and the QEMU
+    arguments passed through (``<qemu:commandline>``)."""
 
 
 def parse_definition(domain_xml: str) -> Definition:
@@ -135,7 +139,20 @@ def parse_definition(domain_xml: str) -> Definition:
         identity = _identity(elem)
         if identity is not None:
             (shared if identity in seen else seen).add(identity)
-    return Definition(devices, frozenset(shared))
+    return Definition(devices, frozenset(shared), _platform(root))
+
+
+_QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def _platform(root: ET.Element) -> tuple[str, bool, tuple[str, ...]]:
+    os_type = root.find("os/type")
+    machine = os_type.get("machine", "") if os_type is not None else ""
+    acpi = root.find("features/acpi") is not None
+    args = tuple(
+        arg.get("value", "") for arg in root.iterfind(f"{_QEMU_NS}commandline/{_QEMU_NS}arg")
+    )
+    return machine, acpi, args
 
 
 Domain = str | Definition

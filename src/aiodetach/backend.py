@@ -1,6 +1,6 @@
 """The narrow, public interface between the detach protocol and a hypervisor.
 
-The service only ever needs six blocking calls and four kinds of
+The service only ever needs six blocking calls and five kinds of
 notification.  Keeping them behind this interface is what lets the same
 protocol code run against a real libvirtd (`aiodetach._libvirt`) and
 against [`aiodetach.testing.FakeHypervisor`][aiodetach.testing.FakeHypervisor], which produces the
@@ -120,6 +120,13 @@ class EventSink(Protocol):
         for a backend: without it a paused domain is noticed running again by
         looking every ``timeout`` seconds."""
 
+    def domain_rebooted(self, uuid: str, name: str) -> None:
+        """The guest was reset (libvirt's REBOOT event: ``virDomainReset``, or
+        the guest rebooted itself).  Optional for a backend: a reset voids a
+        pending native-PCIe unplug, and without this notification the void
+        request is only noticed when its ``timeout`` runs out (then re-sent
+        using an attempt)."""
+
     def connection_closed(self, reason: str) -> None: ...
 
 
@@ -137,8 +144,8 @@ class Backend(Protocol):
     def uri(self) -> str: ...
 
     def open(self, sink: EventSink, *, read_only: bool) -> None:
-        """Connect and subscribe to device-removed, removal-failed, lifecycle
-        and close notifications for every domain."""
+        """Connect and subscribe to device-removed, removal-failed, lifecycle,
+        reboot and close notifications for every domain."""
 
     def close(self) -> None:
         """Unsubscribe and disconnect; never raises."""

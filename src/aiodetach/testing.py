@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 Behaviour = Literal["remove", "later", "ignore", "fail", "manual"]
+OnReset = Literal["keep", "void", "complete"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,30 @@ class GuestUnplug:
     """The first requests are refused with QEMU's "guest is busy (power
     indicator blinking)", as right after a native-PCIe hot-plug while the
     slot settles: they are not accepted and leave nothing pending."""
+    on_reset: OnReset = "keep"
+    """What a guest reset (`FakeHypervisor.reset_domain`) does to a
+    pending unplug: ``"void"`` as QEMU's native PCIe hotplug (the guest never
+    releases the device for it; see `reset_hold`), ``"complete"`` as
+    ACPI hotplug (the reset removes the device, ``DEVICE_REMOVED`` follows),
+    ``"keep"`` nothing (the pending unplug goes on)."""
+    reset_hold: float = 0.0
+    """With ``on_reset="void"``: a new request is refused with "already in
+    the process of unplug" until this long after the voided one was taken
+    (QEMU: 5 s)."""
+
+    @classmethod
+    def native_pcie(cls, delay: float, *, hold: float = 5.0) -> GuestUnplug:
+        """A fake slot behaving like QEMU's native PCIe hotplug: released
+        ``delay`` s after the request, re-sends refused while it is pending,
+        and a guest reset voids it (requests refused for ``hold`` s after the
+        voided one was taken)."""
+        return cls("later", delay, refuse_while_pending=True, on_reset="void", reset_hold=hold)
+
+    @classmethod
+    def acpi(cls, delay: float) -> GuestUnplug:
+        """A fake slot behaving like ACPI hotplug: released ``delay`` s after
+        the request, and a guest reset completes a pending unplug."""
+        return cls("later", delay, on_reset="complete")
 
     @classmethod
     def now(cls) -> GuestUnplug:
@@ -122,6 +147,11 @@ class FakeDevice:
     (a device attached to both definitions at once is placed in each)."""
     xml: str | None = None
     """The device's own XML, for a device added with `FakeDomain.add_device()`."""
+    """The device's own XML, for a device added with `FakeDomain.add_device`."""
+    held_until: float | None = None
+    """A reset voided its unplug: requests refused until then (monotonic)."""
+    epoch: int = 0
+    """Bumped when a reset voids its unplug: a release scheduled before is void."""
 
     def element(self, *, live: bool) -> ET.Element:
         # The test's own XML, or built from the attributes.
@@ -218,6 +248,14 @@ class FakeDomain:
     """Why it is shut off (its ``DomainInfo.stop_reason``, libvirt's shutoff
     reason), set by `FakeHypervisor.stop_domain` and
     `FakeHypervisor.finish_migration`."""
+    machine: str = ""
+    """``<os><type machine=…>`` (e.g. ``"pc-q35-7.2"``), written when set."""
+    acpi: bool = True
+    """``<features><acpi/>``, written with `machine`."""
+    qemu_args: tuple[str, ...] = ()
+    """Arguments passed through to QEMU (``<qemu:commandline>``), e.g.
+    ``("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")`` for
+    native PCIe hotplug on q35."""
 
     def _add(
         self,
@@ -316,11 +354,21 @@ class FakeDomain:
         root = ET.Element("domain", type="qemu")
         ET.SubElement(root, "name").text = self.name
         ET.SubElement(root, "uuid").text = self.uuid
+        if self.machine:
+            os_elem = ET.SubElement(root, "os")
+            ET.SubElement(os_elem, "type", machine=self.machine).text = "hvm"
+            if self.acpi:
+                ET.SubElement(ET.SubElement(root, "features"), "acpi")
         devices = ET.SubElement(root, "devices")
         live = self.state.is_active and not inactive
         for dev in self.devices:
             if (live and dev.live) or (not live and dev.config):
                 devices.append(dev.element(live=live))
+        if self.qemu_args:
+            qemu = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+            commandline = ET.SubElement(root, qemu + "commandline")
+            for arg in self.qemu_args:
+                ET.SubElement(commandline, qemu + "arg", value=arg)
         return ET.tostring(root, encoding="unicode")
 
 
@@ -382,6 +430,11 @@ class FakeHypervisor:
         self.job_timeouts: list[str] = []
         """Calls (``detach_live``, ``detach_config``) refused because a fake job
         held their domain past its wait (code 68), in order."""
+        """Requests refused as "guest is busy" (see `GuestUnplug.busy_first`)."""
+        self.voided = 0
+        """Pending unplugs a reset voided (see `reset_domain`)."""
+        self.held_refusals = 0
+        """Requests refused because a voided unplug still holds the slot."""
 
     # -- test controls -----------------------------------------------------------------
     @property
@@ -573,6 +626,32 @@ class FakeHypervisor:
         if sink is not None:
             sink.domain_resumed(dom.uuid, dom.name)
 
+    def reset_domain(self, domain: str, *, emit: bool = True) -> None:
+        """Reset the guest (``virDomainReset``, or a guest that reboots
+        itself): libvirt's REBOOT is emitted (``emit=False`` loses it), then
+        each pending unplug goes as its `GuestUnplug.on_reset` says:
+        voided (native PCIe: no release ever comes for it), or completed
+        (ACPI: the device is removed and DEVICE_REMOVED follows the REBOOT)."""
+        with self._lock:
+            dom = self.domain(domain)
+            completed: list[str] = []
+            for dev in dom.devices:
+                since = dev.pending_since
+                if not dev.live or since is None:
+                    continue
+                if dev.unplug.on_reset == "void":
+                    dev.pending_since = None
+                    dev.epoch += 1
+                    dev.held_until = since + dev.unplug.reset_hold
+                    self.voided += 1
+                elif dev.unplug.on_reset == "complete":
+                    completed.append(dev.alias)
+            sink = self._sink if self.connected else None
+        if sink is not None and emit:
+            sink.domain_rebooted(dom.uuid, dom.name)
+        for alias in completed:
+            self.complete(dom.name, alias)
+
     def crash(self) -> None:
         """libvirtd dies: the connection closes, calls fail until `restart()`."""
         with self._lock:
@@ -720,9 +799,17 @@ class FakeHypervisor:
                     ErrorCode.INTERNAL_ERROR, f"internal error: no device found with alias {alias}"
                 )
             pending = dev.pending_since is not None
-            self.requests.append(Request(dom.uuid, alias, time.monotonic(), pending))
+            now = time.monotonic()
+            self.requests.append(Request(dom.uuid, alias, now, pending))
             dev.requests += 1
             plan = dev.unplug
+            if dev.held_until is not None and now < dev.held_until:
+                self.held_refusals += 1
+                raise _err(
+                    ErrorCode.INTERNAL_ERROR,
+                    "internal error: unable to execute QEMU command 'device_del': "
+                    f"Device {alias} is already in the process of unplug",
+                )
             if pending and plan.refuse_while_pending:
                 raise _err(
                     ErrorCode.INTERNAL_ERROR,
@@ -738,16 +825,20 @@ class FakeHypervisor:
                 )
             if dev.requests - plan.busy_first <= plan.lose_first:
                 return
-            dev.pending_since = time.monotonic()
-            name = dom.name
+            dev.pending_since = now
+            name, epoch = dom.name, dev.epoch
         if plan.behaviour == "remove":
             self.complete(name, alias, emit=plan.emit_event)
         elif plan.behaviour in ("later", "fail"):
-            action = (
-                self.reject
-                if plan.behaviour == "fail"
-                else lambda d, a: self.complete(d, a, emit=plan.emit_event)
-            )
+
+            def action(d: str, a: str) -> None:
+                if dev.epoch != epoch:
+                    return  # a reset voided the unplug this release belonged to
+                if plan.behaviour == "fail":
+                    self.reject(d, a)
+                else:
+                    self.complete(d, a, emit=plan.emit_event)
+
             self._later(plan.delay, action, name, alias)
 
     def _job_wait(self, name: str, uuid: str) -> None:

@@ -560,6 +560,7 @@ def guest_domain_xml(
     pin_hotplugged_memory: bool = False,
     control_socket: Path | None = None,
     extra_cmdline: Sequence[str] = (),
+    reboot: bool = False,
 ) -> str:
     """Return libvirt domain XML that boots ``image`` with a serial log file.
 
@@ -589,6 +590,9 @@ def guest_domain_xml(
             at this UNIX socket path; the guest reads commands from it (see
             :func:`guest_command`).
         extra_cmdline: extra kernel command-line words.
+        reboot: a reset reboots the guest (``on_reboot=restart``); by default
+            it stops the domain (``on_reboot=destroy``: QEMU runs with
+            ``-no-reboot``, so even ``virDomainReset`` shuts it down).
 
     All values go through ElementTree, never string formatting.
     """
@@ -637,7 +641,7 @@ def guest_domain_xml(
         numa = _SUB(cpu, "numa")
         _SUB(numa, "cell", id="0", cpus="0", memory=str(memory_mib), unit="MiB")
     _SUB(dom, "on_poweroff").text = "destroy"
-    _SUB(dom, "on_reboot").text = "destroy"
+    _SUB(dom, "on_reboot").text = "restart" if reboot else "destroy"
     _SUB(dom, "on_crash").text = "destroy"
 
     devs = _SUB(dom, "devices")

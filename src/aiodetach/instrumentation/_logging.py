@@ -54,6 +54,10 @@ def _log_unplug(r: UnplugRecord) -> None:
         )
     elif kind == "paused":
         _log.info("aiodetach.waiting_while_paused", **where)
+    elif kind == "guest_reset":
+        _log.info("aiodetach.guest_reset", **where)
+    elif kind == "request_voided":
+        _log.info("aiodetach.request_voided_by_reset", **where)
     elif kind == "waiting_for_reconnect":
         _log.info("aiodetach.waiting_for_reconnect", **where)
     elif kind == "removed":
@@ -71,6 +75,15 @@ def _log_detach(r: DetachRecord) -> None:
     kind = r.kind
     if kind == "unplug_joined":
         _log.info("aiodetach.detach_joined", domain=r.domain, alias=r.alias)
+    elif kind == "timeout_below_slot_minimum":
+        _log.warning(
+            "aiodetach.timeout_below_slot_minimum",
+            domain=r.domain,
+            alias=r.alias,
+            slot=r.slot,
+            minimum=r.minimum,
+            timeout=r.timeout,
+        )
     elif kind in ("persistent_detached", "persistent_joined", "persistent_missing_ignored"):
         _log.info("aiodetach." + kind, domain=r.domain, alias=r.alias)
     elif kind == "finished" and r.result is not None:

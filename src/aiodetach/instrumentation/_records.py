@@ -47,6 +47,7 @@ DetachStep = Literal[
     "persistent_detached",  # removed from the persistent definition
     "persistent_joined",  # another caller's config detach of this device counts as ours
     "persistent_missing_ignored",  # not in the persistent definition; a live detach follows
+    "timeout_below_slot_minimum",  # timeout shorter than the device's slot can release in (slot)
     "unplug_started",  # this call started the device's live unplug (unplug_id)
     "unplug_joined",  # this call joined the device's live unplug in flight (unplug_id)
     "finished",  # result or error (outcome)
@@ -64,6 +65,8 @@ UnplugStep = Literal[
     "attempt_timed_out",  # no DEVICE_REMOVED within timeout: re-reading the live XML
     "paused",  # the window ran out on a paused domain: waiting for it to run again
     "resumed",  # the domain runs again: the guest gets a full timeout
+    "guest_reset",  # libvirt's REBOOT while our request was pending: looking shortly
+    "request_voided",  # the reset voided it (still attached): sent again, no attempt used
     "waiting_for_reconnect",  # libvirtd went away while waiting
     "removed",  # the device is gone (confirmed_by "event" or "xml")
     "removal_failed",  # DEVICE_REMOVAL_FAILED: the guest said no
@@ -119,6 +122,12 @@ class DetachRecord:
     resumed: bool = False
     """``unplug_joined``: the unplug joined was taken up from the journal (a
     request sent by an earlier run of this process)."""
+    slot: str | None = None
+    """``timeout_below_slot_minimum``: the device's slot kind (``"native-pcie"``)."""
+    minimum: float | None = None
+    """``timeout_below_slot_minimum``: seconds such a slot cannot release in."""
+    timeout: float | None = None
+    """``timeout_below_slot_minimum``: the ``timeout`` in force."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -127,6 +127,7 @@ def guest(
     hotplug_ports: int = 0,
     start: bool = True,
     wait_ready: bool = True,
+    reboot: bool = False,
 ) -> Iterator[Guest]:
     """A persistent tiny-Linux domain; destroyed and undefined afterwards.
 
@@ -135,6 +136,7 @@ def guest(
     ``control`` gives the guest a command channel (``Guest.control_socket``,
     see ``_guest.guest_command``).
     With ``start=False`` the domain is only defined: the test starts it.
+    ``reboot``: a reset reboots the guest instead of stopping the domain.
     """
     image = _guest.build_guest_image()
     devices: dict[str, str] = {}
@@ -162,6 +164,7 @@ def guest(
             pin_hotplugged_memory=pin_hotplugged_memory,
             control_socket=workdir / CONTROL_SOCKET if control else None,
             extra_cmdline=("loglevel=7",) if kernel_log else (),
+            reboot=reboot,
         )
 
     with _lab.throwaway_domain(uri, build_xml=build, start=start) as lab:
