@@ -20,41 +20,18 @@ from ._connect import Connect, alive, from_factory
 from ._errors_map import is_domain_gone, is_unsupported
 from ._eventloop import quiet_connection
 from ._lanes import Lanes
+from ._libvirt_names import CLOSE_REASONS as _CLOSE_REASONS
+from ._libvirt_names import SHUTOFF_REASONS as _SHUTOFF_REASONS
+from ._libvirt_names import STOP_REASONS as _STOP_REASONS
+from ._libvirt_names import domain_state as _state
 from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
-from .backend import BackendError, DomainInfo, DomainState, ErrorCode, ErrorDomain, EventSink
+from .backend import BackendError, DomainInfo, ErrorCode, ErrorDomain, EventSink
 
 __all__ = ["LibvirtBackend"]
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-
-_STOP_REASONS = {
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "from-snapshot",
-}
-_SHUTOFF_REASONS = {
-    # libvirt's shutoff reason (``dom.state()``), named as the STOPPED event's
-    # detail: read when a call was refused as "not running" before that event came.
-    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
-    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
-    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
-    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
-    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "from-snapshot",
-}
-_CLOSE_REASONS = {
-    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
-    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
-    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
-    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client",
-}
 
 
 class _Lane:
@@ -449,13 +426,3 @@ def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
             if is_domain_gone(by_name):
                 raise err from None  # the UUID's "not found" says what was asked
             raise
-
-
-def _state(state: int, active: bool) -> DomainState:
-    if not active:
-        return DomainState.SHUTOFF
-    if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED):
-        return DomainState.PAUSED
-    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
-        return DomainState.RUNNING
-    return DomainState.OTHER  # active, in transition (shutting down, nostate, …)
