@@ -424,3 +424,24 @@ async def test_a_request_refused_by_a_job_is_no_attempt_after_a_restart(
             result = await svc.detach("vm", alias="ua-d", persistent=False)
     assert (result.live, result.attempts) == (True, 1)
     assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("event", ["before", "lost"])
+async def test_migration_completing_during_a_window_says_migrated(
+    fake: FakeHypervisor, event: str
+) -> None:
+    """The request was accepted before the migration took the job: nothing of
+    ours is blocked, the window runs; the migration completing ends it as
+    "migrated", from the event or (lost) from the re-check's state read."""
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-d", unplug=GuestUnplug.never())
+    settings = DetachSettings(attempts=3, timeout=0.3)
+    async with DetachService(backend=fake, settings=settings) as svc:
+        caller = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        await until(lambda: len(fake.requests) == 1, 5, "first request")
+        fake.hold_job("vm")
+        fake.finish_migration("vm", event=event)  # type: ignore[arg-type]
+        with pytest.raises(DomainStopped) as info:
+            await caller
+    assert info.value.reason == "migrated"
+    assert len(fake.requests) == 1
