@@ -85,8 +85,15 @@ def is_job_held(err: BackendError) -> bool:
     QEMU, not configurable): "Timed out during operation: cannot acquire state
     change lock (held by monitor=remoteDispatchDomainMigratePerform3Params)"
     during a migration.  The call never ran: nothing was done, so it is sent
-    again (see ``_machine`` and ``_persistent``), not a failure."""
-    return err.code == ErrorCode.OPERATION_TIMEOUT
+    again (see ``_machine`` and ``_persistent``), not a failure.
+
+    The code alone does not say so: 68 is libvirt's "timed out" for anything
+    (a guest agent, a monitor), and such a call may have run, or may fail the
+    same way every time; sent again for as long as a caller waits, a caller
+    with no deadline would wait for ever.  Only the job wait's own words
+    ("cannot acquire state change lock", "cannot acquire job mutex" in older
+    drivers) say the call was never started."""
+    return err.code == ErrorCode.OPERATION_TIMEOUT and "cannot acquire" in err.message.lower()
 
 
 def is_unsupported(err: BackendError) -> bool:

@@ -167,8 +167,13 @@ class PersistentStep:
             except BackendError as err:
                 if not (is_job_held(err) and self._waiting.get(key)):
                     raise
+                refused = err
             if loop.time() - started < JOB_RETRY_GAP:
                 await asyncio.sleep(JOB_RETRY_GAP)
+                if not self._waiting.get(key):
+                    # Every caller left during the pause: nothing for nobody
+                    # (the job may have ended meanwhile, and it would go through).
+                    raise refused
 
 
 def _alone(dev: DeviceRef) -> str:

@@ -506,7 +506,11 @@ class FakeHypervisor:
             self._sink.device_removed(dom.uuid, dom.name, alias)
 
     def stop_domain(self, domain: str, reason: str = "destroyed") -> None:
-        """Destroy/shut down: live devices vanish, lifecycle STOPPED is emitted."""
+        """Destroy/shut down: live devices vanish, lifecycle STOPPED is emitted.
+
+        A job held by `hold_job` ends with the domain (libvirt's destroy
+        kills QEMU, and the migration holding the job fails with it): the
+        calls it blocked go on, as libvirt's do, against a shut-off domain."""
         with self._lock:
             dom = self.domain(domain)
             dom.state = DomainState.SHUTOFF
@@ -519,6 +523,7 @@ class FakeHypervisor:
             sink = self._sink if self.connected else None
         if sink is not None:
             sink.domain_stopped(dom.uuid, dom.name, reason)
+        self._end_job(dom.uuid)
 
     def hold_job(
         self,
@@ -540,7 +545,9 @@ class FakeHypervisor:
     def release_job(self, domain: str) -> None:
         """The job ends with the domain still here (a cancelled migration,
         ``abortJob``): the blocked calls go on as if nothing had held them."""
-        uuid = self.domain(domain).uuid
+        self._end_job(self.domain(domain).uuid)
+
+    def _end_job(self, uuid: str) -> None:
         with self._job_changed:
             job = self._jobs.pop(uuid, None)
             if job is not None:
