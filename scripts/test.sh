@@ -9,8 +9,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-bash scripts/bootstrap.sh
-"$VENV/bin/ruff" check .
-"$VENV/bin/ruff" format --check .
-"$VENV/bin/mypy"
+bash scripts/lint.sh
 "$VENV/bin/python" -X dev -m pytest -q "$@"

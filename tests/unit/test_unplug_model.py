@@ -86,6 +86,7 @@ from hypothesis.stateful import (
 )
 from prometheus_client import CollectorRegistry
 
+from _depth import examples
 from aiodetach import DetachResult, DetachService, DetachSettings
 from aiodetach.errors import DetachFailed, DetachTimeout, DeviceNotFound, ServiceClosed
 from aiodetach.instrumentation import Record, prometheus_hook
@@ -897,7 +898,7 @@ class DetachMachine(RuleBasedStateMachine):
 
 
 DetachMachine.TestCase.settings = settings(
-    max_examples=500,
+    max_examples=examples(150),  # 500 in CI's everything stage (tests/_depth.py)
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
