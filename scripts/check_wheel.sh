@@ -46,4 +46,4 @@ for name in ("_lab", "_guest", "_demo"):
 print(f"aiodetach {aiodetach.__version__} from {where.parent}")
 PY
 AIODETACH_TEST_INSTALLED=1 "$WHEEL_VENV/bin/python" -X dev -m pytest -q -p no:cacheprovider \
-    tests/unit tests/testdriver
+    -n "${FAST_WORKERS:-4}" tests/unit tests/testdriver

@@ -51,6 +51,11 @@ class Terminal:
         self.history.set_mode(pyte.modes.LNM)
         self._streams = [pyte.ByteStream(self.screen), pyte.ByteStream(self.history)]
         self.raw = b""
+        # The size is the pty's alone: a COLUMNS/LINES inherited from the test
+        # runner (pytest-xdist's workers set 80x24) would override it.
+        env = {k: v for k, v in (os.environ if env is None else env).items()}
+        env.pop("COLUMNS", None)
+        env.pop("LINES", None)
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env
         )
