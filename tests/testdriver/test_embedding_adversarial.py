@@ -1,0 +1,54 @@
+"""Embedding aiodetach the way an agent would, trying to break what the docs
+promise (docs/instrumentation.md "Logging", docs/event-loops.md): the host's
+``logging`` governs every record the library makes, a host-registered
+libvirtaio that cannot serve a later loop is refused with a message that fits,
+and a service's libvirt errors on a connection the caller gave go where the
+caller's own errors on it go.
+
+Each case in a new interpreter: logging's configuration, libvirt's error
+handler and its event implementation are process-wide, and the test-driver
+tier registers a handler of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+from _probes import fresh_python
+
+
+def _python(code: str) -> tuple[str, str]:
+    done = fresh_python(textwrap.dedent(code))
+    return done.stdout, done.stderr
+
+
+def test_the_libvirt_event_implementation_aiodetach_registers_logs_under_aiodetach() -> None:
+    # A host that logs DEBUG for itself and keeps aiodetach at WARNING must get
+    # no DEBUG record from the library: libvirtaio names its logger after the
+    # class, and aiodetach's subclass of it logged as "_ThreadSafeImpl", a
+    # top-level logger outside the ``aiodetach`` hierarchy the docs promise.
+    out, _ = _python(
+        """
+        import asyncio, json, logging
+        from aiodetach import DetachService
+        from aiodetach.errors import DetachError
+
+        names = set()
+        class Names(logging.Handler):
+            def emit(self, record):
+                names.add(record.name)
+        logging.basicConfig(level=logging.DEBUG, handlers=[Names()])
+        logging.getLogger("aiodetach").setLevel(logging.WARNING)
+
+        async def main():
+            async with DetachService("test:///default") as svc:
+                try:
+                    await svc.detach("test", alias="no-such-alias")
+                except DetachError:
+                    pass
+        asyncio.run(main())
+        print(json.dumps(sorted(names - {"asyncio"})))
+        """
+    )
+    assert json.loads(out) == []
