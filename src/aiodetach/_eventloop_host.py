@@ -147,6 +147,15 @@ class HostAsyncIO:
         current = self.impl.loop
         guard = current if isinstance(current, LoopGuard) else None
         host_loop = guard.loop if guard is not None else current
+        if host_loop is not loop and host_loop.is_closed():
+            raise EventLoopConflict(
+                "libvirt's events run on the event loop your application gave "
+                "libvirtaio.virEventRegisterAsyncIOImpl(), which has ended: libvirt keeps that "
+                "implementation, bound to that loop, for the life of the process, so no later "
+                "loop gets libvirt's events; run your services in one asyncio.run, or, to run "
+                "loops one after another, call aiodetach.install_event_loop() instead of "
+                "libvirtaio's registration (it follows each new loop)"
+            )
         if host_loop is not loop:
             where = "is still running" if host_loop.is_running() else "is not running"
             raise EventLoopConflict(

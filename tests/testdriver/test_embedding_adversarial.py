@@ -52,3 +52,35 @@ def test_the_libvirt_event_implementation_aiodetach_registers_logs_under_aiodeta
         """
     )
     assert json.loads(out) == []
+
+
+def test_a_hosts_libvirtaio_whose_loop_ended_is_refused_saying_that_it_ended() -> None:
+    # A second asyncio.run after the host registered libvirtaio on the first:
+    # the message must not send the caller to "open the service on that loop"
+    # (it is closed) nor promise a registration by aiodetach (libvirt takes one
+    # per process, and the host's is already in).
+    out, _ = _python(
+        """
+        import asyncio, json, libvirt, libvirtaio
+        from aiodetach import DetachService
+        from aiodetach.errors import EventLoopConflict
+
+        async def first():
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+            async with DetachService("test:///default"):
+                pass
+        async def second():
+            try:
+                async with DetachService("test:///default"):
+                    return "opened"
+            except EventLoopConflict as exc:
+                return str(exc)
+        asyncio.run(first())
+        print(json.dumps(asyncio.run(second())))
+        """
+    )
+    message = json.loads(out)
+    assert "has ended" in message, message
+    assert "open the service on that loop" not in message, message
+    assert "one asyncio.run" in message, message
+    assert "install_event_loop()" in message, message
