@@ -84,3 +84,36 @@ def test_a_hosts_libvirtaio_whose_loop_ended_is_refused_saying_that_it_ended() -
     assert "open the service on that loop" not in message, message
     assert "one asyncio.run" in message, message
     assert "install_event_loop()" in message, message
+
+
+def test_a_services_errors_on_the_callers_connection_go_where_the_callers_go() -> None:
+    # docs/event-loops.md: aiodetach silences only the connections it opens;
+    # on a connection the caller gave, its failed calls are reported to the
+    # process's handler, as the caller's own calls on it are.
+    out, err = _python(
+        """
+        import asyncio, json, libvirt, aiodetach
+        from aiodetach import DetachService
+        from aiodetach.errors import DetachError
+
+        seen = []
+        libvirt.registerErrorHandler(lambda _ctx, e: seen.append(e[2]), None)
+
+        async def main():
+            aiodetach.install_event_loop()
+            conn = libvirt.open("test:///default")
+            async with DetachService(connection=conn) as svc:
+                try:
+                    await svc.detach("no-such-domain", alias="ua-disk1")
+                except DetachError as exc:
+                    raised = type(exc).__name__
+            conn.close()
+            return raised
+        raised = asyncio.run(main())
+        print(json.dumps({"raised": raised, "seen": seen}))
+        """
+    )
+    result = json.loads(out)
+    assert result["raised"] == "DomainNotFound"
+    assert result["seen"] == ["Domain not found"], result
+    assert err == ""
