@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import libvirt
 import libvirtaio
 
-from ._eventloop_host import HostAsyncIO, HostThread, registered_elsewhere
+from ._eventloop_host import HostAsyncIO, HostThread, find_registered
 from ._log import LOGGER_NAME, get_log
 from .errors import EventLoopConflict
 
@@ -320,10 +320,12 @@ def install_event_loop() -> EventBridge:
             return _impl
         if _host is None:
             current = libvirtaio.getCurrentImpl()
+            if current is None:
+                registered, current = find_registered()
+                if registered and current is None:
+                    _host = HostThread()
             if current is not None:
                 _host = HostAsyncIO(current)
-            elif registered_elsewhere():
-                _host = HostThread()
         if _host is not None:
             return _host.bind(loop)
         impl = _ThreadSafeImpl(loop)

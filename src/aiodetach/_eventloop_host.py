@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -38,7 +39,7 @@ import libvirtaio
 
 from .errors import EventLoopConflict
 
-__all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "registered_elsewhere"]
+__all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "find_registered"]
 
 # How long a registered implementation may take to run a due timer before
 # opening a service says that nothing runs it.
@@ -223,14 +224,64 @@ class HostThread:
         """Nothing queued here: the host's thread frees what libvirt closes."""
 
 
-def registered_elsewhere() -> bool:
-    """Whether some libvirt event implementation is registered (not by us):
-    ``virEventAddTimeout`` fails exactly when none is.  The probe timer is
-    disabled (-1) and removed at once."""
+def find_registered() -> tuple[bool, libvirtaio.virEventAsyncIOImpl | None]:
+    """Whether some libvirt event implementation is registered (not by us),
+    and the libvirtaio instance it is, if it is one.
+
+    ``virEventAddTimeout`` fails exactly when none is registered.  libvirtaio
+    names its instance (``getCurrentImpl()``) only when the host used
+    ``virEventRegisterAsyncIOImpl()``; ``virEventAsyncIOImpl(loop=…).register()``
+    registers one as surely, unnamed, and taken for an implementation a host
+    thread runs it would be called from worker threads unguarded.  So the
+    probe timer (disabled: -1) is looked for among the libvirtaio instances
+    that exist (one scan of the collector's objects, once per process, only
+    when something is registered; libvirtaio's callback ids are unique across
+    its instances).
+    """
     try:
         timer = libvirt.virEventAddTimeout(-1, lambda _t, _o: None, None)
     except libvirt.libvirtError:
-        return False
-    with contextlib.suppress(libvirt.libvirtError):
-        libvirt.virEventRemoveTimeout(timer)
-    return True
+        return False, None
+    owner = next(
+        (
+            o
+            for o in gc.get_objects()
+            if isinstance(o, libvirtaio.virEventAsyncIOImpl)
+            and isinstance(o.callbacks.get(timer), libvirtaio.TimeoutCallback)
+        ),
+        None,
+    )
+    _remove_probe(timer, owner)
+    return True, owner
+
+
+def _remove_probe(timer: int, owner: libvirtaio.virEventAsyncIOImpl | None) -> None:
+    """Remove the probe timer where its implementation allows it.
+
+    libvirtaio schedules a removed timer's free-callback on its loop, which
+    from another thread asyncio refuses (and libvirt-python prints that to
+    stderr): on a loop running elsewhere the removal is handed to it; on a
+    closed one the timer stays, disabled, in an implementation that ended
+    with its loop.
+    """
+
+    def remove() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt.virEventRemoveTimeout(timer)
+
+    loop = owner.loop if owner is not None else None
+    if loop is None:
+        remove()
+    elif loop.is_closed():
+        pass
+    elif loop.is_running() and loop is not _running_loop():
+        loop.call_soon_threadsafe(remove)
+    else:
+        remove()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -13,9 +13,14 @@ tier registers a handler of its own.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
+import pytest
+
 from _probes import fresh_python
+
+HERE = os.path.dirname(__file__)
 
 
 def _python(code: str) -> tuple[str, str]:
@@ -116,4 +121,119 @@ def test_a_services_errors_on_the_callers_connection_go_where_the_callers_go() -
     result = json.loads(out)
     assert result["raised"] == "DomainNotFound"
     assert result["seen"] == ["Domain not found"], result
+    assert err == ""
+
+
+def test_the_hosts_libvirtaio_serves_two_services_at_once_and_one_opened_after_a_close() -> None:
+    # Held when tried: the guard on the host's loop is made once and shared,
+    # and nothing the services' failed calls leave reaches stderr.
+    out, err = _python(
+        f"""
+        import asyncio, json, sys, libvirtaio
+        sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
+        from aiodetach import DetachService
+        from aiodetach.errors import DetachError
+        from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+
+        async def failing(svc):
+            try:
+                await svc.detach("test", alias="no-such-alias")
+            except DetachError as exc:
+                return type(exc).__name__
+
+        async def main():
+            host = libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+            seen = []
+            async with DetachService("test:///default") as a, DetachService("test:///default") as b:
+                seen += [await failing(a), await failing(b)]
+            seen.append(await _stopped_event_of_a_destroyed_domain("test:///default"))
+            seen.append(libvirtaio.getCurrentImpl() is host)
+            return seen
+        print(json.dumps(asyncio.run(main())))
+        """
+    )
+    assert json.loads(out) == [
+        "DeviceNotFound",
+        "DeviceNotFound",
+        ["domain-stopped", "destroyed"],
+        True,
+    ]
+    assert err == ""
+
+
+def test_the_hosts_libvirtaio_registered_with_its_register_method_is_kept_and_guarded() -> None:
+    # ``virEventAsyncIOImpl(loop=…).register()`` registers libvirtaio as much as
+    # ``virEventRegisterAsyncIOImpl()`` does, but libvirtaio.getCurrentImpl()
+    # stays None.  aiodetach took it for "another implementation run by a host
+    # thread", so worker threads called the host's libvirtaio directly: asyncio
+    # (debug mode) refused, and the service's events never arrived.
+    out, err = _python(
+        f"""
+        import asyncio, json, sys, libvirtaio
+        sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
+        from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            host = libvirtaio.virEventAsyncIOImpl(loop=loop).register()
+            seen = [await _stopped_event_of_a_destroyed_domain("test:///default")
+                    for _ in range(2)]
+            seen.append(host.loop.loop is loop)  # the guard of docs/event-loops.md
+            seen.append(host._pending)  # the service's probe timer is freed
+            return seen
+        print(json.dumps(asyncio.run(main())))
+        """
+    )
+    assert json.loads(out) == [
+        ["domain-stopped", "destroyed"],
+        ["domain-stopped", "destroyed"],
+        True,
+        0,
+    ]
+    assert err == ""
+
+
+@pytest.mark.parametrize("where", ["ended", "running in another thread"])
+def test_a_register_method_libvirtaio_on_another_loop_is_refused_without_a_traceback(
+    where: str,
+) -> None:
+    # Probing what is registered added and removed a libvirt timer; libvirtaio
+    # schedules the removed timer's free-callback on its own loop, which asyncio
+    # refused from this thread (or, closed, at all), and libvirt-python printed
+    # each refusal's traceback to stderr before the refusal was raised.
+    out, err = _python(
+        f"""
+        import asyncio, threading, libvirtaio
+        from aiodetach import DetachService
+        from aiodetach.errors import EventLoopConflict
+
+        async def service():
+            try:
+                async with DetachService("test:///default"):
+                    return "opened"
+            except EventLoopConflict as exc:
+                return str(exc)
+
+        if {where!r} == "ended":
+            async def host():
+                libvirtaio.virEventAsyncIOImpl(loop=asyncio.get_running_loop()).register()
+            asyncio.run(host())
+            print(asyncio.run(service()))
+        else:
+            started, stop = threading.Event(), threading.Event()
+            async def host():
+                libvirtaio.virEventAsyncIOImpl(loop=asyncio.get_running_loop()).register()
+                started.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+            thread = threading.Thread(target=asyncio.run, args=(host(),))
+            thread.start()
+            started.wait(30)
+            print(asyncio.run(service()))
+            stop.set()
+            thread.join()
+        """
+    )
+    expected = "has ended" if where == "ended" else "is still running"
+    assert expected in out, out
     assert err == ""
