@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -38,8 +39,8 @@ from typing import Any, Protocol
 import libvirt
 import libvirtaio
 
-from ._eventloop_host import HostAsyncIO, HostThread, registered_elsewhere
-from ._log import get_log
+from ._eventloop_host import HostAsyncIO, HostThread, find_registered
+from ._log import LOGGER_NAME, get_log
 from .errors import EventLoopConflict
 
 __all__ = ["install_event_loop", "quiet_connection"]
@@ -53,6 +54,9 @@ _host: HostAsyncIO | HostThread | None = None
 class _ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
+        # libvirtaio names its logger after the class: keep its debug lines in
+        # the library's own hierarchy, which the host's configuration governs.
+        self.log = logging.getLogger(f"{LOGGER_NAME}.libvirtaio")
         self._thread_id = threading.get_ident()
         self._ids = itertools.count(1)
         self._to_libvirtaio: dict[int, int] = {}
@@ -316,10 +320,12 @@ def install_event_loop() -> EventBridge:
             return _impl
         if _host is None:
             current = libvirtaio.getCurrentImpl()
+            if current is None:
+                registered, current = find_registered()
+                if registered and current is None:
+                    _host = HostThread()
             if current is not None:
                 _host = HostAsyncIO(current)
-            elif registered_elsewhere():
-                _host = HostThread()
         if _host is not None:
             return _host.bind(loop)
         impl = _ThreadSafeImpl(loop)

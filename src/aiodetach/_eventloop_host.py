@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -38,7 +39,7 @@ import libvirtaio
 
 from .errors import EventLoopConflict
 
-__all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "registered_elsewhere"]
+__all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "find_registered"]
 
 # How long a registered implementation may take to run a due timer before
 # opening a service says that nothing runs it.
@@ -147,6 +148,15 @@ class HostAsyncIO:
         current = self.impl.loop
         guard = current if isinstance(current, LoopGuard) else None
         host_loop = guard.loop if guard is not None else current
+        if host_loop is not loop and host_loop.is_closed():
+            raise EventLoopConflict(
+                "libvirt's events run on the event loop your application gave "
+                "libvirtaio.virEventRegisterAsyncIOImpl(), which has ended: libvirt keeps that "
+                "implementation, bound to that loop, for the life of the process, so no later "
+                "loop gets libvirt's events; run your services in one asyncio.run, or, to run "
+                "loops one after another, call aiodetach.install_event_loop() instead of "
+                "libvirtaio's registration (it follows each new loop)"
+            )
         if host_loop is not loop:
             where = "is still running" if host_loop.is_running() else "is not running"
             raise EventLoopConflict(
@@ -214,14 +224,69 @@ class HostThread:
         """Nothing queued here: the host's thread frees what libvirt closes."""
 
 
-def registered_elsewhere() -> bool:
-    """Whether some libvirt event implementation is registered (not by us):
-    ``virEventAddTimeout`` fails exactly when none is.  The probe timer is
-    disabled (-1) and removed at once."""
+def find_registered() -> tuple[bool, libvirtaio.virEventAsyncIOImpl | None]:
+    """Whether some libvirt event implementation is registered (not by us),
+    and the libvirtaio instance it is, if it is one.
+
+    ``virEventAddTimeout`` fails exactly when none is registered.  libvirtaio
+    names its instance (``getCurrentImpl()``) only when the host used
+    ``virEventRegisterAsyncIOImpl()``; ``virEventAsyncIOImpl(loop=…).register()``
+    registers one as surely, unnamed, and taken for an implementation a host
+    thread runs it would be called from worker threads unguarded.  So the
+    probe timer (disabled: -1) is looked for among the libvirtaio instances
+    that exist: one scan of the collector's objects (0.14 s with a million),
+    once per process, only when the probe made a libvirtaio callback
+    (libvirtaio numbers its callbacks with one class-wide counter, so its ids
+    are unique across instances, and the counter shows that it was used).
+    """
+    ids = getattr(libvirtaio.Callback, "_iden_counter", None)  # None: always look
+    before = repr(ids) if ids is not None else None
     try:
         timer = libvirt.virEventAddTimeout(-1, lambda _t, _o: None, None)
     except libvirt.libvirtError:
-        return False
-    with contextlib.suppress(libvirt.libvirtError):
-        libvirt.virEventRemoveTimeout(timer)
-    return True
+        return False, None
+    owner = None
+    if ids is None or repr(ids) != before:  # a libvirtaio callback was made
+        owner = next(
+            (
+                o
+                for o in gc.get_objects()
+                if isinstance(o, libvirtaio.virEventAsyncIOImpl)
+                and isinstance(o.callbacks.get(timer), libvirtaio.TimeoutCallback)
+            ),
+            None,
+        )
+    _remove_probe(timer, owner)
+    return True, owner
+
+
+def _remove_probe(timer: int, owner: libvirtaio.virEventAsyncIOImpl | None) -> None:
+    """Remove the probe timer where its implementation allows it.
+
+    libvirtaio schedules a removed timer's free-callback on its loop, which
+    from another thread asyncio refuses (and libvirt-python prints that to
+    stderr): on a loop running elsewhere the removal is handed to it; on a
+    closed one the timer stays, disabled, in an implementation that ended
+    with its loop.
+    """
+
+    def remove() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt.virEventRemoveTimeout(timer)
+
+    loop = owner.loop if owner is not None else None
+    if loop is None:
+        remove()
+    elif loop.is_closed():
+        pass
+    elif loop.is_running() and loop is not _running_loop():
+        loop.call_soon_threadsafe(remove)
+    else:
+        remove()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
