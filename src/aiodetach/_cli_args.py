@@ -107,11 +107,14 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
 
 def wants_json(argv: list[str]) -> bool:
     """Whether the command line asks for JSON, even one argparse rejects
-    (its usage error must be JSON too).  Options end at ``--``."""
+    (its usage error must be JSON too).  Options end at ``--``.  As argparse
+    reads it: a prefix (``--js``) or a value (``--json=yes``, itself an error)
+    still names ``--json``, whose usage error must then be JSON as well."""
     for arg in argv:
         if arg == "--":
             return False
-        if arg == "--json":
+        name = arg.partition("=")[0]
+        if len(name) >= len("--j") and "--json".startswith(name):
             return True
     return False
 
@@ -183,7 +186,9 @@ def parse_batch(text: str) -> list[dict[str, Any]]:
     """Batch lines: a JSON object, or ``DOMAIN key=value …`` (``#`` comments).
 
     Keys are those of [`aiodetach.DetachRequest`][aiodetach.DetachRequest] (``uri=`` sends the
-    line to that host); ``live``/``persistent`` take true/false.
+    line to that host); ``live``/``persistent`` take true/false.  Each key
+    once (``DOMAIN`` is the key ``domain``): a second one is a bad line, not
+    the one that wins.
 
     """
     requests: list[dict[str, Any]] = []
@@ -193,7 +198,7 @@ def parse_batch(text: str) -> list[dict[str, Any]]:
             continue
         if line.startswith(("{", "[")):
             try:
-                loaded = json.loads(line)
+                loaded = json.loads(line, object_pairs_hook=_once(number))
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise InvalidRequest(f"line {number}: invalid JSON: {exc}") from None
             if not isinstance(loaded, dict):
@@ -206,6 +211,8 @@ def parse_batch(text: str) -> list[dict[str, Any]]:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise InvalidRequest(f"line {number}: expected key=value, got {pair!r}")
+            if key in item:
+                raise InvalidRequest(_twice(number, key))
             if key in ("live", "persistent"):
                 if value.lower() not in ("true", "false"):
                     raise InvalidRequest(f"line {number}: {key} must be true or false")
@@ -214,6 +221,26 @@ def parse_batch(text: str) -> list[dict[str, Any]]:
                 item[key] = value
         requests.append(item)
     return requests
+
+
+def _twice(number: int, key: str) -> str:
+    return f"line {number}: {key!r} given twice (which one was meant?)"
+
+
+def _once(number: int) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON object whose keys are each given once.  Python's JSON keeps the
+    last of two: a line naming two hosts (or domains, or devices) would run
+    on one of them in silence, so it is a bad line instead."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        made: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in made:
+                raise InvalidRequest(_twice(number, key))
+            made[key] = value
+        return made
+
+    return build
 
 
 # -- value types: each names what it wants; argparse names the option ---------------

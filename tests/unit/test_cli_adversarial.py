@@ -1,0 +1,127 @@
+"""The command line as an operator and a script abuse it: each test is an
+attack on a promise of docs/cli.md or docs/errors.md that once broke
+(abbreviated options, batch lines naming a key twice, aiodetach's own
+``--no-live``/``--no-persistent`` on a domain lacking the other half, a reader
+of stdout that left before a failure was printed, ``watch`` ended by SIGTERM
+or named a domain that does not exist).  On the fake hypervisor, through the
+command only: in this process, or in a child process where signals, pipes
+and exit statuses are what is tested."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from pydantic import TypeAdapter
+
+from aiodetach._cli_json import Output
+
+from ._cli_in_process import CliOnFakes
+
+OUTPUT: TypeAdapter[object] = TypeAdapter(Output)
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[CliOnFakes]:
+    run = CliOnFakes(monkeypatch, capsys)
+    yield run
+    run.close()
+
+
+def only_object(out: str) -> dict[str, object]:
+    """The one JSON line on stdout, checked against the documented schema."""
+    [text] = out.splitlines()
+    obj = json.loads(text)
+    OUTPUT.validate_python(obj)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def nothing_sent(cli: CliOnFakes) -> None:
+    for fake in (cli.fake, cli.other):
+        assert (fake.requests, fake.config_requests) == ([], [])
+
+
+# -- --json: every outcome is JSON on stdout ---------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["--js", "--jso", "--json=yes"])
+def test_json_as_argparse_reads_it_gets_its_usage_error_as_json(
+    cli: CliOnFakes, spelling: str
+) -> None:
+    """argparse takes an unambiguous prefix of ``--json`` as ``--json`` (and
+    a value given to it is a usage error): whatever argparse made of it, a
+    usage error after it is JSON on stdout, not text only."""
+    ran = cli("detach", "vm", "--alias", "ua-ok0", "--timeout", "0", spelling)
+    assert ran.code == 2
+    obj = only_object(ran.out)
+    assert (obj["type"], obj["error"], obj["exit_code"]) == ("error", "UsageError", 2)
+    nothing_sent(cli)
+
+
+def test_an_abbreviated_json_option_still_means_json(cli: CliOnFakes) -> None:
+    ran = cli("detach", "vm", "--alias", "ua-ok0", "--js")
+    assert ran.code == 0, ran
+    assert only_object(ran.out)["type"] == "result"
+
+
+# -- a batch line never goes to a host (or domain) it did not name once ------------------
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        "vm alias=ua-ok0 uri=fake://other/system uri=qemu:///system\n",
+        "vm alias=ua-ok0 uri=qemu:///system uri=fake://other/system\n",
+        '{"domain": "vm", "alias": "ua-ok0", "uri": "fake://other/system", '
+        '"uri": "qemu:///system"}\n',
+        "other domain=vm alias=ua-ok0\n",
+        "vm alias=ua-ok1 alias=ua-ok0\n",
+        '{"domain": "vm", "alias": "ua-ok1", "alias": "ua-ok0"}\n',
+    ],
+)
+def test_a_batch_line_naming_a_key_twice_is_refused_before_anything_is_sent(
+    cli: CliOnFakes, batch: str
+) -> None:
+    """The last of two hosts (domains, aliases) used to win in silence: a line
+    naming ``uri`` twice ran on one of them, ``DOMAIN domain=…`` on the
+    second domain.  Such a line is a bad line: the batch fails with exit 2
+    and nothing done, on either host."""
+    ran = cli("detach-many", "-", "--json", stdin=("vm alias=ua-ok2\n" + batch).encode())
+    assert ran.code == 2, ran
+    obj = only_object(ran.out)
+    assert (obj["type"], obj["error"]) == ("error", "InvalidRequest")
+    assert "line 2" in str(obj["message"])
+    assert "twice" in str(obj["message"])
+    nothing_sent(cli)
+
+
+# -- aiodetach's own flags on a domain that lacks the half they leave --------------------
+
+
+def test_no_live_on_a_transient_domain_is_what_config_is(cli: CliOnFakes) -> None:
+    """``--no-live`` is ``--config`` (its help says so): on a transient domain
+    both are DomainNotPersistent, exit 5, not a DeviceNotFound (exit 4) about
+    "the  definition"."""
+    cli.fake.add_domain("t", persistent=False).add_disk("vdb", alias="ua-a")
+    for flag in ("--config", "--no-live"):
+        ran = cli("detach", "t", "--target", "vdb", flag, "--json")
+        assert ran.code == 5, (flag, ran)
+        obj = only_object(ran.out)
+        assert (obj["error"], obj["persistent_done"]) == ("DomainNotPersistent", False), flag
+    nothing_sent(cli)
+
+
+def test_no_persistent_on_a_shut_off_domain_is_what_live_is(cli: CliOnFakes) -> None:
+    """``--no-persistent`` leaves the running guest only: on a shut-off domain
+    that is DomainNotRunning, exit 5 (as ``--live``), and the persistent
+    definition is not touched."""
+    cli.fake.add_domain("s", running=False).add_disk("vdb", alias="ua-a")
+    for flag in ("--live", "--no-persistent"):
+        ran = cli("detach", "s", "--target", "vdb", flag, "--json")
+        assert ran.code == 5, (flag, ran)
+        assert only_object(ran.out)["error"] == "DomainNotRunning", flag
+    nothing_sent(cli)
