@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from functools import partial
 from typing import Any, TextIO, cast
 
 import libvirt
@@ -58,7 +60,7 @@ from ._cli_print import (
 from ._cli_tally import Tally
 from ._completion import script as completion_script
 from ._fleet import DetachFleet
-from ._interrupts import Interrupted, interruptible, report
+from ._interrupts import EXIT_STATUS, Interrupted, interruptible, report
 from ._many import DetachOutcome
 from ._progress import Display, ProgressLines, open_display
 from ._service import DetachService
@@ -322,7 +324,8 @@ def _interruptibly(
     try:
         return asyncio.run(interruptible(work, tracker))
     except Interrupted as exc:
-        return report(tracker, requests, exc.signum, as_json=as_json)
+        code = EXIT_STATUS.get(signal.Signals(exc.signum), 130)
+        return _told(code, partial(report, tracker, requests, exc.signum, as_json=as_json))
 
 
 def _named(text: str) -> list[dict[str, Any]]:
@@ -347,13 +350,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(arguments)
     except UsageError as exc:
-        print_usage_error(exc, as_json)
-        return 2
+        return _told(2, partial(print_usage_error, exc, as_json))
     except BrokenPipeError:
         # The reader went away (`aiodetach watch --json | head -1`): what it
         # wanted it has; say nothing, as cat and grep do.
         quiet_stdout()
         return 0
+
+
+def _told(code: int, say: Callable[[], object]) -> int:
+    """Say how a command failed (or was interrupted), and exit ``code`` even
+    if the reader of stdout went away: that costs the reader the words, not
+    the script its status (``aiodetach detach … --json | true`` must not turn
+    a DomainNotFound into 0; only a command that succeeded exits 0 so)."""
+    try:
+        say()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_stdout()
+    return code
 
 
 def _run(arguments: list[str]) -> int:
@@ -397,17 +412,17 @@ def _run(arguments: list[str]) -> int:
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:
-        print_error(exc, as_json, code=exit_code_for(exc), uri=args.uri, tally=tally)
-        return exit_code_for(exc)
+        code = exit_code_for(exc)
+        return _told(code, partial(print_error, exc, as_json, code=code, uri=args.uri, tally=tally))
     except ValidationError as exc:
-        print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, code=2, uri=args.uri)
-        return 2
+        invalid = InvalidRequest(f"invalid settings: {exc}")
+        return _told(2, lambda: print_error(invalid, as_json, code=2, uri=args.uri))
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             raise
         # The metrics server's address, a file that cannot be read…
-        print_error(InvalidRequest(str(exc)), as_json, code=2, uri=args.uri)
-        return 2
+        unusable = InvalidRequest(str(exc))
+        return _told(2, lambda: print_error(unusable, as_json, code=2, uri=args.uri))
     except KeyboardInterrupt:
         return 130
 

@@ -9,17 +9,26 @@ and exit statuses are what is tested."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter
 
+from _probes import child_env
 from aiodetach._cli_json import Output
 
 from ._cli_in_process import CliOnFakes
 
+HELPER = Path(__file__).with_name("_cli_on_fake.py")
 OUTPUT: TypeAdapter[object] = TypeAdapter(Output)
+GUARD = 120  # seconds: turns a hang into a failure; no test waits for it
 
 
 @pytest.fixture
@@ -125,3 +134,79 @@ def test_no_persistent_on_a_shut_off_domain_is_what_live_is(cli: CliOnFakes) -> 
         assert ran.code == 5, (flag, ran)
         assert only_object(ran.out)["error"] == "DomainNotRunning", flag
     nothing_sent(cli)
+
+
+# -- a reader of stdout that left does not change the exit status of a failure -----------
+
+
+def _into_a_closed_pipe(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The command with stdout a pipe whose reader already left (every write
+    fails with EPIPE), as in ``aiodetach … --json | true``."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, str(HELPER), *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=GUARD,
+            env=child_env(),
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["detach", "nosuch", "--alias", "ua-ok0", "--json"], 3),
+        (["detach", "vm", "--alias", "ua-nope", "--json"], 4),
+        (["detach", "vm", "--alias", "ua-ok0", "--timeout", "0", "--json"], 2),
+        (["detach-many", "-", "--concurrency", "0", "--json"], 2),
+    ],
+)
+def test_a_failure_keeps_its_exit_status_when_the_reader_left(argv: list[str], code: int) -> None:
+    """Without ``--json`` the failure goes to stderr and the status says it;
+    with ``--json`` into a reader that left, it used to be 0 (the failure
+    looked like a success) or a BrokenPipeError traceback, exit 1."""
+    ran = _into_a_closed_pipe(*argv)
+    assert ran.returncode == code, ran.stderr
+    assert "Traceback" not in ran.stderr, ran.stderr
+
+
+async def test_an_interrupt_keeps_130_when_the_reader_left() -> None:
+    """Ctrl-C during a detach whose JSON reader left: the report cannot be
+    printed, the status still says the command was interrupted."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HELPER),
+        *("detach", "vm", "--alias", "ua-never", "--json", "--attempts", "2", "--timeout", "30"),
+        stdout=write_end,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    os.close(write_end)
+    try:
+        await _read_until(proc, '"event": "aiodetach.detach_sent"')
+        proc.send_signal(signal.SIGINT)
+        _out, err = await asyncio.wait_for(proc.communicate(), GUARD)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode()
+
+
+async def _read_until(proc: asyncio.subprocess.Process, text: str) -> str:
+    assert proc.stderr is not None
+    seen = ""
+    while text not in seen:
+        line = (await asyncio.wait_for(proc.stderr.readline(), GUARD)).decode()
+        assert line, f"the command ended before {text!r}: {seen}"
+        seen += line
+    return seen
