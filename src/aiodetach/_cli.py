@@ -46,7 +46,7 @@ from ._cli_args import (
     uri_of,
     wants_json,
 )
-from ._cli_domain import current_halves, preview, resolve_domain
+from ._cli_domain import current_halves, look_up, preview, resolve_domain
 from ._cli_json import BatchSummary, WatchEvent, line
 from ._cli_metrics import Metrics as _Metrics
 from ._cli_print import (
@@ -291,6 +291,8 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
         if not args.json:
             print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
         domain = None if args.domain is None else await resolve_domain(svc, args.domain)
+        if domain is not None:
+            await look_up(svc, domain)
         async for event in svc.events(domain):
             if seen is not None:
                 seen.labels(event.kind).inc()
@@ -408,7 +410,11 @@ def _run(arguments: list[str]) -> int:
             work = _detach_many(args, text, tracker, tally)
             return _interruptibly(work, tracker, _named(text), as_json)
         if args.command == "watch":
-            return asyncio.run(_watch(args))
+            # No report (it changed nothing); closed, and 130/143 as any command.
+            try:
+                return asyncio.run(interruptible(_watch(args), tracker))
+            except Interrupted as exc:
+                return EXIT_STATUS.get(signal.Signals(exc.signum), 130)
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:

@@ -210,3 +210,54 @@ async def _read_until(proc: asyncio.subprocess.Process, text: str) -> str:
         assert line, f"the command ended before {text!r}: {seen}"
         seen += line
     return seen
+
+
+# -- watch --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_watch_ended_by_a_signal_closes_and_exits_128_plus_it(
+    signum: signal.Signals, code: int
+) -> None:
+    """SIGTERM used to kill ``watch`` outright (no close, status -15 to a
+    script); like every command it closes and exits 143 (130 for Ctrl-C),
+    and what it printed under ``--json`` stays JSON Lines."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HELPER),
+        *("watch", "vm", "--json"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(AIODETACH_FAKE_EVENTS="1"),
+    )
+    try:
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), GUARD)
+        proc.send_signal(signum)
+        out, err = await asyncio.wait_for(proc.communicate(), GUARD)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == code, err.decode()
+    assert "Traceback" not in err.decode()
+    for text in (first + out).decode().splitlines():
+        obj = json.loads(text)
+        OUTPUT.validate_python(obj)
+        assert (obj["type"], obj["domain"]) == ("event", "vm")
+
+
+def test_watch_of_a_domain_that_does_not_exist_says_so() -> None:
+    """As virsh's ``event --domain``: a domain that is not there is
+    DomainNotFound, exit 3, at once; it used to wait for its events forever."""
+    ran = subprocess.run(
+        [sys.executable, str(HELPER), "watch", "no-such-vm", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        env=child_env(),
+        check=False,
+    )
+    assert ran.returncode == 3, ran.stderr
+    obj = only_object(ran.stdout)
+    assert (obj["type"], obj["error"], obj["domain"]) == ("error", "DomainNotFound", "no-such-vm")
