@@ -120,13 +120,16 @@ def wants_json(argv: list[str]) -> bool:
 
 
 def read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
-    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error."""
+    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error.
+    A byte order mark (what Windows editors write first) is no part of the
+    text: left in, it became part of the first line's domain name."""
     try:
         if path == "-":
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
         else:
             data = Path(path).read_bytes()
-        return data if isinstance(data, str) else data.decode("utf-8")
+        text = data if isinstance(data, str) else data.decode("utf-8")
+        return text.removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         parser.error(
             f"argument {option}: {path!r} is not UTF-8 text "

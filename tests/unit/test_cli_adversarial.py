@@ -261,3 +261,20 @@ def test_watch_of_a_domain_that_does_not_exist_says_so() -> None:
     assert ran.returncode == 3, ran.stderr
     obj = only_object(ran.stdout)
     assert (obj["type"], obj["error"], obj["domain"]) == ("error", "DomainNotFound", "no-such-vm")
+
+
+# -- input files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line", ["vm alias=ua-ok0", '{"domain": "vm", "alias": "ua-ok0"}'], ids=["words", "json"]
+)
+def test_a_batch_saved_with_a_byte_order_mark_reads_as_without(cli: CliOnFakes, line: str) -> None:
+    """UTF-8 with a BOM (Windows editors, PowerShell 5's ``Out-File``) is
+    UTF-8 text: its first line used to name domain ``'\\ufeffvm'`` (sent to
+    libvirt, DomainNotFound) or be refused as a JSON line that was not."""
+    ran = cli("detach-many", "-", "--json", stdin=b"\xef\xbb\xbf" + line.encode() + b"\n")
+    assert ran.code == 0, ran
+    first, summary = (json.loads(text) for text in ran.out.splitlines())
+    assert (first["ok"], first["domain_name"], first["alias"]) == (True, "vm", "ua-ok0")
+    assert summary["exit_code"] == 0
