@@ -396,13 +396,8 @@ def _run(arguments: list[str]) -> int:
         if args.command == "detach":
             command = subparser(parser, args.command)
             xml = read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
-            named = {
-                "domain": args.domain,
-                "alias": args.alias,
-                "target": args.target,
-                "mac": args.mac,
-                "xml_file": args.xml_file,
-            }
+            given = ("domain", "alias", "target", "mac", "xml_file")  # as given: no nulls
+            named = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
             work = _detach(args, xml, tracker, tally)
             return _interruptibly(work, tracker, [named], as_json)
         if args.command == "detach-many":

@@ -202,6 +202,38 @@ async def test_an_interrupt_keeps_130_when_the_reader_left() -> None:
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_an_interrupted_detach_names_its_request_as_given(signum: signal.Signals) -> None:
+    """The report's ``request`` is the command's device options as given
+    (docs/cli.md), as a batch line's is: not every option, the absent as null."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(HELPER),
+        *("detach", "vm", "--target", "vdy", "--json", "--attempts", "2", "--timeout", "30"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        await _read_until(proc, '"event": "aiodetach.detach_sent"')
+        proc.send_signal(signum)
+        out, err = await asyncio.wait_for(proc.communicate(), GUARD)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 128 + signum, err.decode()
+    device, summary = (json.loads(text) for text in out.decode().splitlines())
+    assert device["request"] == {"domain": "vm", "target": "vdy"}
+    assert (device["type"], device["alias"], device["state"]) == (
+        "interrupted",
+        "ua-never",
+        "request_outstanding",
+    )
+    assert (summary["type"], summary["signal"]) == ("interrupted_summary", signum.name)
+    assert {device["schema_version"], summary["schema_version"]} == {1}
+
+
 async def _read_until(proc: asyncio.subprocess.Process, text: str) -> str:
     assert proc.stderr is not None
     seen = ""
