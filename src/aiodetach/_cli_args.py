@@ -123,6 +123,8 @@ def read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
     """A file (``-``: stdin) as UTF-8 text; anything else is a usage error.
     A byte order mark (what Windows editors write first) is no part of the
     text: left in, it became part of the first line's domain name."""
+    if path == "-" and sys.stdin is None:  # started with stdin closed (``<&-``)
+        parser.error(f"argument {option}: cannot read '-': stdin is closed")
     try:
         if path == "-":
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()

@@ -310,3 +310,27 @@ def test_a_batch_saved_with_a_byte_order_mark_reads_as_without(cli: CliOnFakes, 
     first, summary = (json.loads(text) for text in ran.out.splitlines())
     assert (first["ok"], first["domain_name"], first["alias"]) == (True, "vm", "ua-ok0")
     assert summary["exit_code"] == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["detach-many", "-"], ["detach-many"], ["detach", "vm", "--xml-file", "-"]],
+    ids=["dash", "default", "xml-file"],
+)
+def test_reading_stdin_that_is_closed_is_a_usage_error(argv: list[str]) -> None:
+    """``aiodetach detach-many <&-`` (a service started with no stdin):
+    Python has no ``sys.stdin`` then; reading it was an AttributeError
+    traceback, exit 1.  It is an input that cannot be read: exit 2, JSON too."""
+    ran = subprocess.run(
+        ["bash", "-c", 'exec "$0" "$@" <&-', sys.executable, str(HELPER), *argv, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        env=child_env(),
+        check=False,
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "Traceback" not in ran.stderr
+    obj = only_object(ran.stdout)
+    assert (obj["error"], obj["exit_code"]) == ("UsageError", 2)
+    assert "stdin is closed" in str(obj["message"])
