@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
@@ -349,6 +350,11 @@ DEMO_MOVED = (
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(arguments)
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # Started with it closed (``2>&-``), Python has None there: what
+            # would be written is lost, the exit status must not be (it was 1).
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
     try:
         return _run(arguments)
     except UsageError as exc:

@@ -334,3 +334,31 @@ def test_reading_stdin_that_is_closed_is_a_usage_error(argv: list[str]) -> None:
     obj = only_object(ran.stdout)
     assert (obj["error"], obj["exit_code"]) == ("UsageError", 2)
     assert "stdin is closed" in str(obj["message"])
+
+
+@pytest.mark.parametrize(
+    ("closed", "argv", "code"),
+    [
+        ("2>&-", ["detach", "no-such-vm", "--alias", "ua-ok0"], 3),
+        ("2>&-", ["detach", "vm", "--alias", "ua-ok0"], 0),
+        ("2>&-", ["detach", "vm", "--alias", "ua-ok0", "--json", "-v"], 0),
+        (">&-", ["detach", "no-such-vm", "--alias", "ua-ok0", "--json"], 3),
+        (">&-", ["detach", "vm", "--alias", "ua-ok0", "--timeout", "0", "--json"], 2),
+        (">&-", ["detach", "vm", "--alias", "ua-ok0"], 0),
+    ],
+)
+def test_a_command_started_with_stdout_or_stderr_closed_keeps_its_exit_status(
+    closed: str, argv: list[str], code: int
+) -> None:
+    """Python has no ``sys.stderr`` (``sys.stdout``) then: the progress
+    display asked it ``isatty()`` and the command died with an
+    AttributeError no one could read, exit 1 for every outcome."""
+    ran = subprocess.run(
+        ["bash", "-c", f'exec "$0" "$@" {closed}', sys.executable, str(HELPER), *argv],
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+        env=child_env(),
+        check=False,
+    )
+    assert ran.returncode == code, (ran.stdout, ran.stderr)
