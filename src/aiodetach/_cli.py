@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from functools import partial
 from typing import Any, TextIO, cast
 
 import libvirt
@@ -44,7 +47,7 @@ from ._cli_args import (
     uri_of,
     wants_json,
 )
-from ._cli_domain import current_halves, preview, resolve_domain
+from ._cli_domain import current_halves, look_up, preview, resolve_domain
 from ._cli_json import BatchSummary, WatchEvent, line
 from ._cli_metrics import Metrics as _Metrics
 from ._cli_print import (
@@ -58,7 +61,7 @@ from ._cli_print import (
 from ._cli_tally import Tally
 from ._completion import script as completion_script
 from ._fleet import DetachFleet
-from ._interrupts import Interrupted, interruptible, report
+from ._interrupts import EXIT_STATUS, Interrupted, interruptible, report
 from ._many import DetachOutcome
 from ._progress import Display, ProgressLines, open_display
 from ._service import DetachService
@@ -289,6 +292,8 @@ async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
         if not args.json:
             print(f"watching device events on {args.uri} (Ctrl-C to stop)", file=sys.stderr)
         domain = None if args.domain is None else await resolve_domain(svc, args.domain)
+        if domain is not None:
+            await look_up(svc, domain)
         async for event in svc.events(domain):
             if seen is not None:
                 seen.labels(event.kind).inc()
@@ -322,7 +327,8 @@ def _interruptibly(
     try:
         return asyncio.run(interruptible(work, tracker))
     except Interrupted as exc:
-        return report(tracker, requests, exc.signum, as_json=as_json)
+        code = EXIT_STATUS.get(signal.Signals(exc.signum), 130)
+        return _told(code, partial(report, tracker, requests, exc.signum, as_json=as_json))
 
 
 def _named(text: str) -> list[dict[str, Any]]:
@@ -344,16 +350,33 @@ DEMO_MOVED = (
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(arguments)
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # Started with it closed (``2>&-``), Python has None there: what
+            # would be written is lost, the exit status must not be (it was 1).
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
     try:
         return _run(arguments)
     except UsageError as exc:
-        print_usage_error(exc, as_json)
-        return 2
+        return _told(2, partial(print_usage_error, exc, as_json))
     except BrokenPipeError:
         # The reader went away (`aiodetach watch --json | head -1`): what it
         # wanted it has; say nothing, as cat and grep do.
         quiet_stdout()
         return 0
+
+
+def _told(code: int, say: Callable[[], object]) -> int:
+    """Say how a command failed (or was interrupted), and exit ``code`` even
+    if the reader of stdout went away: that costs the reader the words, not
+    the script its status (``aiodetach detach … --json | true`` must not turn
+    a DomainNotFound into 0; only a command that succeeded exits 0 so)."""
+    try:
+        say()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_stdout()
+    return code
 
 
 def _run(arguments: list[str]) -> int:
@@ -379,13 +402,8 @@ def _run(arguments: list[str]) -> int:
         if args.command == "detach":
             command = subparser(parser, args.command)
             xml = read_text(command, "--xml-file", args.xml_file) if args.xml_file else None
-            named = {
-                "domain": args.domain,
-                "alias": args.alias,
-                "target": args.target,
-                "mac": args.mac,
-                "xml_file": args.xml_file,
-            }
+            given = ("domain", "alias", "target", "mac", "xml_file")  # as given: no nulls
+            named = {key: getattr(args, key) for key in given if getattr(args, key) is not None}
             work = _detach(args, xml, tracker, tally)
             return _interruptibly(work, tracker, [named], as_json)
         if args.command == "detach-many":
@@ -393,21 +411,25 @@ def _run(arguments: list[str]) -> int:
             work = _detach_many(args, text, tracker, tally)
             return _interruptibly(work, tracker, _named(text), as_json)
         if args.command == "watch":
-            return asyncio.run(_watch(args))
+            # No report (it changed nothing); closed, and 130/143 as any command.
+            try:
+                return asyncio.run(interruptible(_watch(args), tracker))
+            except Interrupted as exc:
+                return EXIT_STATUS.get(signal.Signals(exc.signum), 130)
         print(f"aiodetach demo: {DEMO_MOVED}", file=sys.stderr)
         return 2
     except DetachError as exc:
-        print_error(exc, as_json, code=exit_code_for(exc), uri=args.uri, tally=tally)
-        return exit_code_for(exc)
+        code = exit_code_for(exc)
+        return _told(code, partial(print_error, exc, as_json, code=code, uri=args.uri, tally=tally))
     except ValidationError as exc:
-        print_error(InvalidRequest(f"invalid settings: {exc}"), as_json, code=2, uri=args.uri)
-        return 2
+        invalid = InvalidRequest(f"invalid settings: {exc}")
+        return _told(2, lambda: print_error(invalid, as_json, code=2, uri=args.uri))
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             raise
         # The metrics server's address, a file that cannot be read…
-        print_error(InvalidRequest(str(exc)), as_json, code=2, uri=args.uri)
-        return 2
+        unusable = InvalidRequest(str(exc))
+        return _told(2, lambda: print_error(unusable, as_json, code=2, uri=args.uri))
     except KeyboardInterrupt:
         return 130
 

@@ -15,7 +15,6 @@ The options follow virsh where virsh has one: a global ``-c/--connect``,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,10 +22,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._cli_batch import parse_batch
 from ._completion import add_completion_command
 from ._settings import DetachSettings
 from ._version import __version__
-from .errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_URI",
@@ -107,23 +106,31 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
 
 def wants_json(argv: list[str]) -> bool:
     """Whether the command line asks for JSON, even one argparse rejects
-    (its usage error must be JSON too).  Options end at ``--``."""
+    (its usage error must be JSON too).  Options end at ``--``.  As argparse
+    reads it: a prefix (``--js``) or a value (``--json=yes``, itself an error)
+    still names ``--json``, whose usage error must then be JSON as well."""
     for arg in argv:
         if arg == "--":
             return False
-        if arg == "--json":
+        name = arg.partition("=")[0]
+        if len(name) >= len("--j") and "--json".startswith(name):
             return True
     return False
 
 
 def read_text(parser: argparse.ArgumentParser, option: str, path: str) -> str:
-    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error."""
+    """A file (``-``: stdin) as UTF-8 text; anything else is a usage error.
+    A byte order mark (what Windows editors write first) is no part of the
+    text: left in, it became part of the first line's domain name."""
+    if path == "-" and sys.stdin is None:  # started with stdin closed (``<&-``)
+        parser.error(f"argument {option}: cannot read '-': stdin is closed")
     try:
         if path == "-":
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
         else:
             data = Path(path).read_bytes()
-        return data if isinstance(data, str) else data.decode("utf-8")
+        text = data if isinstance(data, str) else data.decode("utf-8")
+        return text.removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         parser.error(
             f"argument {option}: {path!r} is not UTF-8 text "
@@ -177,43 +184,6 @@ def halves_asked(
     if live is False and persistent is False:
         parser.error("nothing to detach: neither the running guest nor the persistent definition")
     return live, persistent
-
-
-def parse_batch(text: str) -> list[dict[str, Any]]:
-    """Batch lines: a JSON object, or ``DOMAIN key=value …`` (``#`` comments).
-
-    Keys are those of [`aiodetach.DetachRequest`][aiodetach.DetachRequest] (``uri=`` sends the
-    line to that host); ``live``/``persistent`` take true/false.
-
-    """
-    requests: list[dict[str, Any]] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(("{", "[")):
-            try:
-                loaded = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise InvalidRequest(f"line {number}: invalid JSON: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise InvalidRequest(f"line {number}: expected a JSON object")
-            requests.append(loaded)
-            continue
-        domain, *pairs = line.split()
-        item: dict[str, Any] = {"domain": domain}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise InvalidRequest(f"line {number}: expected key=value, got {pair!r}")
-            if key in ("live", "persistent"):
-                if value.lower() not in ("true", "false"):
-                    raise InvalidRequest(f"line {number}: {key} must be true or false")
-                item[key] = value.lower() == "true"
-            else:
-                item[key] = value
-        requests.append(item)
-    return requests
 
 
 # -- value types: each names what it wants; argparse names the option ---------------

@@ -18,7 +18,7 @@ from ._xml import DeviceRef, selector_from
 from .backend import BackendError, DomainInfo
 from .errors import DetachRefused
 
-__all__ = ["current_halves", "preview", "resolve_domain"]
+__all__ = ["current_halves", "look_up", "preview", "resolve_domain"]
 
 _MAX_ID = 2**31 - 1
 
@@ -46,6 +46,13 @@ async def _info(svc: DetachService, ref: str) -> DomainInfo:
         return await conn.lookup(domain_ref(ref))
     except BackendError as err:
         raise map_error(err, domain=ref, alias=None, action="domain lookup") from None
+
+
+async def look_up(svc: DetachService, ref: str) -> None:
+    """`DomainNotFound` if no domain is ``ref``: ``watch`` checks its domain
+    first, as virsh's ``event --domain`` does (its filter alone would wait for
+    a mistyped name's events for ever)."""
+    await _info(svc, ref)
 
 
 async def current_halves(svc: DetachService, ref: str) -> tuple[bool, bool]:

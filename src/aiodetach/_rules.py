@@ -120,6 +120,19 @@ def halves(info: DomainInfo, live: bool | None, persistent: bool | None) -> tupl
         )
     do_live = info.state.is_active if live is None else live
     do_persistent = info.persistent if persistent is None else persistent
+    if not (do_live or do_persistent):
+        # One half was declined and the domain lacks the other: that half was
+        # asked as surely as by True (there is nothing else to do), not a
+        # device missing from no definition at all.
+        if persistent is False:
+            raise DomainNotRunning(
+                "live detach asked (persistent=False) of a shut-off domain", domain=info.name
+            )
+        raise DomainNotPersistent(
+            "persistent detach asked (live=False) of a transient domain (it has no "
+            "persistent definition)",
+            domain=info.name,
+        )
     return do_live, do_persistent
 
 
