@@ -31,6 +31,8 @@ __all__ = [
     "DryRun",
     "DryRunHalf",
     "ErrorInfo",
+    "Interrupted",
+    "InterruptedSummary",
     "Output",
     "ResultInfo",
     "WatchEvent",
@@ -181,6 +183,45 @@ class DryRun(_Versioned):
     )
 
 
+class Interrupted(_Versioned):
+    """``detach`` and ``detach-many`` ended by SIGINT or SIGTERM: what happened to
+    one device, one line each in the batch's order (after the lines already
+    printed), then an ``interrupted_summary``."""
+
+    type: Literal["interrupted"] = Field(default="interrupted", description='"interrupted"')
+    request: dict[str, Any] | None = Field(
+        description="The batch line, or the command's device options, as given."
+    )
+    domain: str | None = Field(description="The domain's name once known, else as given.")
+    alias: str | None = Field(description="The live alias once known, else as given.")
+    state: Literal[
+        "removed",
+        "failed",
+        "request_outstanding",
+        "persistent_changed",
+        "unchanged",
+        "not_started",
+    ] = Field(description="What happened (the table above).")
+    persistent_changed: bool = Field(
+        description="The persistent definition no longer has the device."
+    )
+    requests_sent: int = Field(description="Live requests that counted.")
+    error: str | None = Field(description="For failed: the error's class, else null.")
+    message: str | None = Field(description="For failed: the error's message, else null.")
+
+
+class InterruptedSummary(_Versioned):
+    """The last line of an interrupted command."""
+
+    type: Literal["interrupted_summary"] = Field(
+        default="interrupted_summary", description='"interrupted_summary"'
+    )
+    signal: Literal["SIGINT", "SIGTERM"] = Field(description="The signal that ended it.")
+    exit_code: int = Field(description="The command's exit status (130 or 143).")
+    devices: int = Field(description="Devices the command was asked about.")
+    states: dict[str, int] = Field(description="How many devices ended in each state.")
+
+
 def _tag(obj: Any) -> str:
     """Which model an object is: its ``type``, and for a batch line ``ok`` too."""
     kind = obj.get("type") if isinstance(obj, dict) else getattr(obj, "type", None)
@@ -197,6 +238,8 @@ Output = Annotated[
         Annotated[BatchSummary, Tag("summary")],
         Annotated[WatchEvent, Tag("event")],
         Annotated[DryRun, Tag("dry_run")],
+        Annotated[Interrupted, Tag("interrupted")],
+        Annotated[InterruptedSummary, Tag("interrupted_summary")],
     ],
     Discriminator(_tag),
 ]
@@ -212,6 +255,8 @@ DOCUMENTED: tuple[type[BaseModel], ...] = (
     WatchEvent,
     DryRun,
     DryRunHalf,
+    Interrupted,
+    InterruptedSummary,
 )
 
 

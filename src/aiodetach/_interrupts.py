@@ -16,13 +16,14 @@ library never does), on its own loop, and removes them when it is done.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
+from ._cli_json import Interrupted as InterruptedLine
+from ._cli_json import InterruptedSummary, line
 from ._tracking import Call, DeviceState, Tracker
 
 __all__ = ["EXIT_STATUS", "Interrupted", "interrupted_json", "interruptible", "report"]
@@ -169,7 +170,7 @@ def report(
     pairs = devices(tracker, requests)
     if as_json:
         for obj in interrupted_json(tracker, pairs, signum, code):
-            print(json.dumps(obj))
+            print(line(obj))
         sys.stdout.flush()
         return code
     for request, call in pairs:
@@ -198,42 +199,40 @@ def interrupted_json(
     pairs: Sequence[tuple[Mapping[str, Any] | None, Call | None]],
     signum: int,
     code: int,
-) -> list[dict[str, Any]]:
+) -> list[InterruptedLine | InterruptedSummary]:
     """The JSON objects of an interrupted command (docs/cli.md, "Interrupted
-    commands"): one ``"type": "interrupted"`` object per device in request
-    order, then one ``"type": "interrupted_summary"``."""
-    out: list[dict[str, Any]] = []
+    commands"; the models are `aiodetach._cli_json`'s, as every ``--json``
+    object): one ``interrupted`` per device in request order, then one
+    ``interrupted_summary``."""
+    out: list[InterruptedLine | InterruptedSummary] = []
     for request, call in pairs:
-        obj: dict[str, Any] = {
-            "schema_version": 1,
-            "type": "interrupted",
-            "request": dict(request) if request is not None else None,
-            "domain": call.domain if call is not None else (request or {}).get("domain"),
-            "alias": call.alias if call is not None else (request or {}).get("alias"),
-            "state": tracker.state(call) if call is not None else "not_started",
-            "persistent_changed": bool(call and call.persistent_changed),
-            "requests_sent": 0,
-            "error": None,
-            "message": None,
-        }
+        given = request or {}
+        sent = 0
         view = tracker.unplug_of(call) if call is not None else None
         if view is not None:
-            obj["requests_sent"] = view.sent
+            sent = view.sent
         if call is not None and call.finished and call.ok:
-            obj["requests_sent"] = call.attempts
-        if call is not None and call.error is not None:
-            obj["error"] = type(call.error).__name__
-            obj["message"] = call.error.message
-        out.append(obj)
-    counts = _counts(tracker, pairs)
+            sent = call.attempts
+        error = call.error if call is not None else None
+        out.append(
+            InterruptedLine(
+                request=dict(request) if request is not None else None,
+                domain=call.domain if call is not None else given.get("domain"),
+                alias=call.alias if call is not None else given.get("alias"),
+                state=tracker.state(call) if call is not None else "not_started",
+                persistent_changed=bool(call and call.persistent_changed),
+                requests_sent=sent,
+                error=type(error).__name__ if error is not None else None,
+                message=error.message if error is not None else None,
+            )
+        )
+    name = signal.Signals(signum).name
     out.append(
-        {
-            "schema_version": 1,
-            "type": "interrupted_summary",
-            "signal": signal.Signals(signum).name,
-            "exit_code": code,
-            "devices": len(pairs),
-            "states": counts,
-        }
+        InterruptedSummary(
+            signal="SIGTERM" if name == "SIGTERM" else "SIGINT",
+            exit_code=code,
+            devices=len(pairs),
+            states={str(state): n for state, n in _counts(tracker, pairs).items()},
+        )
     )
     return out

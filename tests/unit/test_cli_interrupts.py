@@ -12,8 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from _probes import child_env
 from _pty import Terminal
+from aiodetach._cli_json import Output
 
 HELPER = Path(__file__).with_name("_cli_on_fake.py")
 # One slot: ua-ok0 ends, ua-never waits for its guest, ua-ok1 never starts.
@@ -100,6 +103,8 @@ async def test_ctrl_c_during_a_batch_with_json_reports_each_device(tmp_path: Pat
             await proc.wait()
     assert proc.returncode == 130
     objects = [json.loads(line) for line in out.decode().splitlines()]
+    for obj in objects:  # every line is one of the documented objects, exactly
+        TypeAdapter(Output).validate_python(obj)
     mine = [o for o in objects if o.get("type") in ("interrupted", "interrupted_summary")]
     assert [o["schema_version"] for o in mine] == [1, 1, 1, 1]
     devices, summary = mine[:-1], mine[-1]
