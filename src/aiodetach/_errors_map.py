@@ -96,8 +96,13 @@ def is_unsupported(err: BackendError) -> bool:
 
 
 def is_connection_error(err: BackendError) -> bool:
-    """The connection to libvirtd is gone (the call may or may not have run)."""
-    if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT):
+    """The connection to libvirtd is gone (the call may or may not have run).
+
+    ``INVALID_CONN`` ("invalid connection pointer") is a connection closed
+    under us: a caller's own (``connection=``) that the caller closed while
+    the service used it.  The reconnect then finds it closed and fails what
+    waits with `ConnectionLost`, instead of each call a `HypervisorError`."""
+    if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT, ErrorCode.INVALID_CONN):
         return True
     if err.origin == ErrorDomain.RPC and err.code == ErrorCode.INTERNAL_ERROR:
         return True
@@ -112,6 +117,8 @@ def is_not_sent(err: BackendError) -> bool:
     idle one say, and the client has noticed), so such a call was not sent.
     Any other connection failure may have happened after the call reached
     libvirtd (a reply lost with the connection): *maybe sent*."""
+    if err.code == ErrorCode.INVALID_CONN:
+        return True  # refused by the client before anything was sent: no connection
     text = err.message.lower()
     return "client socket is closed" in text or "not connected to libvirt" in text
 
