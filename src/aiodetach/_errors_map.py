@@ -151,11 +151,17 @@ def is_auth_failure(err: BackendError) -> bool:
     verify peer's certificate"); one that does not verify against the
     client's own CA, or none offered, a ``SYSTEM_ERROR`` of the RPC layer
     naming the certificate or the TLS handshake."""
-    if err.code == ErrorCode.AUTH_FAILED:
+    if err.code == ErrorCode.AUTH_FAILED or err.origin == _FROM_AUTH:
+        # _FROM_AUTH: libvirt's credential helpers (util/virauth.c), e.g.
+        # "Missing authentication credentials" (INVALID_ARG) for a URI that
+        # needs credentials opened without a callback to ask for them.
         return True
     text = err.message.lower()
     return err.origin == ErrorDomain.RPC and any(marker in text for marker in _TLS_REFUSALS)
 
+
+_FROM_AUTH = 46
+"""libvirt's ``VIR_FROM_AUTH``: an error of its client's credential helpers."""
 
 _TLS_REFUSALS = ("certificate", "tls confirmation", "tls handshake", "tls peer")
 

@@ -9,17 +9,14 @@ answer shows a call went through the connection under test.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from aiodetach import DetachService, DetachSettings
-from aiodetach.errors import ConnectionLost, DetachRefused, JournalError, ServiceClosed
+from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused
 
-WAIT = 60.0  # bounds waits for conditions against a hang only: never reached when green
 
 
 async def test_a_callers_connection_closed_by_the_caller_is_a_lost_connection(
@@ -39,3 +36,36 @@ async def test_a_callers_connection_closed_by_the_caller_is_a_lost_connection(
             assert test_uri in str(info.value)
             assert "it is closed" in str(info.value)
             assert info.value.domain == "test"
+
+
+_NODE_WITH_AUTH = """<node>
+  <auth><user password="s3cret">agent</user></auth>
+  <domain type="test">
+    <name>vm</name>
+    <memory>65536</memory>
+    <os><type>hvm</type></os>
+  </domain>
+</node>
+"""
+
+
+@pytest.mark.parametrize("how", ["uri", "factory"])
+async def test_no_credentials_where_the_uri_needs_them_is_an_authentication_failure(
+    tmp_path: Path, how: str
+) -> None:
+    """A URI whose server asks for credentials, opened without a callback to
+    give them (``libvirt.open``): libvirt says "Missing authentication
+    credentials"; that is `AuthenticationFailed`, as wrong ones are."""
+    node = tmp_path / "node.xml"
+    node.write_text(_NODE_WITH_AUTH)
+    uri = f"test://{node}"
+    svc = (
+        DetachService(uri, log=False)
+        if how == "uri"
+        else DetachService(connect=lambda: libvirt.open(uri), log=False)
+    )
+    with pytest.raises(AuthenticationFailed) as info:
+        await svc.open()
+    assert "Missing authentication credentials" in str(info.value)
+    if how == "uri":
+        assert uri in str(info.value)
