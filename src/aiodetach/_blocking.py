@@ -163,6 +163,12 @@ class BlockingDetachService:
     @property
     def _svc(self) -> DetachService:
         _refuse_in_event_loop("a blocking call")
+        return self._opened
+
+    @property
+    def _opened(self) -> DetachService:
+        """The service, for what does not block (``uri``, ``settings``,
+        ``recovered()``): readable from any thread, an event loop's too."""
         service = self._service
         if service is None:  # pragma: no cover - the constructor raised
             raise ServiceClosed("the blocking service is closed")
@@ -218,11 +224,11 @@ class BlockingDetachService:
 
     @property
     def uri(self) -> str:
-        return self._svc.uri
+        return self._opened.uri
 
     @property
     def settings(self) -> DetachSettings:
-        return self._svc.settings
+        return self._opened.settings
 
     # ---------------------------------------------------------------- API
     def detach(
@@ -326,7 +332,7 @@ class BlockingDetachService:
 
     def recovered(self) -> list[Recovered]:
         """`DetachService.recovered()`: what the journal held at open."""
-        return self._svc.recovered()
+        return self._opened.recovered()
 
 
 def _refuse_in_event_loop(what: str) -> None:
