@@ -318,8 +318,22 @@ class BlockingDetachService:
                     return  # the service closed: the stream ends, as the async one does
                 yield event
         finally:
-            with contextlib.suppress(ServiceClosed):
-                self._call(close_stream(), None)
+            self._end_stream(close_stream())
+
+    def _end_stream(self, close_stream: Coroutine[Any, Any, None]) -> None:
+        """Close an `events()` stream on the loop; wait for it only where
+        waiting is allowed.  An iterator left unclosed in a reference cycle
+        is finalized by the garbage collector in whatever thread it runs,
+        the facade's loop thread included: waiting there for the loop would
+        deadlock it, so there the close is only handed over."""
+        try:
+            closed = self._submit(close_stream)
+        except ServiceClosed:
+            return
+        if _running_loop() is not None:
+            return
+        with contextlib.suppress(ServiceClosed, concurrent.futures.CancelledError):
+            closed.result()
 
     def pending(self) -> list[tuple[str, str]]:
         """`DetachService.pending()`, read on the service's loop."""
@@ -335,10 +349,15 @@ class BlockingDetachService:
         return self._opened.recovered()
 
 
-def _refuse_in_event_loop(what: str) -> None:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
-        asyncio.get_running_loop()
+        return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+def _refuse_in_event_loop(what: str) -> None:
+    if _running_loop() is None:
         return
     raise CalledFromEventLoop(
         f"{what} blocks its thread, and this thread runs an asyncio event loop "

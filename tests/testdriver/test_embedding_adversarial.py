@@ -18,7 +18,6 @@ from aiodetach import DetachService, DetachSettings
 from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused
 
 
-
 async def test_a_callers_connection_closed_by_the_caller_is_a_lost_connection(
     test_uri: str,
 ) -> None:

@@ -5,10 +5,17 @@ in a hook, or a caller's), and what ends when the facade closes."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+from collections.abc import Iterator
 
-from aiodetach import BlockingDetachService, DetachSettings
+import pytest
+
+from aiodetach import BlockingDetachService, DetachResult, DetachSettings, DeviceEvent
 from aiodetach.instrumentation import DetachRecord, Record
 from aiodetach.testing import FakeHypervisor, GuestUnplug
+
+WAIT = 60.0  # bounds waits for conditions against a hang only: never reached when green
 
 
 def test_what_does_not_block_is_answered_from_an_event_loop_thread(
@@ -35,3 +42,70 @@ def test_what_does_not_block_is_answered_from_an_event_loop_thread(
         assert asyncio.run(from_a_loop()) == (fake.uri, settings, 0, False)
         assert svc.detach("vm", alias="ua-disk1").attempts == 1
     assert seen_in_hook == [fake.uri]
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """Garbage is collected only where the test says (``gc.collect()``)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+def test_an_events_iterator_finalized_on_the_facades_own_thread_does_not_deadlock_it(
+    fake: FakeHypervisor,
+) -> None:
+    """An ``events()`` iterator a thread left unclosed in a reference cycle is
+    finalized by the garbage collector in whatever thread it runs, the
+    facade's loop thread included (here: a hook that allocates enough to
+    trigger it).  Its close must not wait there for that very loop."""
+    vm = fake.add_domain("vm")
+    for i in range(20):
+        vm.add_disk(f"vd{i}", alias=f"ua-d{i}", unplug=GuestUnplug.now())
+    vm.add_disk("vdz", alias="ua-collect", unplug=GuestUnplug.now())
+
+    def hook(record: Record) -> None:
+        if (
+            isinstance(record, DetachRecord)
+            and record.kind == "started"
+            and record.alias == "ua-collect"
+        ):
+            gc.collect()  # on the facade's loop thread
+
+    svc = BlockingDetachService(backend=fake, hooks=[hook], log=False)
+    try:
+        seen: list[DeviceEvent] = []
+        watching = threading.Event()
+
+        def watch() -> None:
+            stream = svc.events("vm")
+            watching.set()
+            seen.append(next(stream))
+            cycle: list[object] = [stream]
+            cycle.append(cycle)  # left unclosed: only the collector frees it
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert watching.wait(WAIT)
+        for i in range(20):  # until the stream (watching from its first next()) saw one
+            svc.detach("vm", alias=f"ua-d{i}")
+            watcher.join(0.05)
+            if not watcher.is_alive():
+                break
+        watcher.join(WAIT)
+        assert seen
+        assert seen[0].kind == "device-removed"
+
+        done: list[DetachResult] = []
+        caller = threading.Thread(
+            target=lambda: done.append(svc.detach("vm", alias="ua-collect")), daemon=True
+        )
+        caller.start()
+        caller.join(WAIT)
+        assert done, "the facade's loop is deadlocked"
+        assert done[0].attempts == 1
+    finally:
+        svc.close(timeout=WAIT)
