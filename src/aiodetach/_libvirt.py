@@ -220,7 +220,9 @@ class LibvirtBackend:
             for lane, opened in zip(self._lanes, [conn, *extra], strict=True):
                 lane.conn, lane.domains = opened, {}
             self._callback_ids = ids
-            if self._uri is None:
+            # The first connection names the service for good: a reconnect that
+            # a factory sends elsewhere must not re-key records and journal rows.
+            if self._uri is None and self._connected_uri is None:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._connected_uri = conn.getURI()
 

@@ -68,3 +68,73 @@ async def test_no_credentials_where_the_uri_needs_them_is_an_authentication_fail
     assert "Missing authentication credentials" in str(info.value)
     if how == "uri":
         assert uri in str(info.value)
+
+
+_OTHER_NODE = """<node>
+  <domain type="test">
+    <name>test</name>
+    <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>
+    <memory>65536</memory>
+    <os><type>hvm</type></os>
+    <devices>
+      <disk type="file" device="disk">
+        <source file="/var/lib/other-vda.img"/>
+        <target dev="vda" bus="virtio"/>
+      </disk>
+    </devices>
+  </domain>
+</node>
+"""
+"""Another hypervisor, with test:///default's domain on it (a failover host, a migrated guest)."""
+
+
+def _error(code: int, domain: int, message: str) -> libvirt.libvirtError:
+    err = libvirt.libvirtError(message)
+    err.err = (code, domain, message, 2, "", None, None, 0, 0)
+    return err
+
+
+@pytest.fixture
+def drop_one_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The next ``XMLDesc`` fails as on a connection the daemon closed (once
+    per ``arm``: append to the returned list): the service reconnects."""
+    armed: list[int] = []
+    original = libvirt.virDomain.XMLDesc
+
+    def xmldesc(dom: libvirt.virDomain, flags: int = 0) -> str:
+        if armed:
+            armed.pop()
+            raise _error(
+                libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC, "client socket is closed"
+            )
+        return str(original(dom, flags))
+
+    monkeypatch.setattr(libvirt.virDomain, "XMLDesc", xmldesc)
+    return armed
+
+
+async def test_a_factorys_uri_stays_that_of_its_first_connection(
+    test_uri: str, tmp_path: Path, drop_one_read: list[int]
+) -> None:
+    """``svc.uri`` (what records, errors and journal rows carry) is the URI of
+    the first connection a factory returned, as connecting.md's table says:
+    a reconnect that the factory sends elsewhere does not re-key the service."""
+    node = tmp_path / "node.xml"
+    node.write_text(_OTHER_NODE)
+    uris = [test_uri, f"test://{node}"]
+    opened: list[str] = []
+
+    def connect() -> libvirt.virConnect:
+        uri = uris[min(len(opened), 1)]
+        opened.append(uri)
+        return libvirt.open(uri)
+
+    settings = DetachSettings(attempts=1, timeout=1, connections=1, reconnect_backoff_max=0.1)
+    async with DetachService(connect=connect, settings=settings, log=False) as svc:
+        assert svc.uri == test_uri
+        drop_one_read.append(1)
+        with pytest.raises(DetachRefused):  # asked again on the re-opened connection
+            await svc.detach("test", target="vda")
+        assert svc.reconnects == 1
+        assert opened == uris
+        assert svc.uri == test_uri
