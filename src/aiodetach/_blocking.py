@@ -29,7 +29,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -419,7 +418,10 @@ class _LoopThread:
 
 
 # ------------------------------------------------------------ interpreter exit
-_open_facades: weakref.WeakSet[BlockingDetachService] = weakref.WeakSet()
+_open_facades: set[BlockingDetachService] = set()
+"""Every facade not closed yet, held strongly: one its caller dropped without
+closing still runs its service on the loop thread, and must be closed at exit
+(its connections, its journal) as one still referenced is."""
 _exit_hook_registered = False
 _exit_hook_lock = threading.Lock()
 

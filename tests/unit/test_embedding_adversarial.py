@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,7 @@ from aiodetach.instrumentation import DetachRecord, Record
 from aiodetach.testing import FakeHypervisor, GuestUnplug
 
 WAIT = 60.0  # bounds waits for conditions against a hang only: never reached when green
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_what_does_not_block_is_answered_from_an_event_loop_thread(
@@ -109,3 +115,49 @@ def test_an_events_iterator_finalized_on_the_facades_own_thread_does_not_deadloc
         assert done[0].attempts == 1
     finally:
         svc.close(timeout=WAIT)
+
+
+DROPPED_SCRIPT = textwrap.dedent(
+    """
+    import gc
+    from aiodetach import BlockingDetachService
+    from aiodetach.instrumentation import ConnectionRecord
+    from aiodetach.testing import FakeHypervisor, GuestUnplug
+
+    fake = FakeHypervisor()
+    fake.add_domain("vm").add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.now())
+
+    def hook(record):
+        if isinstance(record, ConnectionRecord):
+            print("connection", record.kind, flush=True)
+
+    # Used once and dropped, never closed (nor referenced any more).
+    svc = BlockingDetachService(backend=fake, hooks=[hook], log=False)
+    print("attempts", svc.detach("vm", alias="ua-disk1").attempts, flush=True)
+    del svc
+    gc.collect()
+    print("main: leaving", flush=True)
+    """
+)
+
+
+def test_a_facade_dropped_without_close_is_closed_at_interpreter_exit() -> None:
+    """A facade its caller dropped unclosed still runs its service (its
+    connections, its journal) on the loop thread: the exit hook closes it
+    as it closes one still referenced."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", DROPPED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard: exit takes well under a second when green
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "connection connected",
+        "attempts 1",
+        "main: leaving",
+        "connection closed",
+    ], done.stderr
