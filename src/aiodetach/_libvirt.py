@@ -276,7 +276,19 @@ class LibvirtBackend:
                 register = functools.partial(
                     conn.domainEventRegisterAny, None, event_id, callback, None
                 )
-                ids.append(_wrap(register))
+                try:
+                    ids.append(_wrap(register))
+                except BackendError as err:
+                    if conn is not self._given or not _already_tracked(err):
+                        raise
+                    # libvirt tracks one callback per connection, event and
+                    # domain filter, and libvirt-python registers the same C
+                    # callback for every Python one: the caller (or another
+                    # service) listens for this event on its connection
+                    # already.  Theirs stays; the service does without it
+                    # (a detach is confirmed by the re-check after
+                    # ``timeout``, a stop by the next call), as it does
+                    # without a close callback.
             if conn is not self._given:
                 _wrap(lambda: conn.registerCloseCallback(closed, None))
                 self._set_keepalive(conn)
@@ -398,6 +410,12 @@ class LibvirtBackend:
     def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
         dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+
+def _already_tracked(err: BackendError) -> bool:
+    """libvirt refused a second callback for the same event and domain
+    filter on one connection ("event callback already tracked")."""
+    return err.code == libvirt.VIR_ERR_INVALID_ARG and "already tracked" in err.message
 
 
 def _keepalive(conn: libvirt.virConnect, interval: int, count: int) -> None:

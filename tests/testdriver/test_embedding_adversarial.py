@@ -9,12 +9,13 @@ answer shows a call went through the connection under test.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from aiodetach import DetachService, DetachSettings
+from aiodetach import DetachService, DetachSettings, install_event_loop
 from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused
 
 
@@ -138,3 +139,84 @@ async def test_a_factorys_uri_stays_that_of_its_first_connection(
         assert svc.reconnects == 1
         assert opened == uris
         assert svc.uri == test_uri
+
+
+def _listen(conn: libvirt.virConnect, heard: list[int]) -> list[int]:
+    """The caller's own callbacks for every domain on its connection: the
+    lifecycle and device-removed events a nova-like agent listens for."""
+    return [
+        conn.domainEventRegisterAny(
+            None,
+            libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            lambda _c, _d, event, _detail, _o: heard.append(event),
+            None,
+        ),
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, lambda *_: None, None
+        ),
+    ]
+
+
+async def _stop_and_start_until_heard(conn: libvirt.virConnect, heard: list[int]) -> None:
+    """Stop and start ``test`` until the caller's callback heard it stop."""
+    dom = conn.lookupByName("test")
+    for _ in range(200):  # bounded against a hang; green at the first pass
+        if dom.isActive():
+            dom.destroy()
+        dom.create()
+        for _ in range(20):
+            if libvirt.VIR_DOMAIN_EVENT_STOPPED in heard:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("the caller's lifecycle callback never heard the domain stop")
+
+
+async def test_a_callers_connection_with_its_own_event_callbacks_is_taken(
+    test_uri: str,
+) -> None:
+    """libvirt tracks one callback per connection, event and domain filter
+    (libvirt-python registers the same C function for each): a caller already
+    listening for lifecycle and device-removed events on its connection made
+    ``open()`` fail ("event callback already tracked"), and so did a second
+    service on one connection.  The service does without them; the caller's
+    stay and keep firing."""
+    install_event_loop()  # the caller listens for events: an implementation first
+    conn = libvirt.open(test_uri)
+    heard: list[int] = []
+    ids = _listen(conn, heard)
+    try:
+        settings = DetachSettings(attempts=1, timeout=1)
+        async with (
+            DetachService(connection=conn, settings=settings, log=False) as svc,
+            DetachService(connection=conn, settings=settings, log=False) as other,
+        ):
+            for service in (svc, other):
+                with pytest.raises(DetachRefused):  # through the caller's connection
+                    await service.detach("test", target="vda")
+            await _stop_and_start_until_heard(conn, heard)
+        heard.clear()
+        await _stop_and_start_until_heard(conn, heard)  # still theirs after close
+        for cid in ids:
+            conn.domainEventDeregisterAny(cid)
+    finally:
+        conn.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="libvirt refuses a second all-domain callback for an event on one connection; "
+    "the service's (registered at open) blocks the caller's until aclose(). Fixing it means "
+    "registering per domain while an unplug runs, not a local change",
+)
+async def test_a_caller_can_listen_on_its_connection_while_a_service_uses_it(
+    test_uri: str,
+) -> None:
+    install_event_loop()
+    conn = libvirt.open(test_uri)
+    try:
+        async with DetachService(connection=conn, log=False):
+            heard: list[int] = []
+            for cid in _listen(conn, heard):
+                conn.domainEventDeregisterAny(cid)
+    finally:
+        conn.close()
