@@ -409,7 +409,16 @@ class _LoopThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)  # this thread's own: nothing process-wide
         try:
-            self.loop.run_forever()
+            while True:
+                try:
+                    self.loop.run_forever()
+                except (KeyboardInterrupt, SystemExit):
+                    # Raised by a hook (no signal reaches this thread): asyncio
+                    # lets it out of the task, which holds it for its caller,
+                    # and out of the loop.  The caller's thread gets it, as an
+                    # awaiting caller does; the loop serves everyone else on.
+                    continue
+                break
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.run_until_complete(self.loop.shutdown_default_executor())
         finally:

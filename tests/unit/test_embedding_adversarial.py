@@ -161,3 +161,43 @@ def test_a_facade_dropped_without_close_is_closed_at_interpreter_exit() -> None:
         "main: leaving",
         "connection closed",
     ], done.stderr
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_a_hook_raising_keyboardinterrupt_reaches_its_caller_and_the_facade_goes_on(
+    fake: FakeHypervisor, raised: type[BaseException]
+) -> None:
+    """`KeyboardInterrupt` and `SystemExit` from a hook go through, as asyncio
+    lets them (instrumentation.md): to the awaiting caller of a
+    `DetachService`.  Through the facade they ended its loop thread: the
+    calling thread waited for ever, later calls raised ``RuntimeError``."""
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias="ua-disk1", unplug=GuestUnplug.now())
+    vm.add_disk("vdc", alias="ua-disk2", unplug=GuestUnplug.now())
+
+    def hook(record: Record) -> None:
+        if (
+            isinstance(record, DetachRecord)
+            and record.kind == "started"
+            and record.alias == "ua-disk1"
+        ):
+            raise raised("a hook's own")
+
+    svc = BlockingDetachService(backend=fake, hooks=[hook], log=False)
+    try:
+        outcome: list[BaseException | DetachResult] = []
+
+        def call() -> None:
+            try:
+                outcome.append(svc.detach("vm", alias="ua-disk1"))
+            except BaseException as exc:  # the test looks at it
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(WAIT)
+        assert not caller.is_alive(), "the caller waits for ever"
+        assert type(outcome[0]) is raised
+        assert svc.detach("vm", alias="ua-disk2").attempts == 1  # the facade goes on
+    finally:
+        svc.close(timeout=WAIT)
