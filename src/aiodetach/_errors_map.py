@@ -95,6 +95,19 @@ def is_unsupported(err: BackendError) -> bool:
     return err.code == ErrorCode.NO_SUPPORT
 
 
+def is_already_tracked(err: BackendError) -> bool:
+    """libvirt refused an event callback: one for that event and domain filter
+    is registered on the connection already ("event callback already
+    tracked").  libvirt tracks one per connection, event and filter, and
+    libvirt-python registers the same C function for all of its callbacks of
+    an event: a caller listening on its own connection takes the slot."""
+    return err.code == _INVALID_ARG and "already tracked" in err.message
+
+
+_INVALID_ARG = 8
+"""libvirt's ``VIR_ERR_INVALID_ARG``."""
+
+
 def is_connection_error(err: BackendError) -> bool:
     """The connection to libvirtd is gone (the call may or may not have run).
 

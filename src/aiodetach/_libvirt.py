@@ -17,7 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import libvirt
 
 from ._connect import Connect, alive, from_factory
-from ._errors_map import is_domain_gone, is_unsupported
+from ._errors_map import is_already_tracked, is_domain_gone, is_unsupported
 from ._lanes import Lanes
 from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
@@ -220,8 +220,7 @@ class LibvirtBackend:
             for lane, opened in zip(self._lanes, [conn, *extra], strict=True):
                 lane.conn, lane.domains = opened, {}
             self._callback_ids = ids
-            # The first connection names the service for good: a reconnect that
-            # a factory sends elsewhere must not re-key records and journal rows.
+            # The first connection names the service for good (journal rows' key).
             if self._uri is None and self._connected_uri is None:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._connected_uri = conn.getURI()
@@ -279,16 +278,10 @@ class LibvirtBackend:
                 try:
                     ids.append(_wrap(register))
                 except BackendError as err:
-                    if conn is not self._given or not _already_tracked(err):
+                    # The caller (or another service) listens for it on its
+                    # connection already: theirs stays, the service does without.
+                    if conn is not self._given or not is_already_tracked(err):
                         raise
-                    # libvirt tracks one callback per connection, event and
-                    # domain filter, and libvirt-python registers the same C
-                    # callback for every Python one: the caller (or another
-                    # service) listens for this event on its connection
-                    # already.  Theirs stays; the service does without it
-                    # (a detach is confirmed by the re-check after
-                    # ``timeout``, a stop by the next call), as it does
-                    # without a close callback.
             if conn is not self._given:
                 _wrap(lambda: conn.registerCloseCallback(closed, None))
                 self._set_keepalive(conn)
@@ -410,12 +403,6 @@ class LibvirtBackend:
     def detach_config(self, lane: _Lane, uuid: str, device_xml: str) -> None:
         dom = lane.domain(uuid)
         _wrap(lambda: dom.detachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
-
-
-def _already_tracked(err: BackendError) -> bool:
-    """libvirt refused a second callback for the same event and domain
-    filter on one connection ("event callback already tracked")."""
-    return err.code == libvirt.VIR_ERR_INVALID_ARG and "already tracked" in err.message
 
 
 def _keepalive(conn: libvirt.virConnect, interval: int, count: int) -> None:
