@@ -29,10 +29,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from ._loop_thread import LoopThread as _LoopThread
 from ._many import DetachOutcome, DetachRequest
 from ._result import DetachResult, Recovered
 from ._rules import DomainRef
@@ -163,6 +163,12 @@ class BlockingDetachService:
     @property
     def _svc(self) -> DetachService:
         _refuse_in_event_loop("a blocking call")
+        return self._opened
+
+    @property
+    def _opened(self) -> DetachService:
+        """The service, for what does not block (``uri``, ``settings``,
+        ``recovered()``): readable from any thread, an event loop's too."""
         service = self._service
         if service is None:  # pragma: no cover - the constructor raised
             raise ServiceClosed("the blocking service is closed")
@@ -218,11 +224,11 @@ class BlockingDetachService:
 
     @property
     def uri(self) -> str:
-        return self._svc.uri
+        return self._opened.uri
 
     @property
     def settings(self) -> DetachSettings:
-        return self._svc.settings
+        return self._opened.settings
 
     # ---------------------------------------------------------------- API
     def detach(
@@ -312,8 +318,22 @@ class BlockingDetachService:
                     return  # the service closed: the stream ends, as the async one does
                 yield event
         finally:
-            with contextlib.suppress(ServiceClosed):
-                self._call(close_stream(), None)
+            self._end_stream(close_stream())
+
+    def _end_stream(self, close_stream: Coroutine[Any, Any, None]) -> None:
+        """Close an `events()` stream on the loop; wait for it only where
+        waiting is allowed.  An iterator left unclosed in a reference cycle
+        is finalized by the garbage collector in whatever thread it runs,
+        the facade's loop thread included: waiting there for the loop would
+        deadlock it, so there the close is only handed over."""
+        try:
+            closed = self._submit(close_stream)
+        except ServiceClosed:
+            return
+        if _running_loop() is not None:
+            return
+        with contextlib.suppress(ServiceClosed, concurrent.futures.CancelledError):
+            closed.result()
 
     def pending(self) -> list[tuple[str, str]]:
         """`DetachService.pending()`, read on the service's loop."""
@@ -326,13 +346,18 @@ class BlockingDetachService:
 
     def recovered(self) -> list[Recovered]:
         """`DetachService.recovered()`: what the journal held at open."""
-        return self._svc.recovered()
+        return self._opened.recovered()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _refuse_in_event_loop(what: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if _running_loop() is None:
         return
     raise CalledFromEventLoop(
         f"{what} blocks its thread, and this thread runs an asyncio event loop "
@@ -341,60 +366,11 @@ def _refuse_in_event_loop(what: str) -> None:
     )
 
 
-class _LoopThread:
-    """The event loop every open facade runs its service on, in one daemon
-    thread: started by the first facade, stopped by the last one's close."""
-
-    _current: _LoopThread | None = None
-    _guard = threading.Lock()
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.users = 0
-        self.thread = threading.Thread(target=self._run, name="aiodetach-blocking", daemon=True)
-        self.thread.start()
-
-    @classmethod
-    def acquire(cls) -> _LoopThread:
-        with cls._guard:
-            runner = cls._current
-            if runner is None:
-                runner = cls._current = _LoopThread()
-            runner.users += 1
-            return runner
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def release(self) -> None:
-        """One facade fewer; the last one stops the loop (its thread then ends)."""
-        with self._guard:
-            self.users -= 1
-            if self.users == 0:
-                if type(self)._current is self:
-                    type(self)._current = None
-                self.loop.call_soon_threadsafe(self.loop.stop)
-
-    def join(self, timeout: float | None) -> None:
-        """Wait for the thread to end, if the last facade let go of it."""
-        with self._guard:
-            ending = self.users == 0
-        if ending and threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)  # this thread's own: nothing process-wide
-        try:
-            self.loop.run_forever()
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        finally:
-            asyncio.set_event_loop(None)
-            self.loop.close()
-
-
 # ------------------------------------------------------------ interpreter exit
-_open_facades: weakref.WeakSet[BlockingDetachService] = weakref.WeakSet()
+_open_facades: set[BlockingDetachService] = set()
+"""Every facade not closed yet, held strongly: one its caller dropped without
+closing still runs its service on the loop thread, and must be closed at exit
+(its connections, its journal) as one still referenced is."""
 _exit_hook_registered = False
 _exit_hook_lock = threading.Lock()
 

@@ -102,9 +102,27 @@ def is_unsupported(err: BackendError) -> bool:
     return err.code == ErrorCode.NO_SUPPORT
 
 
+def is_already_tracked(err: BackendError) -> bool:
+    """libvirt refused an event callback: one for that event and domain filter
+    is registered on the connection already ("event callback already
+    tracked").  libvirt tracks one per connection, event and filter, and
+    libvirt-python registers the same C function for all of its callbacks of
+    an event: a caller listening on its own connection takes the slot."""
+    return err.code == _INVALID_ARG and "already tracked" in err.message
+
+
+_INVALID_ARG = 8
+"""libvirt's ``VIR_ERR_INVALID_ARG``."""
+
+
 def is_connection_error(err: BackendError) -> bool:
-    """The connection to libvirtd is gone (the call may or may not have run)."""
-    if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT):
+    """The connection to libvirtd is gone (the call may or may not have run).
+
+    ``INVALID_CONN`` ("invalid connection pointer") is a connection closed
+    under us: a caller's own (``connection=``) that the caller closed while
+    the service used it.  The reconnect then finds it closed and fails what
+    waits with `ConnectionLost`, instead of each call a `HypervisorError`."""
+    if err.code in (ErrorCode.SYSTEM_ERROR, ErrorCode.NO_CONNECT, ErrorCode.INVALID_CONN):
         return True
     if err.origin == ErrorDomain.RPC and err.code == ErrorCode.INTERNAL_ERROR:
         return True
@@ -119,6 +137,8 @@ def is_not_sent(err: BackendError) -> bool:
     idle one say, and the client has noticed), so such a call was not sent.
     Any other connection failure may have happened after the call reached
     libvirtd (a reply lost with the connection): *maybe sent*."""
+    if err.code == ErrorCode.INVALID_CONN:
+        return True  # refused by the client before anything was sent: no connection
     text = err.message.lower()
     return "client socket is closed" in text or "not connected to libvirt" in text
 
@@ -151,11 +171,17 @@ def is_auth_failure(err: BackendError) -> bool:
     verify peer's certificate"); one that does not verify against the
     client's own CA, or none offered, a ``SYSTEM_ERROR`` of the RPC layer
     naming the certificate or the TLS handshake."""
-    if err.code == ErrorCode.AUTH_FAILED:
+    if err.code == ErrorCode.AUTH_FAILED or err.origin == _FROM_AUTH:
+        # _FROM_AUTH: libvirt's credential helpers (util/virauth.c), e.g.
+        # "Missing authentication credentials" (INVALID_ARG) for a URI that
+        # needs credentials opened without a callback to ask for them.
         return True
     text = err.message.lower()
     return err.origin == ErrorDomain.RPC and any(marker in text for marker in _TLS_REFUSALS)
 
+
+_FROM_AUTH = 46
+"""libvirt's ``VIR_FROM_AUTH``: an error of its client's credential helpers."""
 
 _TLS_REFUSALS = ("certificate", "tls confirmation", "tls handshake", "tls peer")
 

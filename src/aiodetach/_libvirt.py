@@ -17,7 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 import libvirt
 
 from ._connect import Connect, alive, from_factory
-from ._errors_map import is_domain_gone, is_unsupported
+from ._errors_map import is_already_tracked, is_domain_gone, is_unsupported
 from ._eventloop import quiet_connection
 from ._lanes import Lanes
 from ._libvirt_names import CLOSE_REASONS as _CLOSE_REASONS
@@ -198,7 +198,8 @@ class LibvirtBackend:
             for lane, opened in zip(self._lanes, [conn, *extra], strict=True):
                 lane.conn, lane.domains = opened, {}
             self._callback_ids = ids
-            if self._uri is None:
+            # The first connection names the service for good (journal rows' key).
+            if self._uri is None and self._connected_uri is None:
                 with contextlib.suppress(libvirt.libvirtError):
                     self._connected_uri = conn.getURI()
 
@@ -258,7 +259,13 @@ class LibvirtBackend:
                 register = functools.partial(
                     conn.domainEventRegisterAny, None, event_id, callback, None
                 )
-                ids.append(_wrap(register))
+                try:
+                    ids.append(_wrap(register))
+                except BackendError as err:
+                    # The caller (or another service) listens for it on its
+                    # connection already: theirs stays, the service does without.
+                    if conn is not self._given or not is_already_tracked(err):
+                        raise
             if conn is not self._given:
                 _wrap(lambda: conn.registerCloseCallback(closed, None))
                 self._set_keepalive(conn)
