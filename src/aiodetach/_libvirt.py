@@ -21,15 +21,18 @@ from ._errors_map import is_already_tracked, is_domain_gone, is_unsupported
 from ._eventloop import quiet_connection
 from ._lanes import Lanes
 from ._libvirt_names import CLOSE_REASONS as _CLOSE_REASONS
+from ._libvirt_names import EVENT_NAMES
 from ._libvirt_names import SHUTOFF_REASONS as _SHUTOFF_REASONS
 from ._libvirt_names import STOP_REASONS as _STOP_REASONS
 from ._libvirt_names import domain_state as _state
+from ._log import get_log
 from ._rules import uuid_in
 from ._settings import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .backend import BackendError, DomainInfo, ErrorCode, ErrorDomain, EventSink
 
 __all__ = ["LibvirtBackend"]
 
+_log = get_log()
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
@@ -266,6 +269,14 @@ class LibvirtBackend:
                     # connection already: theirs stays, the service does without.
                     if conn is not self._given or not is_already_tracked(err):
                         raise
+                    # Said, not silent: without the event a detach is confirmed
+                    # only by the re-check when its window ends (docs: Connecting).
+                    _log.warning(
+                        "aiodetach.event_not_received",
+                        uri=self.uri,
+                        libvirt_event=EVENT_NAMES.get(event_id, str(event_id)),
+                        why="the caller's connection already has an all-domain callback for it",
+                    )
             if conn is not self._given:
                 _wrap(lambda: conn.registerCloseCallback(closed, None))
                 self._set_keepalive(conn)

@@ -8,8 +8,14 @@ import libvirt
 
 from .backend import DomainState
 
-__all__ = ["CLOSE_REASONS", "SHUTOFF_REASONS", "STOP_REASONS", "domain_state"]
+__all__ = ["CLOSE_REASONS", "EVENT_NAMES", "SHUTOFF_REASONS", "STOP_REASONS", "domain_state"]
 
+EVENT_NAMES = {
+    libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED: "DEVICE_REMOVED",
+    libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED: "DEVICE_REMOVAL_FAILED",
+    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE: "LIFECYCLE",
+    libvirt.VIR_DOMAIN_EVENT_ID_REBOOT: "REBOOT",
+}
 STOP_REASONS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+import structlog.testing
 
 from aiodetach import DetachService, DetachSettings, install_event_loop
 from aiodetach.errors import AuthenticationFailed, ConnectionLost, DetachRefused
@@ -218,5 +219,24 @@ async def test_a_caller_can_listen_on_its_connection_while_a_service_uses_it(
             heard: list[int] = []
             for cid in _listen(conn, heard):
                 conn.domainEventDeregisterAny(cid)
+    finally:
+        conn.close()
+
+
+async def test_an_event_the_service_cannot_hear_is_said(test_uri: str) -> None:
+    """Doing without the caller's event is not silent: the service warns, once
+    per event it cannot register, naming the URI and the event."""
+    install_event_loop()
+    conn = libvirt.open(test_uri)
+    ids = _listen(conn, [])
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with DetachService(connection=conn, log=False):
+                pass
+        said = [e for e in logs if e["event"] == "aiodetach.event_not_received"]
+        assert sorted(e["libvirt_event"] for e in said) == ["DEVICE_REMOVED", "LIFECYCLE"]
+        assert all(e["log_level"] == "warning" and e["uri"] == test_uri for e in said), said
+        for cid in ids:
+            conn.domainEventDeregisterAny(cid)
     finally:
         conn.close()
