@@ -20,23 +20,16 @@ from .errors import DetachRefused
 
 __all__ = ["current_halves", "look_up", "preview", "resolve_domain"]
 
-_MAX_ID = 2**31 - 1
-
 
 async def resolve_domain(svc: DetachService, ref: str) -> str:
-    """``ref`` as the library names a domain: a number is read as virsh reads
-    it, as a running domain's ID first (its UUID, then), else as a name."""
+    """``ref`` as one domain's UUID when it is a number (the library reads a
+    number as virsh does, a running domain's ID first, then a name; an ID
+    names one run of a domain only, and ``watch`` filters events by the
+    domain), else as given."""
     ref = ref.strip()
-    uuid_of_id = getattr(svc._backend, "uuid_of_id", None)  # libvirt's; the fake has no IDs
-    if not (ref.isascii() and ref.isdigit()) or int(ref) > _MAX_ID or uuid_of_id is None:
+    if not (ref.isascii() and ref.isdigit()):
         return ref
-    conn = svc._conn
-    assert conn is not None
-    try:
-        uuid = await conn.read(uuid_of_id, ref)
-    except BackendError as err:
-        raise map_error(err, domain=ref, alias=None, action="domain lookup by ID") from None
-    return uuid if isinstance(uuid, str) else ref
+    return (await _info(svc, ref)).uuid
 
 
 async def _info(svc: DetachService, ref: str) -> DomainInfo:

@@ -20,6 +20,8 @@ from ._connect import Connect, alive, from_factory
 from ._errors_map import is_already_tracked, is_domain_gone, is_unsupported
 from ._eventloop import quiet_connection
 from ._lanes import Lanes
+from ._libvirt_find import find_domain
+from ._libvirt_find import wrap as _wrap
 from ._libvirt_names import CLOSE_REASONS as _CLOSE_REASONS
 from ._libvirt_names import EVENT_NAMES
 from ._libvirt_names import SHUTOFF_REASONS as _SHUTOFF_REASONS
@@ -100,17 +102,6 @@ def _on_a_lane(
     on_a_lane.__name__ = method.__name__
     on_a_lane.__doc__ = method.__doc__
     return on_a_lane
-
-
-def _wrap(fn: Callable[[], _T]) -> _T:
-    try:
-        return fn()
-    except libvirt.libvirtError as exc:
-        raise BackendError(
-            exc.get_error_code() or ErrorCode.INTERNAL_ERROR,
-            exc.get_error_message() or str(exc),
-            origin=exc.get_error_domain() or 0,
-        ) from None
 
 
 class LibvirtBackend:
@@ -356,7 +347,7 @@ class LibvirtBackend:
     @_on_a_lane
     def lookup(self, lane: _Lane, ref: str) -> DomainInfo:
         conn = lane.connection()
-        dom = _wrap(lambda: conn.lookupByName(ref)) if uuid_in(ref) is None else _by_uuid(conn, ref)
+        dom = find_domain(conn, ref)
         # libvirt-python annotates state() as str; it returns [state, reason].
         state, reason = cast(list[int], _wrap(dom.state))[:2]
         # isActive, not the state, says whether a live definition exists: while
@@ -375,18 +366,6 @@ class LibvirtBackend:
             run_id=run_id,
             stop_reason=None if active else _SHUTOFF_REASONS.get(reason),
         )
-
-    @_on_a_lane
-    def uuid_of_id(self, lane: _Lane, domain_id: str) -> str | None:
-        """The UUID of the running domain with this ID, or None if none has it:
-        the command line reads a number as virsh does, as an ID first."""
-        conn = lane.connection()
-        try:
-            return str(_wrap(lambda: conn.lookupByID(int(domain_id))).UUIDString())
-        except BackendError as exc:
-            if is_domain_gone(exc):
-                return None
-            raise
 
     @_on_a_lane
     def domain_xml(self, lane: _Lane, uuid: str, *, inactive: bool) -> str:
@@ -427,20 +406,3 @@ def _keepalive(conn: libvirt.virConnect, interval: int, count: int) -> None:
         if exc.get_error_code() is not None:
             raise
         conn.setKeepAlive(interval, count)
-
-
-def _by_uuid(conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
-    """The domain whose UUID ``ref`` spells (any case, dashes or not: what
-    libvirt reads as a UUID), else the one *named* ``ref``, as virsh resolves
-    it: a domain may be named like a UUID."""
-    try:
-        return _wrap(lambda: conn.lookupByUUIDString(ref))
-    except BackendError as err:
-        if not is_domain_gone(err):
-            raise
-        try:
-            return _wrap(lambda: conn.lookupByName(ref))
-        except BackendError as by_name:
-            if is_domain_gone(by_name):
-                raise err from None  # the UUID's "not found" says what was asked
-            raise

@@ -298,9 +298,11 @@ class DetachService:
     ) -> DetachResult:
         """Detach one device and return once it is gone.
 
-        Name the device with exactly one of ``alias`` (any device), ``target``
-        (a disk's target dev, e.g. ``"vdb"``), ``mac`` (an interface) or
-        ``xml`` (device XML as libvirt would match it).  ``live`` and
+        ``domain``: a name, a UUID, a running domain's ID (a number, read as
+        virsh reads it) or a `libvirt.virDomain`.  The device: exactly one of
+        ``alias`` (any device), ``target`` (a disk's target dev, e.g.
+        ``"vdb"``), ``mac`` (an interface) or ``xml`` (device XML as libvirt
+        would match it).  ``live`` and
         ``persistent`` default to "as the domain is": live if it is running or
         paused, persistent if it has a persistent definition.  A device named
         by something only one definition carries (a libvirt-assigned alias
@@ -351,8 +353,9 @@ class DetachService:
     async def events(self, domain: DomainRef | None = None) -> AsyncIterator[DeviceEvent]:
         """Stream device-removed / removal-failed / domain-stopped events.
 
-        ``domain`` filters, naming a domain as `detach()` does (name, UUID
-        in any spelling libvirt takes, or virDomain).  Ends when the service closes.
+        ``domain`` filters, by name, UUID (in any spelling libvirt takes) or
+        virDomain; not by ID, which names one run of a domain (look it up
+        first).  Ends when the service closes.
         """
         self._calls.usable()
         assert self._intake is not None

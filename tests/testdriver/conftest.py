@@ -28,6 +28,21 @@ def test_uri() -> str:
 
 
 @pytest.fixture
+def test_id(test_uri: str) -> str:
+    """The running domain ``test``'s ID: 1 in a fresh process, but the driver's
+    state is shared by every connection of the process, and another test may
+    have stopped and started it (each start is a new ID)."""
+    conn = libvirt.open(test_uri)
+    try:
+        dom = conn.lookupByName("test")
+        if not dom.isActive():
+            dom.create()
+        return str(dom.ID())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
 def second_domain(test_uri: str) -> Iterator[str]:
     """A second running domain on ``test:///default`` (a copy of ``test`` under
     another name and UUID), for calls about two domains; its UUID.  Removed

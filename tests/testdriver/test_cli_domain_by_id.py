@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import libvirt
 import pytest
 import structlog
 
@@ -26,26 +25,12 @@ def dry_run(capsys: pytest.CaptureFixture[str], uri: str, domain: str) -> tuple[
     return code, capsys.readouterr().out
 
 
-def running_id(uri: str) -> str:
-    """``test``'s ID now: 1 in a fresh process, but the driver's state is shared
-    by every connection of the process, and another test may have stopped and
-    started it (each start is a new ID)."""
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.lookupByName("test")
-        if not dom.isActive():
-            dom.create()
-        return str(dom.ID())
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("domain", ["ID", "test", TEST_UUID, TEST_UUID.upper().replace("-", "")])
 def test_a_domain_by_id_name_or_uuid(
-    test_uri: str, capsys: pytest.CaptureFixture[str], domain: str
+    test_uri: str, test_id: str, capsys: pytest.CaptureFixture[str], domain: str
 ) -> None:
     if domain == "ID":
-        domain = running_id(test_uri)
+        domain = test_id
     code, out = dry_run(capsys, test_uri, domain)
     assert code == 0, out
     shown = json.loads(out)

@@ -85,3 +85,32 @@ async def test_a_domain_named_like_a_uuid_is_found_by_its_name(test_uri: str) ->
         await asyncio.to_thread(backend.close)
         dom.undefine()
         conn.close()
+
+
+async def test_a_number_is_a_running_domains_id_first_then_a_name(
+    test_uri: str, test_id: str
+) -> None:
+    """As virsh reads it: ``detach("1", ...)`` is the domain running with ID 1;
+    a number no running domain has is a name (a domain may be named "4242")."""
+    install_event_loop()
+    conn = libvirt.open(test_uri)
+    named = conn.defineXML(
+        conn.lookupByName("test")
+        .XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        .replace("<name>test</name>", "<name>4242</name>")
+        .replace(TEST_UUID, "6695eb01-f6a4-8304-79aa-97f2502e4242")
+    )
+    backend = LibvirtBackend(test_uri, lanes=1)
+    await asyncio.to_thread(backend.open, _Sink(), read_only=False)
+    try:
+        by_id = await asyncio.to_thread(backend.lookup, test_id)
+        assert (by_id.name, by_id.uuid) == ("test", TEST_UUID)
+        by_name = await asyncio.to_thread(backend.lookup, "4242")
+        assert by_name.name == "4242"
+        with pytest.raises(BackendError) as info:
+            await asyncio.to_thread(backend.lookup, "4243")
+        assert info.value.code == ErrorCode.NO_DOMAIN
+    finally:
+        await asyncio.to_thread(backend.close)
+        named.undefine()
+        conn.close()
