@@ -341,3 +341,79 @@ async def test_closing_the_service_while_qemu_holds_the_slot_ends_the_caller() -
     with pytest.raises(DetachError):
         await task
     assert len(fake.requests) == sent
+
+
+# ------------------------------------------------------------------ slots
+NATIVE_OFF = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
+PORT = {"type": "pci", "domain": "0x0000", "bus": "0x01", "slot": "0x00", "function": "0x0"}
+
+
+def _on_port(
+    machine: str, *, acpi: bool = True, qemu_args: tuple[str, ...] = ()
+) -> tuple[FakeHypervisor, FakeDomain]:
+    fake = FakeHypervisor()
+    vm = fake.add_domain("vm")
+    vm.machine, vm.acpi, vm.qemu_args = machine, acpi, qemu_args
+    vm.add_device("<controller type='pci' index='1' model='pcie-root-port'/>", alias="pci.1")
+    return fake, vm
+
+
+async def _warnings(
+    fake: FakeHypervisor, callers: int = 1, *, live: bool | None = None
+) -> list[DetachRecord]:
+    """The slot warnings of ``callers`` joined calls with a 1 s ``timeout``."""
+    steps = Steps()
+    settings = DetachSettings(attempts=3, timeout=1.0)
+    async with DetachService(backend=fake, settings=settings, hooks=[steps]) as svc:
+        await asyncio.gather(*(svc.detach("vm", alias=ALIAS, live=live) for _ in range(callers)))
+    return [r for r in steps.detach if r.kind == "timeout_below_slot_minimum"]
+
+
+async def test_joined_callers_each_get_one_warning_for_their_call() -> None:
+    fake, vm = _on_port("pc-q35-7.2", qemu_args=NATIVE_OFF)
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(1.5), address=PORT)
+    found = await _warnings(fake, callers=3)
+    assert len(fake.requests) == 2  # one re-send: still one warning per call
+    assert sorted(r.detach_id for r in found) == sorted({r.detach_id for r in found})
+    assert len(found) == 3
+
+
+@pytest.mark.parametrize("kind", ["hostdev", "interface"])
+async def test_a_hostdev_or_nic_on_a_native_root_port_warns(kind: str) -> None:
+    fake, vm = _on_port("pc-q35-7.2", qemu_args=NATIVE_OFF)
+    unplug = GuestUnplug.later(0.05)
+    if kind == "hostdev":
+        vm.add_hostdev("0x05", alias=ALIAS, unplug=unplug, address=PORT)
+    else:
+        vm.add_interface("52:54:00:00:00:01", alias=ALIAS, unplug=unplug, address=PORT)
+    assert [(r.slot, r.timeout) for r in await _warnings(fake)] == [("native-pcie", 1.0)]
+
+
+async def test_a_device_without_an_address_says_nothing() -> None:
+    fake, vm = _on_port("pc-q35-7.2", qemu_args=NATIVE_OFF)
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(0.05))
+    assert await _warnings(fake) == []
+
+
+async def test_a_config_only_call_says_nothing() -> None:
+    """``live=False`` sends no unplug: no window for the slot to miss."""
+    fake, vm = _on_port("pc-q35-7.2", qemu_args=NATIVE_OFF)
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(0.05), address=PORT)
+    assert await _warnings(fake, live=False) == []
+    assert fake.requests == []
+
+
+async def test_a_domain_without_machine_or_acpi_is_native() -> None:
+    """No ``<os machine>`` and no ``<acpi/>``: no ACPI hotplug, so a root
+    port hot-plugs natively (the docs' rule: no ``<acpi/>`` is native)."""
+    fake, vm = _on_port("")
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(0.05), address=PORT)
+    assert [r.slot for r in await _warnings(fake)] == ["native-pcie"]
+
+
+async def test_a_root_port_on_a_machine_other_than_q35_is_native() -> None:
+    """ACPI hotplug of root ports is q35's (ICH9); aarch64 ``virt`` (QEMU 7.2)
+    has none, ``<acpi/>`` or not: its root ports are pciehp's."""
+    fake, vm = _on_port("virt-7.2")
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(0.05), address=PORT)
+    assert [r.slot for r in await _warnings(fake)] == ["native-pcie"]
