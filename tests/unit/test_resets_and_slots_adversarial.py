@@ -417,3 +417,25 @@ async def test_a_root_port_on_a_machine_other_than_q35_is_native() -> None:
     fake, vm = _on_port("virt-7.2")
     vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.later(0.05), address=PORT)
     assert [r.slot for r in await _warnings(fake)] == ["native-pcie"]
+
+
+async def test_a_reset_on_the_last_attempt_uses_no_attempt() -> None:
+    """The first window ran out (one attempt used of two); the guest is reset
+    during the second: that request was void, the third is taken, and the
+    detach succeeds on the attempts it had."""
+    fake = FakeHypervisor()
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias=ALIAS, unplug=_held_manual(hold=0.1))
+    steps = Steps()
+    settings = DetachSettings(attempts=2, timeout=0.5)
+    async with DetachService(backend=fake, settings=settings, hooks=[steps]) as svc:
+        task = asyncio.create_task(svc.detach("vm", alias=ALIAS))
+        await steps.reached("attempt_timed_out")
+        await steps.reached("request_sent", 2)  # refused "in progress": the first is pending
+        fake.reset_domain("vm")
+        await _until_taken(fake, steps, task, 3)
+        fake.complete("vm", ALIAS)
+        result = await task
+    assert result.attempts == 2
+    assert steps.kinds.count("request_voided") == 1
+    assert steps.kinds.count("attempt_timed_out") == 1
