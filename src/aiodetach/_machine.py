@@ -78,7 +78,8 @@ The rules, each where the code below applies it:
   never counted) until QEMU takes it; then its window runs as usual, so
   nothing is sent into the unplug that follows.  A ``REBOOT`` while the
   request is in its thread is not acted on (it may have reached QEMU after
-  the reset).
+  the reset); one during a re-check, or while the guest is paused (looked
+  at a moment after it resumes), voids the request all the same.
 
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
