@@ -439,3 +439,24 @@ async def test_a_reset_on_the_last_attempt_uses_no_attempt() -> None:
     assert result.attempts == 2
     assert steps.kinds.count("request_voided") == 1
     assert steps.kinds.count("attempt_timed_out") == 1
+
+
+async def test_an_acpi_reset_with_several_reboot_events_is_one_request() -> None:
+    """ACPI: the reset completes the pending unplug (DEVICE_REMOVED follows
+    the REBOOTs); joined callers all succeed on the one request."""
+    fake = FakeHypervisor()
+    vm = fake.add_domain("vm")
+    vm.add_disk("vdb", alias=ALIAS, unplug=GuestUnplug.acpi(30.0))
+    steps = Steps()
+    settings = DetachSettings(attempts=1, timeout=10.0)
+    async with DetachService(backend=fake, settings=settings, hooks=[steps]) as svc:
+        tasks = [asyncio.create_task(svc.detach("vm", alias=ALIAS)) for _ in range(2)]
+        await steps.reached("request_sent")
+        sink = fake.sink
+        assert sink is not None
+        sink.domain_rebooted(vm.uuid, vm.name)
+        fake.reset_domain("vm")
+        results = await asyncio.gather(*tasks)
+    assert [(r.attempts, r.confirmed_by) for r in results] == [(1, "event"), (1, "event")]
+    assert (len(fake.requests), fake.voided) == (1, 0)
+    assert "request_voided" not in steps.kinds
