@@ -78,7 +78,8 @@ The rules, each where the code below applies it:
   never counted) until QEMU takes it; then its window runs as usual, so
   nothing is sent into the unplug that follows.  A ``REBOOT`` while the
   request is in its thread is not acted on (it may have reached QEMU after
-  the reset).
+  the reset); one during a re-check, or while the guest is paused (looked
+  at a moment after it resumes), voids the request all the same.
 
 - **A request that never reached libvirtd is not an attempt.**  A call that
   failed inside the client before anything was written (the connection's
@@ -428,6 +429,7 @@ class UnplugMachine:
             # An unplug (ours, or someone else's) is pending: wait for it.
             out.append(Report("in_progress", "reason", answer.reason))
             self.accepted = True
+            self.taken_at = now  # the pending one was taken by now: a reset voids it
             self._window(out, now, answer.reconnected)
         elif outcome is Outcome.MAYBE_SENT:
             # It may have reached QEMU: wait it out as sent (the wait rides
@@ -523,16 +525,22 @@ class UnplugMachine:
         window runs is concerned (one still in its thread may have reached
         QEMU after the reset: it is waited out as usual).  Wait a moment for
         the ``DEVICE_REMOVED`` an ACPI reset brings, then look (RECHECKING)."""
-        if self.phase is Phase.RECHECKING:
-            self.rebooted = True  # the look under way decides
-        if self.phase is not Phase.WAITING:
+        phase = self.phase
+        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED):
             return
         if not self.rebooted:  # QEMU resets more than once per reboot (firmware)
             out.append(Report("guest_reset"))
         self.rebooted = True
-        self.deadline = min(self.deadline, now + min(RESET_SETTLE, self.limits.timeout / 4))
+        if phase is not Phase.WAITING:
+            return  # the look under way decides; a paused guest is looked at once resumed
+        self.deadline = min(self.deadline, now + self._settle_time)
         self.token += 1
         out.append(WaitUntil(self.deadline, self.token))
+
+    @property
+    def _settle_time(self) -> float:
+        """How long to wait for the ``DEVICE_REMOVED`` an ACPI reset brings."""
+        return min(RESET_SETTLE, self.limits.timeout / 4)
 
     def _voided(self, out: list[Action], now: float) -> None:
         """The device is still there after the reset: our request is void (the
@@ -675,7 +683,7 @@ class UnplugMachine:
                 self._enter(out, Phase.PAUSED, now)  # look again in ``timeout``
             else:
                 out.append(Report("resumed"))
-                self.deadline = now + self.limits.timeout
+                self.deadline = now + (self._settle_time if self.rebooted else self.limits.timeout)
                 self._enter(out, Phase.WAITING, now)
             return
         if phase is Phase.RECHECKING:

@@ -14,7 +14,9 @@ natively or through ACPI is not in libvirt 9.0's XML as such: QEMU 6.1 and
 later machine types (``pc-q35-6.1``…) default to ACPI hotplug on root ports,
 earlier ones and a domain without ``<acpi/>`` use native PCIe, and the
 passthrough ``-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off``
-(``<qemu:commandline>``) turns ACPI hotplug off.  A slot not decided so is
+(``<qemu:commandline>``) turns ACPI hotplug off.  ACPI hotplug of root ports
+is q35's own (ICH9): a root port on any other machine type (aarch64
+``virt`` on QEMU 7.2) is native.  A slot not decided so is
 ``"unknown"`` and has no minimum.
 """
 
@@ -88,6 +90,8 @@ def _native_pcie(machine: str, acpi: bool, qemu_args: tuple[str, ...]) -> bool:
     """Does a q35 root port hot-plug natively (pciehp) rather than through ACPI?"""
     if not acpi:
         return True  # no ACPI, no ACPI hotplug
+    if machine and "q35" not in machine:
+        return True  # ACPI hotplug of root ports is q35's (ICH9): aarch64 ``virt`` has none
     for arg in reversed(qemu_args):  # QEMU takes the last -global given
         if arg.startswith(_ACPI_GLOBAL):
             return arg[len(_ACPI_GLOBAL) :].lower() in ("off", "false", "no", "0")
