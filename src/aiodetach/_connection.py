@@ -239,7 +239,14 @@ class Connection:
                     loop.call_soon_threadsafe(settle)
 
         thread = threading.Thread(target=run, name=f"aiodetach-close-{self.uri}", daemon=True)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:
+            # The interpreter is exiting (a blocking facade closed by its exit
+            # hook): Python 3.12 starts no thread then.  Close here, unbounded:
+            # the process is ending anyway, and an unclosed connection is not.
+            run()
+            return
         try:
             await asyncio.wait_for(asyncio.shield(done), max(deadline - loop.time(), 0.01))
         except TimeoutError:
