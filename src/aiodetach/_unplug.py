@@ -74,6 +74,8 @@ from .instrumentation._records import UnplugRecord, UnplugStep
 if TYPE_CHECKING:
     from ._journal import Entry
 
+_VOIDED = Report("request_voided")
+
 __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
 Key = tuple[str, str]
@@ -262,9 +264,11 @@ class Unplug(UnplugCalls):
                 before = self.token
                 refused = self.not_taken
                 actions = self.handle(event, loop.time())
+                # Before the actions: a re-send among them is noted after this.
                 if isinstance(event, Answered):
-                    # Before the actions: a re-send among them is noted after this.
                     self.journal_answer(taken=self.not_taken == refused)
+                elif self._journalled is not None and _VOIDED in actions:
+                    self.journal_voided()
                 self._perform(actions, before)
                 if not queued:
                     return

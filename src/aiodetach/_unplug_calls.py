@@ -186,11 +186,22 @@ class UnplugCalls(UnplugMachine):
         if noted is None or journalled.row is None:
             return  # nothing was noted (skipped, or the note failed)
         if taken:
-            journalled.taken = noted
+            journalled.before, journalled.taken = journalled.taken, noted
             return
         journalled.untaking = journal.not_taken_soon(journalled.row, journalled.taken)
         if journalled.taken is None:
             journalled.row = None  # deleted: the next request gets a new row
+
+    def journal_voided(self) -> None:
+        """A reset voided the latest request libvirt took: it uses no attempt
+        (see `UnplugMachine._voided`), so a refusal of the next one takes the
+        row back to the request before it, not to the voided one."""
+        journalled = self._journalled
+        if journalled is None or journalled.taken is None:
+            return
+        before = journalled.before
+        counted = before is not None and before.sent < journalled.taken.sent
+        journalled.taken, journalled.before = (before if counted else None), None
 
     def _note(self) -> RequestNote:
         settings = self._registry.settings
@@ -275,6 +286,7 @@ class Journalled:
     is held (a few dozen bytes for each of thousands of pending unplugs)."""
 
     __slots__ = (
+        "before",
         "device",
         "noted",
         "resumed",
@@ -293,6 +305,7 @@ class Journalled:
         self.resumed = False  # taken up from the journal after a restart
         self.noted: Noted | None = None  # the request out, as its row records it
         self.taken: Noted | None = None  # the latest request libvirt took
+        self.before: Noted | None = None  # the one it took before that (a reset voids one)
         self.untaking: Future[None] | None = None  # writing a refusal into the row
 
 

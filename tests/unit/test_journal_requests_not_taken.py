@@ -13,6 +13,7 @@ hypervisor, through the public API.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,41 @@ async def test_a_request_failed_in_the_client_is_no_attempt_after_a_restart(
             result = await svc.detach("vm", alias="ua-d", persistent=False)
     assert (result.live, result.attempts, result.resumed) == (True, 1, False)
     assert len(fake.requests) == 1
+
+
+async def test_a_refusal_during_a_resets_hold_is_no_attempt_after_a_restart(
+    fake: FakeHypervisor, tmp_path: Path
+) -> None:
+    """A reset voided the accepted request (native PCIe: the guest never
+    releases the device for it), and its re-send was refused while QEMU still
+    held the slot: neither counts.  The restarted service takes nothing up and
+    its one attempt is the request the guest takes once the hold is over."""
+    vm = fake.add_domain("vm")
+    slot = GuestUnplug("manual", refuse_while_pending=True, on_reset="void", reset_hold=3.0)
+    vm.add_disk("vdb", alias="ua-d", unplug=slot)
+    journal = tmp_path / "j.db"
+    settings = journal_settings(attempts=1, timeout=2.0)
+    async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
+        caller = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        await until(lambda: len(fake.requests) == 1, 10, "the request")
+        await until(lambda: bool(_unfinished(journal)), 10, "its row")
+        fake.reset_domain("vm")
+        await until(lambda: fake.held_refusals >= 1, 10, "a refusal during the hold")
+        await until(lambda: not _unfinished(journal), 10, "the refusal in the journal")
+    with pytest.raises(ServiceClosed):
+        await caller
+    device = vm.live_device("ua-d")
+    assert device is not None
+    assert device.held_until is not None
+    held_until = device.held_until
+    await until(lambda: time.monotonic() >= held_until, 10, "the slot's hold over")
+    sent_before = len(fake.requests)
+    async with DetachService(backend=fake, settings=settings, journal=journal) as svc:
+        assert svc.recovered() == []
+        detach = asyncio.create_task(svc.detach("vm", alias="ua-d", persistent=False))
+        await until(lambda: len(fake.requests) > sent_before, 10, "the new request")
+        fake.complete("vm", "ua-d")
+        async with asyncio.timeout(BOUND):
+            result = await detach
+    assert (result.live, result.attempts, result.resumed) == (True, 1, False)
+    assert len(fake.requests) == sent_before + 1
