@@ -323,9 +323,11 @@ class Journal:
 
         def write(db: sqlite3.Connection) -> int:
             if row is not None:
+                # answered_at: this request's, once libvirt answers it; the
+                # previous request's would count its window from long ago.
                 db.execute(
-                    "UPDATE unplugs SET sent=?, used=?, sent_at=?, timeout=?, attempts=?, "
-                    "persistent_done=? WHERE id=?",
+                    "UPDATE unplugs SET sent=?, used=?, sent_at=?, answered_at=NULL, timeout=?, "
+                    "attempts=?, persistent_done=? WHERE id=?",
                     (
                         note.sent,
                         note.used,
