@@ -13,6 +13,10 @@ file (stdlib `sqlite3`, WAL mode) with one row per live unplug of ours:
   force.  A crash between the commit and the request leaves a row that says
   "sent" though maybe nothing was: the row is read as *maybe sent* and its
   window is waited out, which is only ever later, never earlier;
+- a request libvirt refused without taking it (another job held the domain,
+  "guest is busy" with nothing of ours pending, a call failed in the
+  client) uses no attempt: its row goes back to the unplug's latest request
+  libvirt took, or is deleted with none (`Journal.not_taken_soon`);
 - its outcome is written when it is known (off the event loop, in the
   journal's own thread);
 - at ``open()`` the unfinished rows of the service's URI are reconciled
