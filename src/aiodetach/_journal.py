@@ -13,6 +13,10 @@ file (stdlib `sqlite3`, WAL mode) with one row per live unplug of ours:
   force.  A crash between the commit and the request leaves a row that says
   "sent" though maybe nothing was: the row is read as *maybe sent* and its
   window is waited out, which is only ever later, never earlier;
+- a request libvirt refused without taking it (another job held the domain,
+  "guest is busy" with nothing of ours pending, a call failed in the
+  client) uses no attempt: its row goes back to the unplug's latest request
+  libvirt took, or is deleted with none (`Journal.not_taken_soon`);
 - its outcome is written when it is known (off the event loop, in the
   journal's own thread);
 - at ``open()`` the unfinished rows of the service's URI are reconciled
@@ -50,7 +54,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -72,6 +76,7 @@ __all__ = [
     "Entry",
     "Journal",
     "JournalOutcome",
+    "Noted",
     "RequestNote",
     "fault_point",
     "open_journal",
@@ -111,6 +116,16 @@ class RequestNote:
     attempts: int
     persistent_done: bool
     started_at: float  # wall clock, when the unplug started
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """A request as its row records it: its number, and when it was sent
+    and answered (wall clock)."""
+
+    sent: int
+    sent_at: float
+    answered_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,17 +318,20 @@ class Journal:
                 path=str(self.path),
             )
 
-    def note_request(self, row: int | None, note: RequestNote) -> int:
+    def note_request(self, row: int | None, note: RequestNote, at: float | None = None) -> int:
         """Record a live request about to be sent; durable (committed) on
-        return.  Returns the unplug's row (a new one for its first request)."""
-        now = time.time()
+        return.  Returns the unplug's row (a new one for its first request).
+        ``at``: its wall-clock time (default: now)."""
+        now = time.time() if at is None else at
         fault_point("request.begin")
 
         def write(db: sqlite3.Connection) -> int:
             if row is not None:
+                # answered_at: this request's, once libvirt answers it; the
+                # previous request's would count its window from long ago.
                 db.execute(
-                    "UPDATE unplugs SET sent=?, used=?, sent_at=?, timeout=?, attempts=?, "
-                    "persistent_done=? WHERE id=?",
+                    "UPDATE unplugs SET sent=?, used=?, sent_at=?, answered_at=NULL, timeout=?, "
+                    "attempts=?, persistent_done=? WHERE id=?",
                     (
                         note.sent,
                         note.used,
@@ -481,10 +499,11 @@ class Journal:
         calls the journal, never the test hook itself."""
         fault_point("request.sent")
 
-    def answered_soon(self, row: int) -> None:
+    def answered_soon(self, row: int) -> float:
         """Queue "libvirt answered the request of ``row``, now" (any thread;
-        never blocks).  Not made durable on its own: if it is lost, a restart
-        counts the window from its own start instead (see Entry.window_end)."""
+        never blocks); returns that time.  Not made durable on its own: if it
+        is lost, a restart counts the window from its own start instead (see
+        Entry.window_end)."""
         at = time.time()
 
         def write() -> None:
@@ -498,6 +517,42 @@ class Journal:
 
         with contextlib.suppress(RuntimeError):  # closed: the restart is conservative
             self._executor.submit(write)
+        return at
+
+    def not_taken_soon(self, row: int, taken: Noted | None) -> Future[None] | None:
+        """Queue "libvirt did not take the request just noted in ``row``" (any
+        thread; never blocks): a request refused without being taken (another
+        job held the domain, "guest is busy" with nothing of ours pending, a
+        call failed inside the client) uses no attempt, so a restart must not
+        take it up as *maybe sent*.  The row goes back to ``taken``, the
+        unplug's latest request libvirt did take; with none, it is deleted:
+        nothing of ours is pending, nothing is taken up.
+
+        Returns the write's future: the unplug's next request waits for it
+        before its own row is written (else this would undo that row).  A
+        failed write is logged and leaves the row *maybe sent*: a restart
+        then waits, later, never earlier."""
+
+        def write() -> None:
+            def update(db: sqlite3.Connection) -> None:
+                if taken is None:
+                    db.execute("DELETE FROM unplugs WHERE id=? AND finished_at IS NULL", (row,))
+                else:
+                    db.execute(
+                        "UPDATE unplugs SET sent=?, sent_at=?, answered_at=? "
+                        "WHERE id=? AND finished_at IS NULL",
+                        (taken.sent, taken.sent_at, taken.answered_at, row),
+                    )
+
+            try:
+                self._write("recording a request not taken", update)
+            except JournalError as exc:
+                _log.warning("aiodetach.journal_write_failed", error=str(exc))
+
+        try:
+            return self._executor.submit(write)
+        except RuntimeError:  # closed: the restart is conservative
+            return None
 
     def finish_soon(
         self, row: int, outcome: JournalOutcome, confirmed_by: str | None = None

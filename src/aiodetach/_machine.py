@@ -187,6 +187,7 @@ class UnplugMachine:
         "handed",
         "held_from",
         "limits",
+        "not_taken",
         "phase",
         "reading",
         "rebooted",
@@ -214,6 +215,7 @@ class UnplugMachine:
         self.sent = 0  # requests that counted (busy refusals and unsent ones do not)
         self.sent_at = 0.0  # when the latest request was handed to its worker thread
         self.used = 0  # attempts used up
+        self.not_taken = 0  # requests answered as not taken (the journal un-notes them)
         self.busy_refusals = 0
         self.rebooted = False  # the guest was reset while our request was pending
         self.taken_at = 0.0  # when libvirt accepted our latest request
@@ -405,6 +407,7 @@ class UnplugMachine:
         unsent = outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED)
         if unsent or busy or job_held:
             self.sent -= 1  # not taken: it does not count
+            self.not_taken += 1
         if not unsent:
             out.append(Report("request_sent"))
             if not job_held:  # it never reached the guest: events are as before it

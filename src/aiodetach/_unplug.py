@@ -40,9 +40,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._ending import Abandoned, LiveDone, ended_outcome, journal_outcome, outcome, settle
+from ._journal import Noted
 from ._machine_io import (
     Abort,
     Action,
+    Answered,
     ConnectionDown,
     End,
     Event,
@@ -71,6 +73,8 @@ from .instrumentation._records import UnplugRecord, UnplugStep
 
 if TYPE_CHECKING:
     from ._journal import Entry
+
+_VOIDED = Report("request_voided")
 
 __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "retrieve"]
 
@@ -208,6 +212,7 @@ class Unplug(UnplugCalls):
         assert journalled is not None  # taken up from a journal
         journalled.resumed = True
         journalled.row = entry.row
+        journalled.taken = Noted(entry.sent, entry.sent_at, entry.answered_at)
         self.persistent_done = entry.persistent_done
         journalled.started_wall = entry.started_at
         # A clock set back must not stretch the window beyond one timeout.
@@ -257,7 +262,14 @@ class Unplug(UnplugCalls):
         try:
             while True:
                 before = self.token
-                self._perform(self.handle(event, loop.time()), before)
+                refused = self.not_taken
+                actions = self.handle(event, loop.time())
+                # Before the actions: a re-send among them is noted after this.
+                if isinstance(event, Answered):
+                    self.journal_answer(taken=self.not_taken == refused)
+                elif self._journalled is not None and _VOIDED in actions:
+                    self.journal_voided()
+                self._perform(actions, before)
                 if not queued:
                     return
                 event = queued.pop(0)

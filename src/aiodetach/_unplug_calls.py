@@ -18,12 +18,16 @@ thread before libvirt hears of it, so a restart finds it.
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from dataclasses import replace
 from typing import Any, Protocol
 
 from ._connection import Connection
 from ._deadlines import Deadlines
 from ._errors_map import is_domain_gone, map_error, request_outcome
-from ._journal import Journal, RequestNote
+from ._journal import Journal, Noted, RequestNote
 from ._machine import UnplugMachine
 from ._machine_io import (
     Answered,
@@ -49,6 +53,12 @@ OUTSIDE: list[Any] = [False, -1]
 """No request of this unplug is out (never written: each request gets a
 list of its own, ``[handed to libvirt, connection generation]``, see
 `UnplugCalls._send()`)."""
+
+
+_NOT_TAKEN = frozenset({Outcome.JOB_HELD, Outcome.NOT_SENT})
+"""Refusals that say libvirt did not take a request (as does "guest is busy"
+with nothing of ours accepted): what an unplug ended meanwhile tells the
+journal (while it runs, its machine decides: see `_on_answer`)."""
 
 
 class UnplugCalls(UnplugMachine):
@@ -94,8 +104,13 @@ class UnplugCalls(UnplugMachine):
             if not self.wants_request:
                 return False
             if journal is not None and journalled is not None:
+                untaking = journalled.untaking
+                if untaking is not None:  # the previous request's refusal goes first
+                    wait_for([untaking])
                 # Durable before libvirt hears of it: a restart finds it.
-                journalled.row = journal.note_request(journalled.row, self._note())
+                note, noted_at = self._note(), time.time()
+                journalled.row = journal.note_request(journalled.row, note, noted_at)
+                journalled.noted = Noted(note.sent, noted_at, None)
             # From here on an event for this alias can be our request's own.
             inside[0] = True
             try:
@@ -103,7 +118,9 @@ class UnplugCalls(UnplugMachine):
             finally:
                 # The guest's window starts when libvirt answers.
                 if journal is not None and journalled is not None and journalled.row is not None:
-                    journal.answered_soon(journalled.row)
+                    answered = journal.answered_soon(journalled.row)
+                    if journalled.noted is not None:
+                        journalled.noted = replace(journalled.noted, answered_at=answered)
             if journal is not None:
                 journal.request_sent()
             return True
@@ -131,11 +148,17 @@ class UnplugCalls(UnplugMachine):
         if self._request is future:
             # Answered: not inside libvirt any more, and nothing to hold while waiting.
             self._request, self._inside = None, OUTSIDE
+        error = future.exception()
         if self.over:
+            # Ended meanwhile (the service closed): the machine hears no more,
+            # but a request refused untaken must not be taken up after a restart.
+            if isinstance(error, BackendError):
+                outcome = request_outcome(error, closing=False)
+                refused = outcome in _NOT_TAKEN or (outcome is Outcome.BUSY and not self.accepted)
+                self.journal_answer(taken=not refused)
             return
         conn = self._registry.conn
         reconnected = not conn.is_up or conn.generation != inside[1]
-        error = future.exception()
         if error is None:
             sent = Outcome.SENT if future.result() else Outcome.SKIPPED
             self._feed(Answered(sent, reconnected=reconnected))
@@ -150,6 +173,35 @@ class UnplugCalls(UnplugMachine):
             self._feed(Answered(outcome, described, error.message, reconnected))
         else:
             self._feed(Answered(Outcome.REFUSED, error))
+
+    def journal_answer(self, *, taken: bool) -> None:
+        """The machine has classified the answer to the request just noted
+        (taken, or refused without being taken: see
+        `aiodetach._machine.UnplugMachine.not_taken`); the journal's row
+        follows, before any further request is noted."""
+        journalled, journal = self._journalled, self._registry.journal
+        if journalled is None or journal is None:
+            return
+        noted, journalled.noted = journalled.noted, None
+        if noted is None or journalled.row is None:
+            return  # nothing was noted (skipped, or the note failed)
+        if taken:
+            journalled.before, journalled.taken = journalled.taken, noted
+            return
+        journalled.untaking = journal.not_taken_soon(journalled.row, journalled.taken)
+        if journalled.taken is None:
+            journalled.row = None  # deleted: the next request gets a new row
+
+    def journal_voided(self) -> None:
+        """A reset voided the latest request libvirt took: it uses no attempt
+        (see `UnplugMachine._voided`), so a refusal of the next one takes the
+        row back to the request before it, not to the voided one."""
+        journalled = self._journalled
+        if journalled is None or journalled.taken is None:
+            return
+        before = journalled.before
+        counted = before is not None and before.sent < journalled.taken.sent
+        journalled.taken, journalled.before = (before if counted else None), None
 
     def _note(self) -> RequestNote:
         settings = self._registry.settings
@@ -233,7 +285,17 @@ class Journalled:
     """What only the journal needs of an unplug: with no journal, none of it
     is held (a few dozen bytes for each of thousands of pending unplugs)."""
 
-    __slots__ = ("device", "resumed", "row", "run_id", "started_wall")
+    __slots__ = (
+        "before",
+        "device",
+        "noted",
+        "resumed",
+        "row",
+        "run_id",
+        "started_wall",
+        "taken",
+        "untaking",
+    )
 
     def __init__(self, run_id: str | None, device: str | None, started_wall: float) -> None:
         self.run_id = run_id  # the domain's run (was it re-started since?)
@@ -241,6 +303,10 @@ class Journalled:
         self.started_wall = started_wall
         self.row: int | None = None  # its row in the journal, once a request was noted
         self.resumed = False  # taken up from the journal after a restart
+        self.noted: Noted | None = None  # the request out, as its row records it
+        self.taken: Noted | None = None  # the latest request libvirt took
+        self.before: Noted | None = None  # the one it took before that (a reset voids one)
+        self.untaking: Future[None] | None = None  # writing a refusal into the row
 
 
 class Registry(Protocol):

@@ -394,14 +394,6 @@ def test_blocking_callers_deadline_bounds_a_held_job(
 
 
 # ------------------------------------------------------------ across a restart
-@pytest.mark.xfail(
-    strict=True,
-    reason="the journal notes each live request before it is sent (sent, sent_at) and its "
-    "answer time, and a code-68 refusal does not undo that: a restarted service takes the "
-    "refused request up as maybe sent, waits out a window for it and counts it as an "
-    "attempt (attempts=1: DetachTimeout with no request ever taken). Fixing it needs the "
-    "journal's row and the take-up (_journal, _unplug_calls, _takeup), not the machine.",
-)
 async def test_a_request_refused_by_a_job_is_no_attempt_after_a_restart(
     fake: FakeHypervisor, tmp_path: Path
 ) -> None:
