@@ -66,8 +66,8 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         '2: "guest is busy" before anything was accepted uses no attempt',
-        "        busy = outcome is Outcome.BUSY and not self.accepted",
-        "        busy = False",
+        "        busy = (outcome is Outcome.BUSY and not self.accepted) or reset_held",
+        "        busy = reset_held",
     ),
     (
         "2: the busy back-off grows",
@@ -86,7 +86,7 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         "3: the last caller leaving a back-off ends it",
-        "        if self.callers == 0 and self.phase is Phase.BACKING_OFF:",
+        "        if self.callers == 0 and self.phase is Phase.BACKING_OFF and not self.accepted:",
         "        if False:",
     ),
     (
@@ -106,17 +106,64 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         "7: a request that never reached libvirtd is not an attempt",
-        "(Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED) or busy:",
-        "(Outcome.SKIPPED, Outcome.JOURNAL_FAILED) or busy:",
+        "        unsent = outcome in (Outcome.SKIPPED, Outcome.NOT_SENT, Outcome.JOURNAL_FAILED)",
+        "        unsent = outcome in (Outcome.SKIPPED, Outcome.JOURNAL_FAILED)",
     ),
     (
         "7: a maybe-sent request is waited out, not re-sent",
         '            out.append(LoseConnection("call failed: " + answer.reason))\n'
         "            self.accepted = True\n"
+        "            self.taken_at = now  # if it reached QEMU, QEMU's hold began about now\n"
         "            self._window(out, now, reconnected=True)",
         '            out.append(LoseConnection("call failed: " + answer.reason))\n'
         "            self.after = Phase.QUEUED\n"
         "            self._reconnect(out)",
+    ),
+    (
+        "2: a request another job held the domain against is not counted",
+        "        if unsent or busy or job_held:\n            self.sent -= 1",
+        "        if unsent or busy:\n            self.sent -= 1",
+    ),
+    (
+        "2: a reset voids the request: the look finding the device uses no attempt",
+        "        if phase is Phase.RECHECKING and self.rebooted:\n"
+        "            self._voided(out, now)",
+        "        if False:\n            self._voided(out, now)",
+    ),
+    (
+        "2: a voided request stops counting",
+        "        self.rebooted = False\n        self.sent -= 1",
+        "        self.rebooted = False\n        self.sent -= 0",
+    ),
+    (
+        "2: a reset during a re-check or while paused voids the request too",
+        "        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED):",
+        "        if phase is not Phase.WAITING:",
+    ),
+    (
+        "2: a guest reset while paused is looked at a moment after it resumes",
+        "(self._settle_time if self.rebooted else self.limits.timeout)",
+        "self.limits.timeout",
+    ),
+    (
+        "2: refusals in QEMU's hold after a void are not taken",
+        "            and now - self.held_from < RESET_HOLD_LIMIT",
+        "            and now - self.held_from < 0",
+    ),
+    (
+        "2: QEMU's hold counts from a request refused \"in progress\" (another client's)",
+        "            self.taken_at = now  # the pending one was taken by now: a reset voids it\n",
+        "",
+    ),
+    (
+        '5: "not running" reads why before DomainStopped',
+        "            self.phase = Phase.STOPPING\n            self._look(out)",
+        "            self._end(out, End(Ending.STOPPED, reason=str(self.failure)))",
+    ),
+    (
+        "5: the shutoff reason read says why",
+        "            self._end(out, End(Ending.STOPPED, reason=read.reason))",
+        '            self._end(out, End(Ending.STOPPED, reason="stopped"))',
     ),
 ]
 

@@ -94,6 +94,19 @@ RESET_LOOK_XML: list[Step] = [*RESET, ("timer", 4.0), (StateRead("running"), 4.1
 # Still attached: the request was void; its re-send is out at 4.2.
 VOIDED: list[Step] = [*RESET_LOOK_XML, (XmlRead(present=True), 4.2)]
 _HELD = Answered(Outcome.IN_PROGRESS, reason="already in the process of unplug")
+# A reset while the guest is paused (noticed at the window's end), then it runs.
+RESET_PAUSED: list[Step] = [*PAUSED, (Rebooted(), 11.5), (Resumed(), 12.0)]  # reading state
+RESET_RESUMED: list[Step] = [*RESET_PAUSED, (StateRead("running"), 12.1)]  # a look at 13.1
+# Another client's unplug is pending: ours refused "in progress" at 1.0, a
+# reset at 3.0 voids theirs; still attached, ours goes out at 4.2.
+OTHERS_VOIDED: list[Step] = [
+    *SENDING,
+    (_HELD, 1.0),
+    (Rebooted(), 3.0),
+    ("timer", 4.0),
+    (StateRead("running"), 4.1),
+    (XmlRead(present=True), 4.2),
+]
 
 
 def run(steps: list[Step], limits: Limits | None = None) -> tuple[UnplugMachine, list[Action]]:
@@ -1682,6 +1695,117 @@ ROWS = [
         4.3,
         [Report("request_sent"), Report("busy_backoff", "delay", 1.0), End(Ending.ABANDONED)],
         Phase.DONE,
+    ),
+    # A reset while the guest is paused voids the request all the same: said
+    # at once, looked at a moment after the guest runs again.
+    Row(
+        "r2-reset-while-paused-is-said-and-waits-for-the-guest",
+        PAUSED,
+        Rebooted(),
+        11.5,
+        [Report("guest_reset")],
+        Phase.PAUSED,
+        {"rebooted": True, "used": 0},
+    ),
+    Row(
+        "r2-reset-while-paused-resumed-looks-after-a-settle-not-a-window",
+        RESET_PAUSED,
+        StateRead("running"),
+        12.1,
+        [Report("resumed"), WaitUntil(13.1, 0, window=True)],
+        Phase.WAITING,
+        {"rebooted": True, "deadline": 13.1},
+    ),
+    Row(
+        "r2-reset-while-paused-settle-over-looks-not-an-attempt-timed-out",
+        [*RESET_RESUMED, ("timer", 13.1)],
+        StateRead("running"),
+        13.2,
+        [ReadXml()],
+        Phase.RECHECKING,
+    ),
+    Row(
+        "r2-reset-while-paused-still-attached-voids-resends-no-attempt",
+        [*RESET_RESUMED, ("timer", 13.1), (StateRead("running"), 13.2)],
+        XmlRead(present=True),
+        13.3,
+        [Report("request_voided"), Send()],
+        Phase.SENDING,
+        {"sent": 1, "used": 0, "held_from": 1.0, "rebooted": False},
+    ),
+    Row(
+        "r2-reset-while-paused-again-reports-once",
+        [*PAUSED, (Rebooted(), 11.5)],
+        Rebooted(),
+        11.6,
+        [],
+        Phase.PAUSED,
+        {"rebooted": True},
+    ),
+    # A reset during a re-check's read: said once, the look under way decides.
+    Row(
+        "r2-reset-during-the-recheck-state-read-is-said-the-read-decides",
+        RECHECK_STATE,
+        Rebooted(),
+        11.05,
+        [Report("guest_reset")],
+        Phase.RECHECKING,
+        {"rebooted": True, "reading": True},
+    ),
+    Row(
+        "r2-reset-during-the-recheck-xml-read-is-said-the-read-decides",
+        RECHECK_XML,
+        Rebooted(),
+        11.15,
+        [Report("guest_reset")],
+        Phase.RECHECKING,
+        {"rebooted": True, "reading": True},
+    ),
+    Row(
+        "r2-reset-during-the-recheck-state-read-is-not-an-attempt-timed-out",
+        [*RECHECK_STATE, (Rebooted(), 11.05)],
+        StateRead("running"),
+        11.1,
+        [ReadXml()],
+        Phase.RECHECKING,
+    ),
+    Row(
+        "r2-reset-during-the-recheck-found-paused-looks-after-a-settle-once-resumed",
+        [*RECHECK_STATE, (Rebooted(), 11.05), (StateRead("paused"), 11.1), (Resumed(), 12.0)],
+        StateRead("running"),
+        12.1,
+        [Report("resumed"), WaitUntil(13.1, 0, window=True)],
+        Phase.WAITING,
+        {"rebooted": True},
+    ),
+    # A reset voiding another client's pending unplug (ours refused "in
+    # progress"): QEMU's hold counts from our refused request, not from 0.
+    Row(
+        "r2-reset-voids-another-clients-unplug-held-from-our-refusal",
+        OTHERS_VOIDED[:-1],
+        XmlRead(present=True),
+        4.2,
+        [Report("request_voided"), Send()],
+        Phase.SENDING,
+        {"sent": 1, "used": 0, "held_from": 1.0, "accepted": False},
+    ),
+    Row(
+        "r2-reset-voided-another-clients-unplug-refusal-not-taken-spaced",
+        OTHERS_VOIDED,
+        _HELD,
+        4.3,
+        [Report("request_sent"), Report("busy_backoff", "delay", 1.0), WaitUntil(5.3, 0)],
+        Phase.BACKING_OFF,
+        {"sent": 0, "used": 0, "accepted": False},
+    ),
+    Row(
+        "r2-reset-voided-another-clients-unplug-retried-when-qemu-takes-it-again",
+        [*OTHERS_VOIDED, (_HELD, 4.3), ("timer", 5.3)],
+        _HELD,
+        5.5,
+        [Report("request_sent"), Report("busy_backoff", "delay", 0.5), WaitUntil(6.0, 0)],
+        Phase.BACKING_OFF,
+        {"sent": 0, "used": 0},
     ),
 ]
 
