@@ -137,8 +137,14 @@ BREAKS: list[tuple[str, str, str]] = [
     ),
     (
         "2: a reset during a re-check or while paused voids the request too",
-        "        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED):",
-        "        if phase is not Phase.WAITING:",
+        "        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED)"
+        " and not suspended:",
+        "        if phase is not Phase.WAITING and not suspended:",
+    ),
+    (
+        "2: a reset while the window is suspended (nobody waits, reconnecting) voids it too",
+        "            self.accepted and back in (Phase.WAITING, Phase.RECHECKING)",
+        "            False",
     ),
     (
         "2: a guest reset while paused is looked at a moment after it resumes",

@@ -529,7 +529,14 @@ class UnplugMachine:
         QEMU after the reset: it is waited out as usual).  Wait a moment for
         the ``DEVICE_REMOVED`` an ACPI reset brings, then look (RECHECKING)."""
         phase = self.phase
-        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED):
+        # Also while the window is suspended (nobody waits: IDLE; the
+        # connection is down or a verdict is checked: RECONNECTING,
+        # CONFIRMING): the look it goes back to then voids the request.
+        back = self.resume if phase is Phase.IDLE else self.after
+        suspended = phase in (Phase.IDLE, Phase.RECONNECTING, Phase.CONFIRMING) and (
+            self.accepted and back in (Phase.WAITING, Phase.RECHECKING)
+        )
+        if phase not in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED) and not suspended:
             return
         if not self.rebooted:  # QEMU resets more than once per reboot (firmware)
             out.append(Report("guest_reset"))

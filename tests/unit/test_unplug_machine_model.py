@@ -426,10 +426,18 @@ class UnplugRules(RuleBasedStateMachine):
     def reset(self) -> None:
         """libvirt's REBOOT: a request taken and pending, whose window runs,
         whose re-check is reading, or sent to a paused guest, is void."""
+        phase = self.m.phase
+        # or whose window is suspended (nobody waits, the connection is down,
+        # a verdict is checked) and goes back to that window or its look
+        back = self.m.resume if phase is Phase.IDLE else self.m.after
+        suspended = phase in (Phase.IDLE, Phase.RECONNECTING, Phase.CONFIRMING) and back in (
+            Phase.WAITING,
+            Phase.RECHECKING,
+        )
         voids = (
             self.accepted
             and not self.request_out
-            and self.m.phase in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED)
+            and (phase in (Phase.WAITING, Phase.RECHECKING, Phase.PAUSED) or suspended)
         )
         out = self.feed(Rebooted())
         said = Report("guest_reset") in out
