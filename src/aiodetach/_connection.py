@@ -241,11 +241,8 @@ class Connection:
         thread = threading.Thread(target=run, name=f"aiodetach-close-{self.uri}", daemon=True)
         try:
             thread.start()
-        except RuntimeError:
-            # The interpreter is exiting (a blocking facade closed by its exit
-            # hook): Python 3.12 starts no thread then.  Close here, unbounded:
-            # the process is ending anyway, and an unclosed connection is not.
-            run()
+        except RuntimeError:  # the interpreter is exiting: 3.12 starts no thread then
+            run()  # unbounded, here: the process ends anyway, an unclosed connection not
             return
         try:
             await asyncio.wait_for(asyncio.shield(done), max(deadline - loop.time(), 0.01))
