@@ -31,20 +31,34 @@ from ._gate_fake import GateFake, settle
 
 async def test_caller_deadline_and_retry_sends_one_request(fake: FakeHypervisor) -> None:
     """A caller that gives up after 0.1 s and asks again at once joins the
-    pending unplug (0.1: a second request per retry)."""
-    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.later(0.6))
+    pending unplug (0.1: a second request per retry).  The guest releases the
+    device while a retry waits: released in the instant between a give-up
+    and the next ask, nobody would be waiting, and the next ask would find
+    the device gone (DeviceNotFound, as documented: nothing is kept for a
+    caller who has not asked yet)."""
+    fake.add_domain("vm").add_disk("vdb", alias="ua-d", unplug=Unplug.manual())
     settings = DetachSettings(attempts=3, timeout=2.0)
-    async with DetachService(backend=fake, settings=settings) as svc:
+    kinds: list[str] = []
+
+    def hook(record: Any) -> None:
+        kinds.append(record.kind)
+
+    async with DetachService(backend=fake, settings=settings, hooks=[hook]) as svc:
         tries = 0
         while True:
             tries += 1
+            patience = 0.1 if tries < 4 else 10.0  # the fourth waits, and sees it go
             try:
-                async with asyncio.timeout(0.1):
-                    result = await svc.detach("vm", alias="ua-d", persistent=False)
+                async with asyncio.timeout(patience):
+                    ask = asyncio.ensure_future(svc.detach("vm", alias="ua-d", persistent=False))
+                    if tries == 4:  # the fourth ask has joined the unplug: release
+                        await _until(lambda: kinds.count("unplug_joined") == 3)
+                        fake.complete("vm", "ua-d")
+                    result = await ask
                 break
             except TimeoutError:
-                assert tries < 50
-    assert tries >= 3, tries
+                assert tries < 4
+    assert tries == 4, tries
     assert len(fake.requests) == 1, fake.requests
     assert result.joined
     assert result.confirmed_by == "event"
