@@ -340,10 +340,10 @@ class DetachService:
                 try:
                     result = call.result(await mine)
                 except BaseException as exc:
+                    calls.unplugs.untold(unplug, mine, exc)
                     raise calls.error(call, exc)  # noqa: B904 - it sets its own cause
                 finally:
-                    unplug.unfollow(mine)
-                    unplug.leave()  # whatever ended the wait: result, error, cancellation
+                    unplug.unfollow(mine)  # whatever ended the wait: result, error, cancellation
         except BaseException as exc:
             calls.record(call, "finished", error=exc, outcome=outcome_of(exc))
             raise

@@ -6,8 +6,7 @@ timers, callers joining and leaving, the connection going and coming back)
 and performs the actions it asks for (send the request in a worker thread,
 read the domain's state or live XML through the shared reads, wait, wait
 for a reconnect, record, end).  [`Unplug`][aiodetach.testing.Unplug] *is* its machine (it
-subclasses `UnplugMachine`): thousands of unplugs
-may wait at once, and each would otherwise hold a second object.
+subclasses `UnplugMachine`): thousands of unplugs may wait at once.
 
 What the driver adds, and why:
 
@@ -188,10 +187,6 @@ class Unplug(UnplugCalls):
         """A caller waits for this unplug (the first, or one asking again)."""
         self._feed(_JOINED)
 
-    def leave(self) -> None:
-        """A caller stopped waiting (its result, its error or its cancellation)."""
-        self._feed(_LEFT)
-
     def abort(self) -> None:
         """End it as cancelled: the service closes."""
         self._feed(_ABORT)
@@ -243,11 +238,28 @@ class Unplug(UnplugCalls):
         return mine
 
     def unfollow(self, mine: asyncio.Future[LiveDone]) -> None:
-        followers = self._followers
+        followers = self._followers  # the caller stopped waiting, for whatever reason
         if followers is mine:
             self._followers = None
         elif isinstance(followers, list) and mine in followers:
             followers.remove(mine)
+        elif self.phase is not Phase.DONE:
+            return  # cancelled, and already counted as gone by `_swept()`
+        self._feed(_LEFT)
+
+    def _swept(self) -> int:
+        """Drop (and count) the followers cancelled before their `unfollow()`:
+        still counted, they would take an outcome decided in the same loop step
+        to futures nobody reads, and one asking again would start over (rule 3)."""
+        followers = self._followers
+        if isinstance(followers, list):
+            kept = [mine for mine in followers if not mine.cancelled()]
+            self._followers = kept
+            return len(followers) - len(kept)
+        if followers is not None and followers.cancelled():
+            self._followers = None
+            return 1
+        return 0
 
     # ------------------------------------------------------------- the loop
     def _feed(self, event: Input) -> None:
@@ -258,6 +270,10 @@ class Unplug(UnplugCalls):
             queued.append(event)
             return
         self._feeding = queued = []
+        gone = 0 if event is _JOINED or event is _LEFT else self._swept()
+        if gone:
+            queued += [_LEFT] * (gone - 1) + [event]
+            event = _LEFT
         loop = self._registry.loop
         try:
             while True:

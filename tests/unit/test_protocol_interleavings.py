@@ -472,6 +472,44 @@ async def test_retry_loop_with_short_deadline(hv: HoldFake, style: str) -> None:
         assert at[1] - at[0] >= 0.27, at
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["back-at-once", "back-late"])
+@pytest.mark.parametrize("steps", range(5))
+async def test_cancellation_ready_with_the_last_re_check_keeps_its_timeout(
+    hv: HoldFake, steps: int, late: bool
+) -> None:
+    """A loaded loop can run a caller's cancellation and the re-check that uses
+    the last attempt in one step (CI: a retry loop then sent 4 requests with
+    attempts=2).  The DetachTimeout must not go to the cancelled caller alone:
+    asking again learns it, with no request sent.  ``steps`` places the
+    cancellation that many loop steps after the re-check's answer is posted.
+    Kept one ``timeout``, like an idle unplug: back later, a new unplug starts."""
+    add_vm(hv, GuestUnplug.never())
+    async with service(hv, timeout=0.2, attempts=1) as svc:
+        recheck = hv.hold("domain_xml", nth=2, after=True, when=live_xml)
+        task = asyncio.create_task(svc.detach("vm-1", **LIVE))
+        await entered(recheck)
+        loop = asyncio.get_running_loop()
+
+        def cancel_after(n: int) -> None:
+            if n:
+                loop.call_soon(cancel_after, n - 1)
+            else:
+                task.cancel()
+
+        recheck.release.set()
+        time.sleep(0.3)  # noqa: ASYNC251 - holds the loop while the re-check's answer is posted
+        loop.call_soon(cancel_after, steps)
+        with contextlib.suppress(asyncio.CancelledError, DetachTimeout):
+            await task
+        if not task.cancelled():
+            return  # the outcome reached the caller before its cancellation: fine
+        if late:
+            await asyncio.sleep(0.3)
+        with pytest.raises(DetachTimeout):
+            await asyncio.wait_for(svc.detach("vm-1", **LIVE), 3)
+        assert len(live_requests(hv)) == (2 if late else 1)
+
+
 async def test_several_impatient_callers_send_at_most_attempts(hv: HoldFake) -> None:
     """Rule 3 with five retry loops of different deadlines: no unplug sends more than
     `attempts` requests, none re-sends within `timeout`, and the loops joined when
