@@ -340,10 +340,9 @@ class DetachService:
                 try:
                     result = call.result(await mine)
                 except BaseException as exc:
-                    calls.unplugs.untold(unplug, mine, exc)
+                    unplug.unfollow(mine, exc)  # its error, or its cancellation
                     raise calls.error(call, exc)  # noqa: B904 - it sets its own cause
-                finally:
-                    unplug.unfollow(mine)  # whatever ended the wait: result, error, cancellation
+                unplug.unfollow(mine)
         except BaseException as exc:
             calls.record(call, "finished", error=exc, outcome=outcome_of(exc))
             raise

@@ -15,11 +15,9 @@ What the driver adds, and why:
   task, no coroutine frame and no timer of its own: its window's end is an
   entry on one timer shared by every waiting unplug
   (`aiodetach._deadlines`).  Callers wait on a plain future each
-  (`Unplug.follow()`), so ten thousand pending unplugs hold no task and
-  no ``shield`` of their own.
-- **One input at a time.**  An action may cause another input to the same
-  unplug at once (telling the connection it is lost wakes every unplug); it
-  is queued and handled once the current one is done.
+  (`Unplug.follow()`): ten thousand pending unplugs hold no task, no ``shield``.
+- **One input at a time.**  An input an action causes (a lost connection wakes
+  every unplug) is queued and handled once the current one is done.
 - **The wait armed is the machine's current one.**  Every wait carries the
   machine's token; when an input moves the machine on, the previous wait is
   disarmed before anything else is done.
@@ -237,8 +235,11 @@ class Unplug(UnplugCalls):
             self._followers = [self._followers, mine]
         return mine
 
-    def unfollow(self, mine: asyncio.Future[LiveDone]) -> None:
-        followers = self._followers  # the caller stopped waiting, for whatever reason
+    def unfollow(self, mine: asyncio.Future[LiveDone], exc: BaseException | None = None) -> None:
+        """The caller stopped waiting: its result, or ``exc`` (see `Registry.untold()`)."""
+        if exc is not None:
+            self._registry.untold(self, mine, exc)
+        followers = self._followers
         if followers is mine:
             self._followers = None
         elif isinstance(followers, list) and mine in followers:
@@ -248,9 +249,8 @@ class Unplug(UnplugCalls):
         self._feed(_LEFT)
 
     def _swept(self) -> int:
-        """Drop (and count) the followers cancelled before their `unfollow()`:
-        still counted, they would take an outcome decided in the same loop step
-        to futures nobody reads, and one asking again would start over (rule 3)."""
+        """Drop (and count) followers cancelled before their `unfollow()`: an outcome
+        decided in that loop step must not go to them alone (rule 3, see `untold()`)."""
         followers = self._followers
         if isinstance(followers, list):
             kept = [mine for mine in followers if not mine.cancelled()]

@@ -323,6 +323,8 @@ class Registry(Protocol):
 
     def connection_lost(self, reason: str) -> None: ...
 
+    def untold(self, unplug: Any, mine: asyncio.Future[Any], exc: BaseException) -> None: ...
+
 
 def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark an outcome retrieved: nobody may be left to await it."""

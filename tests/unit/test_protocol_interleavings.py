@@ -370,10 +370,13 @@ async def test_stale_event_during_busy_backoff_is_checked(hv: HoldFake) -> None:
     """'a DEVICE_REMOVED for the alias that arrives while no request of ours is
     in libvirt ... counts only if the live XML agrees'."""
     vm = add_vm(hv, GuestUnplug.later(0.1, busy_first=1))
-    async with service(hv, timeout=0.8, attempts=2) as svc:
+    # timeout=8: a 1 s back-off (0.2 s with 0.8 s let a loaded machine's
+    # stale event land after the re-send, where it is no longer stale).
+    async with service(hv, timeout=8, attempts=2) as svc:
         task = asyncio.create_task(svc.detach("vm-1", **LIVE))
         await until(lambda: hv.busy_refusals == 1)
         hv.emit_removed("vm-1", ALIAS)  # stale: the device is still there
+        assert len(live_requests(hv)) == 1, "the re-send went before the stale event"
         result = await asyncio.wait_for(task, 3)
         still = vm.live_device(ALIAS)
         assert still is None, "reported detached while the device was still attached"
