@@ -270,23 +270,26 @@ async def _detach_many(args: argparse.Namespace, text: str, tracker: Tracker, ta
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    with _Metrics(args) as metrics:
+    with _Metrics(args, _watched_events) as metrics:
         return await _watch_events(args, metrics)
 
 
-async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
-    seen: Any = None
-    if metrics.registry is not None:
-        from prometheus_client import Counter
+def _watched_events(registry: Any) -> Any:
+    from prometheus_client import Counter
 
-        seen = Counter(
-            "aiodetach_watched_events",
-            "Device events seen by aiodetach watch, by kind.",
-            ["kind"],
-            registry=metrics.registry,
-        )
-        for kind in ("device-removed", "device-removal-failed", "domain-stopped"):
-            seen.labels(kind)
+    seen = Counter(
+        "aiodetach_watched_events",
+        "Device events seen by aiodetach watch, by kind.",
+        ["kind"],
+        registry=registry,
+    )
+    for kind in ("device-removed", "device-removal-failed", "domain-stopped"):
+        seen.labels(kind)
+    return seen
+
+
+async def _watch_events(args: argparse.Namespace, metrics: _Metrics) -> int:
+    seen: Any = metrics.own
     hooks: list[Hook] = [] if args.json else [ProgressLines(sys.stderr)]
     async with _service(args, hooks + metrics.hooks, read_only=True) as svc:
         if not args.json:

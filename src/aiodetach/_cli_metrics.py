@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidRequest
@@ -16,9 +17,13 @@ __all__ = ["Metrics"]
 class Metrics:
     """``--metrics-port``: Prometheus metrics served over HTTP while a command runs."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, own: Callable[[Any], Any] | None = None) -> None:
+        """``own(registry)`` makes a command's own metrics, before the first scrape
+        can come (what it returns is `own`)."""
         self.hooks: list[Hook] = []
         self.registry: Any = None
+        self.own: Any = None
+        self._make_own = own
         self._server: Any = None
         self._port: int | None = args.metrics_port
         self._addr: str = args.metrics_addr
@@ -39,6 +44,8 @@ class Metrics:
         prometheus_client.PlatformCollector(registry=registry)
         prometheus_client.GCCollector(registry=registry)
         self.hooks.append(prometheus_hook(registry))
+        if self._make_own is not None:
+            self.own = self._make_own(registry)
         try:
             self._server, _thread = prometheus_client.start_http_server(
                 self._port, addr=self._addr, registry=registry

@@ -51,8 +51,6 @@ class Unplugs:
         """The windows of parked unplugs, on one timer."""
         self.removed: Recent[Key, Unplug] = Recent()
         """Unplugs that removed their device since the oldest caller in flight began."""
-        self._untold: dict[Key, tuple[float, Unplug]] = {}
-        """Unplugs that ran out of attempts in the step their last caller was cancelled."""
         conn.on_lost = self._wake_all
 
     def ticket(self) -> int:
@@ -129,11 +127,6 @@ class Unplugs:
                 if ended is not None:
                     ended.join()
                     return ended, True
-        if unplug is None and self._untold:
-            untold = self._told(key, ref)
-            if untold is not None:
-                untold.join()
-                return untold, True
         joined = unplug is not None
         if unplug is None:
             unplug = Unplug(self, key, domain, run_id=run_id, device=device, ref=ref)
@@ -147,30 +140,24 @@ class Unplugs:
 
     def untold(self, unplug: Unplug, mine: asyncio.Future[LiveDone], exc: BaseException) -> None:
         """A caller cancelled in the step its unplug ran out of attempts never saw
-        the `DetachTimeout` its future holds.  It is kept one ``timeout`` for a
-        caller asking again, as an unplug idle with its attempts used is, so a
-        retry loop still ends in `DetachTimeout` with nothing more sent (rule 3)."""
+        the `DetachTimeout` its future holds.  The unplug goes on as one idle
+        with every attempt used would: kept one ``timeout`` for callers asking
+        again (they get a look at the live XML, and the timeout with no request
+        sent), ended by the device's events or its domain stopping meanwhile
+        (rule 3: a retry loop ends in `DetachTimeout` like a patient caller)."""
         if (
             isinstance(exc, asyncio.CancelledError)
             and mine.done()
             and not mine.cancelled()
             and isinstance(mine.exception(), DetachTimeout)
             and unplug.key not in self.by_key
+            and self.conn.state == "open"
         ):
-            now = self.loop.time()
-            for key in [k for k, (until, _) in self._untold.items() if until < now]:
-                del self._untold[key]
-            self._untold[unplug.key] = (now + self.settings.timeout, unplug)
-
-    def _told(self, key: Key, ref: DeviceRef | None) -> Unplug | None:
-        """The untold `DetachTimeout` of this device, if one is kept (once)."""
-        until, unplug = self._untold.pop(key, (0.0, None))
-        if unplug is None or until < self.loop.time():
-            return None
-        mine = ref.identity if ref is not None else None
-        if mine is not None and unplug.identity is not None and unplug.identity != mine:
-            return None  # another device attached under the alias since
-        return unplug
+            kept = Unplug(self, unplug.key, unplug.domain)
+            kept.identity, kept.persistent_done = unplug.identity, unplug.persistent_done
+            self._add(kept)
+            kept.record("started")
+            kept.linger(unplug.sent)
 
     def _removed_device(self, key: Key, since: int, identity: Identity | None) -> Unplug | None:
         """The newest unplug of ``key`` that removed a device with ``identity``

@@ -37,6 +37,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._ending import Abandoned, LiveDone, ended_outcome, journal_outcome, outcome, settle
+from ._following import LEFT, Following
 from ._journal import Noted
 from ._machine_io import (
     Abort,
@@ -47,7 +48,6 @@ from ._machine_io import (
     Event,
     Input,
     Joined,
-    Left,
     LoseConnection,
     Phase,
     ReadState,
@@ -63,7 +63,7 @@ from ._machine_io import (
     WaitUntil,
 )
 from ._recent import shared_identity
-from ._unplug_calls import OUTSIDE, Journalled, Registry, UnplugCalls, retrieve
+from ._unplug_calls import OUTSIDE, Journalled, Registry, retrieve
 from ._xml import DeviceRef
 from .instrumentation._dispatch import next_unplug_id
 from .instrumentation._records import UnplugRecord, UnplugStep
@@ -77,18 +77,18 @@ __all__ = ["Abandoned", "LiveDone", "Phase", "Registry", "Unplug", "Verdict", "r
 
 Key = tuple[str, str]
 
-_JOINED, _LEFT, _ABORT, _RESUMED, _DOWN = Joined(), Left(), Abort(), Resumed(), ConnectionDown()
+_JOINED, _ABORT, _RESUMED, _DOWN = Joined(), Abort(), Resumed(), ConnectionDown()
+_LEFT = LEFT
 _REBOOTED = Rebooted()
 _REMOVED, _SENDING, _GONE = Verdict.REMOVED, Phase.SENDING, Verdict.GONE
 _REMOVED_IN, _REMOVED_OUT = Event(_REMOVED, in_libvirt=True), Event(_REMOVED, in_libvirt=False)
 
 
-class Unplug(UnplugCalls):
+class Unplug(Following):
     """One device's live unplug: its machine, and the driver that acts for it."""
 
     __slots__ = (
         "_feeding",
-        "_followers",
         "_parked",
         "error",
         "id",
@@ -128,8 +128,6 @@ class Unplug(UnplugCalls):
         self.timer: asyncio.TimerHandle | None = None
         self._parked = False  # in its window on the shared deadlines (or its own timer)
         self._feeding: list[Input] | None = None  # inputs queued while one is handled
-        # see follow(): one caller's future alone (the usual case), or a list
-        self._followers: asyncio.Future[LiveDone] | list[asyncio.Future[LiveDone]] | None = None
         self.persistent_done = False  # a caller removed the device from the persistent definition
 
     @property
@@ -195,7 +193,16 @@ class Unplug(UnplugCalls):
         self._registry.loop.call_soon(self._begin)
 
     def _begin(self) -> None:
+        for _ in range(self.swept()):
+            self._feed(_LEFT)  # cancelled in the step it joined: nothing is sent
         self._perform(self.begin(self._registry.loop.time()), self.token)
+
+    def linger(self, sent: int) -> None:
+        """Every attempt used, its last caller cancelled as it ended (see
+        `Registry.untold()`): idle one ``timeout``; a caller back gets a look."""
+        registry = self._registry
+        actions = self.taken_up(sent, registry.settings.attempts - 1, 0.0, registry.loop.time())
+        self._perform(actions, self.token)
 
     def take_up(self, entry: Entry) -> None:
         """Continue an unplug found unfinished in the journal (see
@@ -214,53 +221,6 @@ class Unplug(UnplugCalls):
         loop_now = self._registry.loop.time()
         self._perform(self.taken_up(entry.sent, entry.used, left, loop_now), self.token)
 
-    def follow(self) -> asyncio.Future[LiveDone]:
-        """A future of the caller's own that gets how the unplug ended.
-
-        The caller's cancellation cancels only that future, never the unplug:
-        what ``asyncio.shield`` of a shared future would do, for one plain
-        future per caller.  Hand it back to `unfollow()`.
-        """
-        mine: asyncio.Future[LiveDone] = self._registry.loop.create_future()
-        if self.phase is Phase.DONE:
-            # Over already: a caller sharing an unplug that removed the device
-            # between its read and its join (see aiodetach._recent), or one
-            # whose join ended it (an idle unplug with every attempt used).
-            settle(mine, self.error, self.result)
-        elif self._followers is None:
-            self._followers = mine  # no list for the one caller most unplugs have
-        elif isinstance(self._followers, list):
-            self._followers.append(mine)
-        else:
-            self._followers = [self._followers, mine]
-        return mine
-
-    def unfollow(self, mine: asyncio.Future[LiveDone], exc: BaseException | None = None) -> None:
-        """The caller stopped waiting: its result, or ``exc`` (see `Registry.untold()`)."""
-        if exc is not None:
-            self._registry.untold(self, mine, exc)
-        followers = self._followers
-        if followers is mine:
-            self._followers = None
-        elif isinstance(followers, list) and mine in followers:
-            followers.remove(mine)
-        elif self.phase is not Phase.DONE:
-            return  # cancelled, and already counted as gone by `_swept()`
-        self._feed(_LEFT)
-
-    def _swept(self) -> int:
-        """Drop (and count) followers cancelled before their `unfollow()`: an outcome
-        decided in that loop step must not go to them alone (rule 3, see `untold()`)."""
-        followers = self._followers
-        if isinstance(followers, list):
-            kept = [mine for mine in followers if not mine.cancelled()]
-            self._followers = kept
-            return len(followers) - len(kept)
-        if followers is not None and followers.cancelled():
-            self._followers = None
-            return 1
-        return 0
-
     # ------------------------------------------------------------- the loop
     def _feed(self, event: Input) -> None:
         """Hand one input to the machine and perform its actions; inputs that
@@ -270,7 +230,7 @@ class Unplug(UnplugCalls):
             queued.append(event)
             return
         self._feeding = queued = []
-        gone = 0 if event is _JOINED or event is _LEFT else self._swept()
+        gone = 0 if event is _JOINED or event is _LEFT else self.swept()
         if gone:
             queued += [_LEFT] * (gone - 1) + [event]
             event = _LEFT

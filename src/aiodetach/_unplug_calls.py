@@ -87,6 +87,10 @@ class UnplugCalls(UnplugMachine):
     def _feed(self, event: Input) -> None:
         raise NotImplementedError  # the driver's (aiodetach._unplug)
 
+    def cancelled(self) -> int:
+        """Callers cancelled that have not left yet (aiodetach._following)."""
+        raise NotImplementedError  # the driver's (aiodetach._unplug)
+
     # ------------------------------------------------------------ requests
     def _send(self) -> None:
         registry = self._registry
@@ -98,10 +102,10 @@ class UnplugCalls(UnplugMachine):
         inside = self._inside = [False, conn.generation]
 
         def request() -> bool:
-            # In the worker thread.  A request whose callers all left while it
-            # waited for this thread is not sent (nobody wants it), nor one
-            # whose unplug an event decided meanwhile.
-            if not self.wants_request:
+            # In the worker thread.  A request whose callers all left (or were
+            # cancelled) while it waited for this thread is not sent (nobody
+            # wants it), nor one whose unplug an event decided meanwhile.
+            if not self.wants_request or self.callers <= self.cancelled():
                 return False
             if journal is not None and journalled is not None:
                 untaking = journalled.untaking
