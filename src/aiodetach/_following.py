@@ -86,9 +86,10 @@ class Following(UnplugCalls):
         (loop thread, before the machine decides anything)."""
         followers = self._followers
         if isinstance(followers, list):
-            kept = [mine for mine in followers if not mine.cancelled()]
-            self._followers = kept
-            return len(followers) - len(kept)
+            gone = self.cancelled()
+            if gone:  # rare: no new list on every input of an unplug many follow
+                self._followers = [mine for mine in followers if not mine.cancelled()]
+            return gone
         if followers is not None and followers.cancelled():
             self._followers = None
             return 1
