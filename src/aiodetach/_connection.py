@@ -37,6 +37,7 @@ from ._errors_map import is_connection_error
 from ._log import get_log
 from ._reads import SharedReads
 from ._settings import DetachSettings
+from ._waits import shielded_within
 from ._xml import Definition, parse_definition
 from .backend import Backend, BackendError, DomainInfo, ErrorCode, EventSink
 from .errors import ConnectionLost, DetachError, ServiceClosed
@@ -245,7 +246,7 @@ class Connection:
             run()  # unbounded, here: the process ends anyway, an unclosed connection not
             return
         try:
-            await asyncio.wait_for(asyncio.shield(done), max(deadline - loop.time(), 0.01))
+            await shielded_within(done, max(deadline - loop.time(), 0.01))
         except TimeoutError:
             _log.warning(
                 "aiodetach.close_left_running",
@@ -267,7 +268,7 @@ class Connection:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(executor, _guarded(fn, *args, **kwargs))
             try:
-                return await asyncio.wait_for(asyncio.shield(future), limit)
+                return await shielded_within(future, limit)
             except TimeoutError:
                 future.add_done_callback(_consume)
                 raise
@@ -407,9 +408,7 @@ class Connection:
                     functools.partial(self.backend.open, sink, read_only=self._read_only)
                 )
                 try:
-                    await asyncio.wait_for(
-                        asyncio.shield(attempt), max(deadline - loop.time(), 0.05)
-                    )
+                    await shielded_within(attempt, max(deadline - loop.time(), 0.05))
                     break
                 except TimeoutError:
                     self._give_up(f"no answer within {settings.reconnect_timeout:g} s", None)

@@ -37,6 +37,7 @@ from typing import Any
 import libvirt
 import libvirtaio
 
+from ._waits import shielded_within
 from .errors import EventLoopConflict
 
 __all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "find_registered"]
@@ -209,7 +210,7 @@ class HostThread:
 
         timer = libvirt.virEventAddTimeout(0, tick, None)
         try:
-            await asyncio.wait_for(asyncio.shield(fired), RUNNING_CHECK)
+            await shielded_within(fired, RUNNING_CHECK)
         except TimeoutError:
             with contextlib.suppress(libvirt.libvirtError):
                 libvirt.virEventRemoveTimeout(timer)
