@@ -91,6 +91,8 @@ def test_the_command_line_prints_its_own_error_only() -> None:
     )
     assert done.returncode != 0
     assert done.stdout == ""
-    lines = done.stderr.splitlines()
+    # A loaded machine can hold the worker threads' join past the close's
+    # grace: the warning that says so is the CLI's too, and not libvirt's.
+    lines = [x for x in done.stderr.splitlines() if "aiodetach.close_left_running" not in x]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ConnectionLost: "), done.stderr

@@ -256,7 +256,11 @@ async def test_recovered_parked_unplugs_joined_by_many_callers(
             asyncio.create_task(first.detach("vm", alias=f"ua-d{i}", persistent=False))
             for i in range(5)
         ]
-        await settle(0.1)
+        for _ in range(1000):  # every request sent (a loaded machine needs more than 0.1 s)
+            if len(gf.requests) == 5:
+                break
+            await asyncio.sleep(0.01)
+        await settle(0.05)
     for t in tasks:
         with pytest.raises(ServiceClosed):
             await t
