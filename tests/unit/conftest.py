@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from ._gate_fake import GateFake
+from ._hold_fake import HoldFake
 
 
 @pytest.fixture
@@ -18,3 +19,12 @@ def gf() -> Iterator[GateFake]:
     for gate in hv.hold.values():
         gate.set()
     hv.cancel_timers()
+
+
+@pytest.fixture
+def hv() -> Iterator[HoldFake]:
+    """The fake whose calls can be held in their worker thread (aiodetach tests' `_hold_fake`)."""
+    fake = HoldFake()
+    yield fake
+    fake.release_all()
+    fake.cancel_timers()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from aiodetach.errors import DetachTimeout, ServiceClosed
 from aiodetach.instrumentation import DetachRecord, UnplugRecord
 from aiodetach.testing import GuestUnplug
 
-from .test_protocol_interleavings import (
+from ._hold_fake import (
     ALIAS,
     LIVE,
     HoldFake,
@@ -39,14 +38,6 @@ from .test_protocol_interleavings import (
     service,
     until,
 )
-
-
-@pytest.fixture
-def hv() -> Iterator[HoldFake]:
-    fake = HoldFake()
-    yield fake
-    fake.release_all()
-    fake.cancel_timers()
 
 
 class Cancel:
