@@ -425,8 +425,14 @@ async def test_several_impatient_callers_send_at_most_attempts(hv: HoldFake) -> 
     for times in sent.values():
         assert len(times) <= 3, sent
         assert all(b - a >= 0.22 for a, b in itertools.pairwise(times)), sent
+    # The first unplug used its attempts, all of them.  (Counting the requests
+    # sent before a loop saw its DetachTimeout was one schedule: a loop back
+    # from its pause just after the end rightly starts a new unplug, and a
+    # loaded machine can send its request before the told loop runs.)
+    first = min(sent, key=lambda unplug_id: sent[unplug_id][0])
+    assert len(sent[first]) == 3, sent
+    assert first_timeout
     at = live_requests(hv)
-    assert len([t for t in at if t <= min(first_timeout)]) == 3, at
     assert all(b - a >= 0.22 for a, b in itertools.pairwise(at)), at
 
 
