@@ -79,7 +79,13 @@ async def test_a_timer_started_and_stopped_off_thread_before_the_loop_ran_never_
         impl._update_timeout(first, -1)
         impl._add_timeout(0, other, None)
 
-    await asyncio.to_thread(off_thread)
+    # The loop is held while the worker makes its three calls, so that nothing
+    # is applied before all three are queued: with the loop free, it could
+    # start the first timer before the worker stopped it, and a timer started
+    # with timeout 0 rightly ticks until it is stopped (seen 1 in 15 under load).
+    worker = threading.Thread(target=off_thread)
+    worker.start()
+    worker.join()
     async with asyncio.timeout(10):
         await late.wait()
     for _ in range(5):  # a wrongly started first timer would tick by now
