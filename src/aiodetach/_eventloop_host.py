@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -47,22 +48,52 @@ __all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "find_registered"]
 RUNNING_CHECK = 10.0
 
 
+# How long the loop thread holds back a task created off it while the
+# creating thread is still inside libvirtaio (see _LaterTask.start).
+ASKER_GRACE = 1.0
+
+
+def _inside_libvirtaio(thread_id: int) -> bool:
+    """Is that thread running one of libvirtaio's methods right now?"""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code.co_filename == libvirtaio.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _LaterTask:
     """What ``create_task`` returns off the loop thread: the task is created
-    on the loop thread, and a ``cancel`` meanwhile reaches it there."""
+    on the loop thread, and a ``cancel`` meanwhile reaches it there.
 
-    __slots__ = ("_cancelled", "_guard", "task")
+    libvirtaio keeps what ``create_task`` returned (``TimeoutCallback._task``)
+    only once the call returns in the asking thread.  A task started before
+    that can run its timer, whose callback removes the timer: libvirtaio,
+    seeing no task yet, cancels nothing, and the removed timer then fires on
+    every loop iteration for good.  So the task starts only once the asking
+    thread has left libvirtaio (for at most `ASKER_GRACE` seconds)."""
+
+    __slots__ = ("_asker", "_cancelled", "_guard", "_since", "task")
 
     def __init__(self, guard: LoopGuard) -> None:
         self._guard = guard
         self._cancelled = False
+        self._asker = threading.get_ident()
+        self._since: float | None = None
         self.task: asyncio.Task[Any] | None = None
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        loop = self._guard.loop
         if self._cancelled:
             coro.close()
-        else:
-            self.task = self._guard.loop.create_task(coro)
+            return
+        if self._since is None:
+            self._since = loop.time()
+        if _inside_libvirtaio(self._asker) and loop.time() - self._since < ASKER_GRACE:
+            loop.call_soon(self.start, coro)
+            return
+        self.task = loop.create_task(coro)
 
     def cancel(self, msg: Any = None) -> bool:
         def now() -> None:

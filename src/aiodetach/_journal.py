@@ -87,6 +87,12 @@ _log = get_log()
 PRUNE_EVERY = 60.0
 """Seconds between two prunes of finished rows (plus one at open)."""
 
+BUSY_WAIT = 10.0
+"""Seconds a write waits for another process's write lock (a backup, the
+sqlite3 shell) before it fails as `JournalUnavailable`: long enough for a
+checkpoint or a short transaction, short enough that a caller hears of a
+journal that is held open for good."""
+
 JournalOutcome = Literal["removed", "failed", "timeout", "stopped", "error", "abandoned"]
 
 fault: Callable[[str], None] | None = None
@@ -245,7 +251,9 @@ class Journal:
         """Open the accepted file for writing (``version``: what
         `inspect()` found): WAL mode, and the schema of a new journal."""
         try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT
+            )
         except sqlite3.Error as exc:
             raise classify(exc, path, "opening") from None
         try:

@@ -133,7 +133,7 @@ def test_the_hosts_libvirtaio_serves_two_services_at_once_and_one_opened_after_a
         sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
         from aiodetach import DetachService
         from aiodetach.errors import DetachError
-        from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+        from _destroyed_domain import stopped_event_of_a_destroyed_domain
 
         async def failing(svc):
             try:
@@ -146,7 +146,7 @@ def test_the_hosts_libvirtaio_serves_two_services_at_once_and_one_opened_after_a
             seen = []
             async with DetachService("test:///default") as a, DetachService("test:///default") as b:
                 seen += [await failing(a), await failing(b)]
-            seen.append(await _stopped_event_of_a_destroyed_domain("test:///default"))
+            seen.append(await stopped_event_of_a_destroyed_domain("test:///default"))
             seen.append(libvirtaio.getCurrentImpl() is host)
             return seen
         print(json.dumps(asyncio.run(main())))
@@ -171,12 +171,12 @@ def test_the_hosts_libvirtaio_registered_with_its_register_method_is_kept_and_gu
         f"""
         import asyncio, json, sys, libvirtaio
         sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
-        from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+        from _destroyed_domain import stopped_event_of_a_destroyed_domain
 
         async def main():
             loop = asyncio.get_running_loop()
             host = libvirtaio.virEventAsyncIOImpl(loop=loop).register()
-            seen = [await _stopped_event_of_a_destroyed_domain("test:///default")
+            seen = [await stopped_event_of_a_destroyed_domain("test:///default")
                     for _ in range(2)]
             seen.append(host.loop.loop is loop)  # the guard of docs/event-loops.md
             seen.append(host._pending)  # the service's probe timer is freed

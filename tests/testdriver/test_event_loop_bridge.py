@@ -16,16 +16,16 @@ import os
 import socket
 import textwrap
 import threading
-from collections.abc import AsyncIterator
 
 import libvirt
 import libvirtaio
 import pytest
 
 from _probes import fresh_python
-from aiodetach import DetachService, DetachSettings, DeviceEvent, install_event_loop
-from aiodetach._libvirt import LibvirtBackend
+from aiodetach import DetachService, DetachSettings, install_event_loop
 from aiodetach.errors import DetachRefused
+
+from ._destroyed_domain import stopped_event_of_a_destroyed_domain
 
 HOOKS = (
     "_add_handle",
@@ -85,42 +85,13 @@ async def test_handles_and_timers_added_through_libvirt_fire_on_the_loop() -> No
     assert all(thread == loop_thread for _, thread in fired)
 
 
-async def _first(events: AsyncIterator[DeviceEvent]) -> DeviceEvent:
-    return await anext(events)
-
-
-async def _stopped_event_of_a_destroyed_domain(uri: str) -> tuple[str, str | None]:
-    backend = LibvirtBackend(uri)
-    async with DetachService(uri, backend=backend) as svc:
-        events = svc.events("test")
-        first = asyncio.create_task(_first(events))
-        await asyncio.sleep(0)
-        # Destroy it on the service's own connection, from a worker thread as
-        # a blocking call would be.  The test driver's default state is shared
-        # by every connection of the process that is open at the time: one an
-        # earlier test still holds (a stuck call's, closed when it returns)
-        # may have kept "test" destroyed, so start it first if need be.
-        conn = backend._connection()
-
-        def destroy() -> None:
-            dom = conn.lookupByName("test")
-            if not dom.isActive():
-                dom.create()
-            dom.destroy()
-
-        await asyncio.to_thread(destroy)
-        async with asyncio.timeout(5):
-            event = await first
-    return event.kind, event.detail
-
-
 async def test_lifecycle_events_of_a_real_driver_reach_the_service(test_uri: str) -> None:
-    assert await _stopped_event_of_a_destroyed_domain(test_uri) == ("domain-stopped", "destroyed")
+    assert await stopped_event_of_a_destroyed_domain(test_uri) == ("domain-stopped", "destroyed")
 
 
 def test_events_on_several_loops_one_after_another(test_uri: str) -> None:
     for _ in range(3):
-        assert asyncio.run(_stopped_event_of_a_destroyed_domain(test_uri)) == (
+        assert asyncio.run(stopped_event_of_a_destroyed_domain(test_uri)) == (
             "domain-stopped",
             "destroyed",
         )
@@ -156,10 +127,10 @@ def test_never_relies_on_asyncio_get_event_loop(test_uri: str) -> None:
 
         asyncio.get_event_loop = as_in_python_3_14
         asyncio.events.get_event_loop = as_in_python_3_14
-        from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+        from _destroyed_domain import stopped_event_of_a_destroyed_domain
 
         for _ in range(2):
-            print(asyncio.run(_stopped_event_of_a_destroyed_domain({test_uri!r})))
+            print(asyncio.run(stopped_event_of_a_destroyed_domain({test_uri!r})))
         """
     )
     proc = fresh_python(script)

@@ -25,7 +25,7 @@ import libvirt, libvirtaio
 sys.path[:0] = [{HERE!r}, {os.path.dirname(HERE)!r}]
 import aiodetach
 from aiodetach.errors import EventLoopConflict
-from test_event_loop_bridge import _stopped_event_of_a_destroyed_domain
+from _destroyed_domain import stopped_event_of_a_destroyed_domain
 libvirt.registerErrorHandler(lambda _c, _e: None, None)
 URI = "test:///default"
 """
@@ -42,7 +42,7 @@ def test_the_hosts_libvirtaio_on_the_same_loop_is_kept_and_events_arrive() -> No
         async def main():
             host = libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
             for _ in range(2):
-                print(await _stopped_event_of_a_destroyed_domain(URI))
+                print(await stopped_event_of_a_destroyed_domain(URI))
             print("kept", libvirtaio.getCurrentImpl() is host)
             # The host's own timers still run on its loop, also added off-thread.
             fired = asyncio.Event(); loop = asyncio.get_running_loop(); where = []
@@ -63,6 +63,48 @@ def test_the_hosts_libvirtaio_on_the_same_loop_is_kept_and_events_arrive() -> No
         "kept True",
         "tick on the loop thread [True]",
     ]
+
+
+def test_a_timer_added_off_thread_and_removed_by_its_callback_stops() -> None:
+    """libvirtaio keeps the timer's task only once its add returns in the
+    asking thread: a task started before that (the loop is free, the asking
+    thread descheduled) could fire and remove its timer while libvirtaio saw
+    no task to cancel, and the timer then fired on every loop iteration for
+    good (once in four runs of the fast tiers beside other work).  Here the
+    asking thread is held right there for 0.3 s."""
+    out = _run(
+        """
+        import time
+        real = libvirtaio.asyncio
+        class HeldAfterEnsureFuture:
+            def __getattr__(self, name):
+                return getattr(real, name)
+            @staticmethod
+            def ensure_future(coro, *, loop=None):
+                task = real.ensure_future(coro, loop=loop)
+                if threading.current_thread() is not threading.main_thread():
+                    time.sleep(0.3)  # before libvirtaio keeps ``task``
+                return task
+        async def main():
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+            print(await stopped_event_of_a_destroyed_domain(URI))  # the guard is in place
+            libvirtaio.asyncio = HeldAfterEnsureFuture()
+            fired = asyncio.Event(); ticks = []
+            def tick(timer, _o):
+                ticks.append(libvirt.virEventRemoveTimeout(timer))
+                fired.set()
+            await asyncio.to_thread(libvirt.virEventAddTimeout, 0, tick, None)
+            libvirtaio.asyncio = real
+            async with asyncio.timeout(5):
+                await fired.wait()
+            for _ in range(50):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.1)
+            print("removed by its one tick", ticks)
+        asyncio.run(main())
+        """
+    )
+    assert out == ["('domain-stopped', 'destroyed')", "removed by its one tick [0]"]
 
 
 def test_the_hosts_libvirtaio_on_another_running_loop_is_refused() -> None:
@@ -102,7 +144,7 @@ def test_the_default_implementation_in_a_host_thread_delivers_to_the_services_lo
                 libvirt.virEventRunDefaultImpl()
         threading.Thread(target=run_default, daemon=True).start()
         for _ in range(2):  # two loops one after the other
-            print(asyncio.run(_stopped_event_of_a_destroyed_domain(URI)))
+            print(asyncio.run(stopped_event_of_a_destroyed_domain(URI)))
         print("libvirtaio untouched", libvirtaio.getCurrentImpl() is None)
         """
     )

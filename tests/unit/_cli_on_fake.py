@@ -11,7 +11,8 @@ also reports, every 20 ms while connected, a DEVICE_REMOVED of ``ua-x`` on
 ``other`` and then on ``vm`` (what ``watch`` has to filter).  With
 ``AIODETACH_FAKE_NO_RICH=1`` rich cannot be imported (the CLI without its
 ``cli`` extra); with ``AIODETACH_FAKE_SLOW_CLOSE=1`` closing the connection
-hangs.  The CLI itself
+hangs; ``AIODETACH_FAKE_JOURNAL_BUSY_WAIT=S`` waits S seconds, not 10, for
+a journal another process holds.  The CLI itself
 has no fake mode: this script swaps the service
 class it uses, so the tests drive the real command line, output and exit
 codes in a subprocess (and in a pseudo-terminal).
@@ -79,6 +80,10 @@ def main() -> int:
     other = build_other()
     if os.environ.get("AIODETACH_FAKE_SLOW_CLOSE") == "1":
         _slow_close(fake)
+    if busy := os.environ.get("AIODETACH_FAKE_JOURNAL_BUSY_WAIT"):
+        from aiodetach import _journal
+
+        _journal.BUSY_WAIT = float(busy)  # a held journal fails sooner than 10 s
     service, fleet = fake_classes(fake, other)
     _cli.DetachService = service  # type: ignore[attr-defined]
     _cli.DetachFleet = fleet  # type: ignore[attr-defined]

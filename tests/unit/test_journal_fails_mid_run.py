@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from _probes import child_env
-from aiodetach import DetachService
+from aiodetach import DetachService, _journal
 from aiodetach.errors import JournalError, JournalLocked, ServiceClosed
 from aiodetach.testing import FakeHypervisor, Unplug
 
@@ -185,10 +185,13 @@ async def test_close_or_cancel_at_random_points_never_resends_in_window(
             assert any(r["alias"] == a for r in rows), (a, rows)
 
 
-async def test_external_write_lock_blocks_the_service(tmp_path: Path) -> None:
+async def test_external_write_lock_blocks_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another process (a backup, sqlite3 CLI) holds a write transaction:
-    the request waits for SQLite's 10 s busy timeout and then fails typed.
-    Measure how long the caller (and other callers of the connection) wait."""
+    the request waits for the journal's busy wait (10 s; 1 s here) and then
+    fails typed, having sent nothing."""
+    monkeypatch.setattr(_journal, "BUSY_WAIT", 1.0)
     fake = FakeHypervisor()
     vm = fake.add_domain("vm")
     vm.add_disk("vdb", alias="ua-a", unplug=Unplug.now())
@@ -206,4 +209,4 @@ async def test_external_write_lock_blocks_the_service(tmp_path: Path) -> None:
             other.execute("ROLLBACK")
             other.close()
     assert fake.requests == []
-    print("blocked for", took)
+    assert 0.9 <= took < 10, took  # the busy wait set, not a fixed 10 s

@@ -84,13 +84,15 @@ async def test_fleet_restart_with_a_hanging_host_does_not_hold_the_other(tmp_pat
     assert result.resumed
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, HELPER, *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=ENV,
+        env={**ENV, **(env or {})},
         check=False,
         cwd=cwd,
     )
@@ -126,7 +128,13 @@ def test_cli_detach_many_journal_failing_mid_batch(tmp_path: Path) -> None:
     other = sqlite3.connect(journal, isolation_level=None, timeout=1)
     other.execute("BEGIN IMMEDIATE")
     try:
-        done = _cli("detach-many", str(batch), "--journal", str(journal))
+        done = _cli(
+            "detach-many",
+            str(batch),
+            "--journal",
+            str(journal),
+            env={"AIODETACH_FAKE_JOURNAL_BUSY_WAIT": "1"},
+        )
     finally:
         other.execute("ROLLBACK")
         other.close()
