@@ -45,5 +45,7 @@ for name in ("_lab", "_guest", "_demo"):
     assert importlib.util.find_spec(f"aiodetach.{name}") is None, name
 print(f"aiodetach {aiodetach.__version__} from {where.parent}")
 PY
+# As in scripts/test.sh: six workers, worksteal, cached assertion rewrites.
+unset PYTHONDONTWRITEBYTECODE
 AIODETACH_TEST_INSTALLED=1 "$WHEEL_VENV/bin/python" -X dev -m pytest -q -p no:cacheprovider \
-    -n "${FAST_WORKERS:-4}" tests/unit tests/testdriver
+    -n "${FAST_WORKERS:-6}" --dist worksteal tests/unit tests/testdriver
