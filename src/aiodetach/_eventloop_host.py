@@ -38,6 +38,7 @@ from typing import Any
 import libvirt
 import libvirtaio
 
+from ._log import get_log
 from ._waits import shielded_within
 from .errors import EventLoopConflict
 
@@ -48,16 +49,19 @@ __all__ = ["HostAsyncIO", "HostThread", "LoopGuard", "find_registered"]
 RUNNING_CHECK = 10.0
 
 
-# How long the loop thread holds back a task created off it while the
-# creating thread is still inside libvirtaio (see _LaterTask.start).
-ASKER_GRACE = 1.0
+_log = get_log()
+
+# After this long holding back a task created off the loop thread (see
+# _LaterTask.start), say so once; it is still held back.
+ASKER_SLOW = 1.0
 
 
 def _inside_libvirtaio(thread_id: int) -> bool:
-    """Is that thread running one of libvirtaio's methods right now?"""
+    """Is that thread running one of libvirtaio's functions right now?"""
+    module = vars(libvirtaio)  # a frame's globals: right even when loaded from a .pyc alone
     frame = sys._current_frames().get(thread_id)
     while frame is not None:
-        if frame.f_code.co_filename == libvirtaio.__file__:
+        if frame.f_globals is module:
             return True
         frame = frame.f_back
     return False
@@ -72,15 +76,19 @@ class _LaterTask:
     that can run its timer, whose callback removes the timer: libvirtaio,
     seeing no task yet, cancels nothing, and the removed timer then fires on
     every loop iteration for good.  So the task starts only once the asking
-    thread has left libvirtaio (for at most `ASKER_GRACE` seconds)."""
+    thread has left libvirtaio: its hooks never wait, so that is soon, and
+    one look that finds the thread outside is conclusive.  The looks back
+    off from every loop iteration to every 50 ms."""
 
-    __slots__ = ("_asker", "_cancelled", "_guard", "_since", "task")
+    __slots__ = ("_asker", "_cancelled", "_guard", "_looks", "_since", "_told", "task")
 
     def __init__(self, guard: LoopGuard) -> None:
         self._guard = guard
         self._cancelled = False
         self._asker = threading.get_ident()
-        self._since: float | None = None
+        self._looks = 0
+        self._since = 0.0
+        self._told = False
         self.task: asyncio.Task[Any] | None = None
 
     def start(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -88,10 +96,21 @@ class _LaterTask:
         if self._cancelled:
             coro.close()
             return
-        if self._since is None:
-            self._since = loop.time()
-        if _inside_libvirtaio(self._asker) and loop.time() - self._since < ASKER_GRACE:
-            loop.call_soon(self.start, coro)
+        if _inside_libvirtaio(self._asker):
+            self._looks += 1
+            if self._looks == 1:
+                self._since = loop.time()
+            elif not self._told and loop.time() - self._since >= ASKER_SLOW:
+                self._told = True
+                _log.warning(
+                    "aiodetach.libvirtaio_call_slow",
+                    thread=self._asker,
+                    waited=ASKER_SLOW,
+                )
+            if self._looks < 20:
+                loop.call_soon(self.start, coro)
+            else:
+                loop.call_later(min(0.05, 0.001 * self._looks), self.start, coro)
             return
         self.task = loop.create_task(coro)
 
