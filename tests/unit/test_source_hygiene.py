@@ -235,3 +235,18 @@ async def test_logs_never_include_domain_xml(fake: FakeHypervisor) -> None:
     assert "aiodetach.connection_lost" in events
     assert len(info_and_up(entries)) >= 8
     check_no_domain_xml(entries)
+
+
+def test_every_test_file_is_in_the_map_of_where_tests_live() -> None:
+    """docs/development.md's "Where tests live" is how a reader finds what
+    tests a subject: a test file left out of it is one nobody finds."""
+    tests = Path(__file__).resolve().parents[1]
+    guide = (tests.parent / "docs" / "development.md").read_text()
+    table = guide[guide.index("## Where tests live") : guide.index("## Proof that the tests bite")]
+    missing = [
+        str(path.relative_to(tests))
+        for path in sorted(tests.glob("*/**/test_*.py"))
+        if path.stem not in table
+        and not (path.parent.name == "unit" and path.stem.startswith("test_journal"))
+    ]
+    assert missing == [], "add them to docs/development.md's 'Where tests live'"
