@@ -56,6 +56,10 @@ _log = get_log()
 ASKER_SLOW = 1.0
 
 
+# The coroutine a libvirtaio timer's task runs (the one whose task libvirtaio keeps).
+_TIMER = getattr(getattr(libvirtaio.TimeoutCallback, "_timer", None), "__code__", None)
+
+
 def _inside_libvirtaio(thread_id: int) -> bool:
     """Is that thread running one of libvirtaio's functions right now?"""
     module = vars(libvirtaio)  # a frame's globals: right even when loaded from a .pyc alone
@@ -75,15 +79,18 @@ class _LaterTask:
     only once the call returns in the asking thread.  A task started before
     that can run its timer, whose callback removes the timer: libvirtaio,
     seeing no task yet, cancels nothing, and the removed timer then fires on
-    every loop iteration for good.  So the task starts only once the asking
-    thread has left libvirtaio: its hooks never wait, so that is soon, and
-    one look that finds the thread outside is conclusive.  The looks back
-    off from every loop iteration to every 50 ms."""
+    every loop iteration for good.  So a timer's task starts only once the
+    asking thread has left libvirtaio: its hooks never wait, so that is soon,
+    and one look that finds the thread outside is conclusive.  The looks back
+    off from every loop iteration to every 50 ms.  Other tasks (libvirtaio's
+    free-callbacks, which nothing keeps) start at once: a closing service
+    waits for them (`HostAsyncIO.settle`)."""
 
-    __slots__ = ("_asker", "_cancelled", "_guard", "_looks", "_since", "_told", "task")
+    __slots__ = ("_asker", "_cancelled", "_guard", "_held", "_looks", "_since", "_told", "task")
 
-    def __init__(self, guard: LoopGuard) -> None:
+    def __init__(self, guard: LoopGuard, coro: Coroutine[Any, Any, Any]) -> None:
         self._guard = guard
+        self._held = _TIMER is not None and getattr(coro, "cr_code", None) is _TIMER
         self._cancelled = False
         self._asker = threading.get_ident()
         self._looks = 0
@@ -96,7 +103,7 @@ class _LaterTask:
         if self._cancelled:
             coro.close()
             return
-        if _inside_libvirtaio(self._asker):
+        if self._held and _inside_libvirtaio(self._asker):
             self._looks += 1
             if self._looks == 1:
                 self._since = loop.time()
@@ -184,7 +191,7 @@ class LoopGuard:
         if threading.get_ident() == self.thread_id:
             self.flush()
             return self.loop.create_task(coro, **kwargs)
-        later = _LaterTask(self)
+        later = _LaterTask(self, coro)
         self.submit(lambda: later.start(coro))
         return later
 

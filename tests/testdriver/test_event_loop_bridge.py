@@ -46,6 +46,8 @@ def test_libvirtaio_still_has_what_aiodetach_builds_on() -> None:
     assert hasattr(libvirtaio, "_current_impl")
     assert callable(libvirtaio.getCurrentImpl)
     assert isinstance(libvirtaio.TimeoutCallback, type)
+    # The timer's coroutine, whose task libvirtaio keeps (aiodetach._eventloop_host).
+    assert inspect.iscoroutinefunction(libvirtaio.TimeoutCallback._timer)
 
 
 async def test_handles_and_timers_added_through_libvirt_fire_on_the_loop() -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from typing import Any
 
 import libvirt
 import libvirtaio
+import pytest
 
 from aiodetach._eventloop_host import HostAsyncIO
 
@@ -92,3 +94,48 @@ async def test_a_timer_started_and_stopped_off_thread_before_the_loop_ran_never_
         await asyncio.sleep(0)
     assert ticks == [1]
     impl.callbacks.clear()
+
+
+async def test_a_free_callback_asked_for_off_thread_runs_while_its_thread_is_still_inside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a timer's task waits for its asking thread to leave libvirtaio
+    (libvirtaio keeps that task once the call returns): a free-callback's task
+    starts at once, so a closing service's settle() finds none pending
+    (under load, one held back made a test see ``_pending == 1``)."""
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
+    host = HostAsyncIO(impl).bind(loop)
+    real = libvirtaio.asyncio  # type: ignore[attr-defined]
+    inside = threading.Event()
+    leave = threading.Event()
+    freed: list[int] = []
+
+    class HeldInside:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def ensure_future(coro: Any, *, loop: Any = None) -> Any:
+            task = real.ensure_future(coro, loop=loop)
+            inside.set()
+            leave.wait(10)  # still inside schedule_ff_callback
+            return task
+
+    async def ff_callback(iden: int, _opaque: object) -> None:
+        freed.append(iden)
+
+    monkeypatch.setattr(libvirtaio, "asyncio", HeldInside())
+    monkeypatch.setattr(impl, "_ff_callback", ff_callback)
+    worker = threading.Thread(target=impl.schedule_ff_callback, args=(7, None))
+    worker.start()
+    try:
+        assert await asyncio.to_thread(inside.wait, 10)
+        await host.settle()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert freed == [7]
+    finally:
+        leave.set()
+        await asyncio.to_thread(worker.join, 10)
