@@ -51,7 +51,7 @@ RUNNING_CHECK = 10.0
 
 _log = get_log()
 
-# After this long holding back a task created off the loop thread (see
+# After this long holding back a timer task created off the loop thread (see
 # _LaterTask.start), say so once; it is still held back.
 ASKER_SLOW = 1.0
 

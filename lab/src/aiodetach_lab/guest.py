@@ -697,6 +697,10 @@ def guest_command(control_socket: Path, command: Literal["poweroff"], timeout: f
 # ------------------------------------------------------------------- readiness
 
 
+# A kernel log line on the console: "[    2.346054] tsc: ..." to the end of the line.
+_PRINTK = re.compile(rb"\[ *\d+\.\d+\] .*")
+
+
 class _LogScanner:
     """Incrementally reads a growing (possibly not yet created) log file."""
 
@@ -728,8 +732,12 @@ class _LogScanner:
         return self._hit(self._buffer)
 
     def _hit(self, line: bytes) -> bool:
-        """The marker alone on its line, or followed by words (``MARKER 32``)."""
-        text = line.strip()
+        """The marker alone on its line, or followed by words (``MARKER 32``).
+
+        With the kernel's log on the same console, a kernel line can land
+        between the marker and its newline (``MARKER[    2.346054] tsc: …``,
+        seen on a loaded machine): that is the marker alone too."""
+        text = _PRINTK.sub(b"", line).strip()
         return text == self._marker or text.startswith(self._marker + b" ")
 
     def timeout_error(self, timeout: float) -> TimeoutError:
